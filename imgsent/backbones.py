@@ -1,0 +1,431 @@
+"""Backbones: frozen pretrained networks named by one spec string, resolved by one function.
+
+Spec grammar (``SOURCE:NAME[.TAG][:probs][@WEIGHTS]``):
+
+* ``timm:efficientnet_b2.ra_in1k``: any timm model; pooled pre-classifier features.
+* ``torchvision:resnet152`` / ``torchvision:mobilenet_v2.IMAGENET1K_V1``: torchvision
+  classification models; the tag picks the weights entry (and so the preprocessing), default
+  ``DEFAULT``; pooled penultimate features (the input of the last ``nn.Linear``).
+* ``torchscript:/path/model.pt``: any TorchScript module mapping a normalised (N,3,H,W) batch to
+  (N,D). Preprocessing comes from an optional ``/path/model.pt.json`` (fields of
+  :class:`~imgsent.decode.Preprocess`), else 224 crop of a 256 resize with ImageNet mean/std.
+  TorchScript files are code: load only files you trust.
+* ``:probs`` asks for the softmax class probabilities instead of pooled features (the paper's
+  "semantic-level" features). ``@FILE`` loads local weights (safetensors or a torch checkpoint).
+
+Preprocessing is read from each model's own config (timm ``resolve_model_data_config``,
+torchvision ``weights.transforms()``), never typed in here. Presets are data: see ``PRESETS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .decode import Preprocess
+from .errors import ImgsentError
+from .weights import (
+    WEIGHTS_ENV,
+    atomic_save_safetensors,
+    cache_dir,
+    download_quantized_mobilenet_v2,
+    load_state_dict_file,
+    state_dict_sha256,
+)
+
+# name -> (specs, description). The first entry is the paper's in-domain pair.
+PRESETS: dict[str, tuple[tuple[str, ...], str]] = {
+    "paper": (
+        ("timm:efficientnet_b2.ra_in1k", "timm:resnetv2_101x1_bit.goog_in21k"),
+        "The paper's in-domain pair: EfficientNet-B2 (ImageNet-1k, 1408-d) + a BiT ResNet-v2 trained on "
+        "ImageNet-21k (2048-d; the paper's ResNet-152 was trained on ImageNet-11k, whose weights are not public)",
+    ),
+    "default": (
+        ("torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1",),
+        "The default scoring model's backbone: torchvision's official quantized MobileNetV2, dequantized (1280-d)",
+    ),
+    "clip": (("timm:vit_large_patch14_clip_224.openai",), "OpenAI CLIP ViT-L/14 image tower (1024-d)"),
+    "siglip": (("timm:vit_base_patch16_siglip_224.webli",), "SigLIP ViT-B/16 image tower (768-d)"),
+    "dinov2": (("timm:vit_base_patch14_dinov2.lvd142m",), "DINOv2 ViT-B/14 self-supervised features (768-d)"),
+    "modern": (
+        (
+            "timm:vit_large_patch14_clip_224.openai",
+            "timm:vit_base_patch16_siglip_224.webli",
+            "timm:vit_base_patch14_dinov2.lvd142m",
+        ),
+        "Strong modern frozen features: CLIP ViT-L/14 + SigLIP ViT-B/16 + DINOv2 ViT-B/14",
+    ),
+}
+
+PROBE_VALUES = 16  # how many feature values of the probe image a fingerprint keeps
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    source: str
+    name: str
+    tag: str | None = None
+    output: str = "features"  # or "probs"
+    weights: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Column name in stores and recipes: the spec without the local weights path."""
+        tag = f".{self.tag}" if self.tag else ""
+        probs = ":probs" if self.output == "probs" else ""
+        return f"{self.source}:{self.name}{tag}{probs}"
+
+    @classmethod
+    def parse(cls, spec: str) -> BackboneSpec:
+        spec = spec.strip()
+        source, sep, rest = spec.partition(":")
+        if not sep or not rest:
+            raise ImgsentError(
+                f"backbone spec {spec!r} must look like SOURCE:NAME, e.g. timm:resnet50 or "
+                f"torchvision:mobilenet_v2; sources: {', '.join(sorted(_SOURCES))}; presets: {', '.join(PRESETS)}"
+            )
+        if source not in _SOURCES:
+            raise ImgsentError(
+                f"unknown backbone source {source!r} in {spec!r}; use one of {', '.join(sorted(_SOURCES))}"
+            )
+        weights = None
+        if "@" in rest:
+            rest, weights = rest.rsplit("@", 1)
+            if not weights:
+                raise ImgsentError(f"backbone spec {spec!r}: nothing after '@' (expected a weights file)")
+        output = "features"
+        if rest.endswith(":probs"):
+            rest, output = rest[: -len(":probs")], "probs"
+        tag = None
+        if source != "torchscript" and "." in rest:
+            rest, tag = rest.split(".", 1)
+        if not rest:
+            raise ImgsentError(f"backbone spec {spec!r} names no model")
+        return cls(source=source, name=rest, tag=tag, output=output, weights=weights)
+
+
+@dataclass
+class Backbone:
+    """A loaded, frozen feature extractor in eval mode."""
+
+    spec: BackboneSpec
+    module: nn.Module
+    preprocess: Preprocess
+    dim: int = 0
+    fingerprint: dict = field(default_factory=dict)
+    cpu_only: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        out = out.flatten(1)
+        if self.spec.output == "probs":
+            out = torch.softmax(out.float(), dim=1)
+        return out
+
+    def recipe(self) -> dict:
+        """What a store or model bundle records about this backbone."""
+        return {
+            "key": self.key,
+            "spec": self.spec.key if self.spec.weights is None else f"{self.spec.key}@{self.spec.weights}",
+            "dim": self.dim,
+            "preprocess": self.preprocess.to_dict(),
+            "fingerprint": self.fingerprint,
+        }
+
+
+_SOURCES: dict[str, Callable[[BackboneSpec, bool], tuple[nn.Module, Preprocess, bool]]] = {}
+
+
+def register_source(name: str):
+    """Decorator: register a loader ``fn(spec, random_weights) -> (module, preprocess, cpu_only)``."""
+
+    def wrap(fn):
+        _SOURCES[name] = fn
+        return fn
+
+    return wrap
+
+
+def _offline_hint(spec: BackboneSpec, exc: Exception) -> ImgsentError:
+    reason = " ".join(str(exc).split())[:160]
+    return ImgsentError(
+        f"cannot get pretrained weights for {spec.key} ({type(exc).__name__}: {reason}); on an offline "
+        f"machine pass a local file as {spec.key}@/path/to/weights.safetensors (or .pth), "
+        f"or use --random-weights for testing"
+    )
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], spec: BackboneSpec) -> None:
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ImgsentError(
+            f"weights {spec.weights} do not fit {spec.key}: {first[1:2] or first[:1]}"
+        ) from None
+    missing = [k for k in result.missing_keys if "num_batches_tracked" not in k]
+    if missing:
+        raise ImgsentError(
+            f"weights {spec.weights} do not fit {spec.key}: {len(missing)} tensors missing, e.g. {missing[0]}"
+        )
+
+
+def _timm_pretrained_file_or_download(spec: BackboneSpec, random_weights: bool):
+    import timm
+
+    name = f"{spec.name}.{spec.tag}" if spec.tag else spec.name
+    if name.split(".")[0] not in timm.list_models():
+        raise ImgsentError(f"timm has no model named {spec.name!r} (see timm.list_models())")
+    pretrained = not random_weights and spec.weights is None
+    try:
+        model = timm.create_model(name, pretrained=pretrained)
+    except ImgsentError:
+        raise
+    except Exception as exc:
+        if pretrained:
+            raise _offline_hint(spec, exc) from None
+        raise ImgsentError(f"cannot build timm model {name}: {exc}") from None
+    return model
+
+
+@register_source("timm")
+def _load_timm(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Module, Preprocess, bool]:
+    import timm.data
+
+    model = _timm_pretrained_file_or_download(spec, random_weights)
+    if spec.weights:
+        _load_into(model, load_state_dict_file(spec.weights), spec)
+    if spec.output == "features":
+        model.reset_classifier(0)
+    cfg = timm.data.resolve_model_data_config(model)
+    _, h, w = cfg["input_size"]
+    crop_pct = cfg.get("crop_pct", 0.875) or 0.875
+    if cfg.get("crop_mode", "center") not in ("center",):
+        crop_pct = crop_pct  # squash/border modes fall back to a centre crop of the same size
+    scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+    resize: int | tuple[int, int] = scale[0] if scale[0] == scale[1] else scale
+    interp = cfg.get("interpolation", "bilinear")
+    pp = Preprocess(
+        input_size=(h, w),
+        resize_size=resize,
+        interpolation=interp if interp in ("bilinear", "bicubic", "nearest", "lanczos") else "bilinear",
+        mean=tuple(float(x) for x in cfg["mean"]),
+        std=tuple(float(x) for x in cfg["std"]),
+    )
+    return model, pp, False
+
+
+def _torchvision_weights_entry(spec: BackboneSpec):
+    """The torchvision weights enum entry named by the tag (float or quantized), or None."""
+    import torchvision.models as tvm
+
+    try:
+        enum = tvm.get_model_weights(spec.name)
+    except Exception:
+        raise ImgsentError(
+            f"torchvision has no classification model named {spec.name!r} (see torchvision.models.list_models())"
+        ) from None
+    tag = spec.tag or "DEFAULT"
+    try:
+        return enum[tag], False
+    except KeyError:
+        pass
+    if spec.name == "mobilenet_v2":
+        from torchvision.models import quantization as tvq
+
+        try:
+            return tvq.MobileNet_V2_QuantizedWeights[tag], True
+        except KeyError:
+            pass
+    names = [w.name for w in enum] + (["IMAGENET1K_QNNPACK_V1"] if spec.name == "mobilenet_v2" else [])
+    raise ImgsentError(f"torchvision:{spec.name} has no weights tag {tag!r}; choose from {', '.join(names)}")
+
+
+def _preprocess_from_transforms(transforms) -> Preprocess:
+    crop = list(transforms.crop_size)
+    resize = list(transforms.resize_size)
+    return Preprocess(
+        input_size=(crop[0], crop[-1]),
+        resize_size=resize[0] if len(resize) == 1 else (resize[0], resize[1]),
+        interpolation=transforms.interpolation.value,
+        mean=tuple(float(x) for x in transforms.mean),
+        std=tuple(float(x) for x in transforms.std),
+    )
+
+
+def quantized_weights_path(spec: BackboneSpec) -> str:
+    """Local float weights for torchvision's quantized MobileNetV2: env, then cache, then download."""
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        return env
+    cached = cache_dir() / "weights" / f"{spec.name}.{spec.tag}.float32.safetensors"
+    if cached.is_file():
+        return str(cached)
+    try:
+        state = download_quantized_mobilenet_v2()
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise ImgsentError(
+            f"cannot download torchvision's quantized MobileNetV2 ({type(exc).__name__}: {reason}); on an "
+            f"offline machine pass --weights FILE or set {WEIGHTS_ENV}=FILE (float mobilenet_v2 weights in "
+            f"safetensors, e.g. mobilenet_v2_imagenet1k.safetensors), or copy that file to {cached}"
+        ) from None
+    atomic_save_safetensors(
+        state, cached, metadata={"source": "torchvision IMAGENET1K_QNNPACK_V1, dequantized"}
+    )
+    return str(cached)
+
+
+def _replace_last_linear(model: nn.Module) -> None:
+    last_name = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            last_name = name
+    if last_name is None:
+        raise ImgsentError("this torchvision model has no final nn.Linear to take pooled features before")
+    parent_name, _, child = last_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Identity())
+
+
+@register_source("torchvision")
+def _load_torchvision(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Module, Preprocess, bool]:
+    import torchvision.models as tvm
+
+    entry, quantized = _torchvision_weights_entry(spec)
+    pp = _preprocess_from_transforms(entry.transforms())
+    kwargs = (
+        {"aux_logits": False, "init_weights": False} if spec.name in ("inception_v3", "googlenet") else {}
+    )
+    model = tvm.get_model(spec.name, weights=None, **kwargs)
+    weights_file = spec.weights
+    if weights_file is None and not random_weights:
+        if quantized:
+            weights_file = quantized_weights_path(spec)
+        else:
+            try:
+                model = tvm.get_model(spec.name, weights=entry, **kwargs)
+            except Exception as exc:
+                raise _offline_hint(spec, exc) from None
+    if weights_file is not None:
+        _load_into(
+            model,
+            load_state_dict_file(weights_file),
+            BackboneSpec(**{**spec.__dict__, "weights": weights_file}),
+        )
+    if spec.output == "features":
+        _replace_last_linear(model)
+    return model, pp, False
+
+
+@register_source("torchscript")
+def _load_torchscript(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Module, Preprocess, bool]:
+    path = spec.name
+    if not os.path.isfile(path):
+        raise ImgsentError(f"TorchScript file not found: {path}")
+    try:
+        module = torch.jit.load(path, map_location="cpu")
+    except Exception as exc:
+        raise ImgsentError(
+            f"cannot load TorchScript file {path}: {' '.join(str(exc).split())[:160]}"
+        ) from None
+    pp = Preprocess()
+    sidecar = path + ".json"
+    if os.path.isfile(sidecar):
+        try:
+            with open(sidecar) as fh:
+                pp = Preprocess.from_dict({**Preprocess().to_dict(), **json.load(fh)})
+        except Exception as exc:
+            raise ImgsentError(f"bad preprocessing file {sidecar}: {exc}") from None
+    cpu_only = any(t.is_quantized for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+    cpu_only = cpu_only or any("quantized" in str(n.kind()) for n in module.inlined_graph.nodes())
+    return module, pp, cpu_only
+
+
+def probe_image(pp: Preprocess) -> torch.Tensor:
+    """A fixed synthetic image (smooth colour gradients), normalised as ``pp`` says: (1,3,H,W)."""
+    h, w = pp.input_size
+    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
+    img = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6 * xx + 4 * yy)]).astype(np.float32)
+    mean = np.asarray(pp.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(pp.std, dtype=np.float32)[:, None, None]
+    return torch.from_numpy((img - mean) / std)[None]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def expand_presets(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Replace preset names (``paper``, ``clip``...) by their specs; keep order, drop repeats."""
+    out: list[str] = []
+    for item in names:
+        for part in [p.strip() for p in item.split(",") if p.strip()]:
+            specs = PRESETS[part][0] if part in PRESETS else (part,)
+            for s in specs:
+                if s not in out:
+                    out.append(s)
+    if not out:
+        raise ImgsentError("no backbone given")
+    return out
+
+
+def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0) -> Backbone:
+    """Build one frozen backbone from its spec string (see the module docstring), on the CPU.
+
+    Raises :class:`ImgsentError` for unknown names, unreadable weights, or pretrained weights that
+    cannot be downloaded. With ``random_weights`` the weights are random but seeded (reproducible).
+    """
+    parsed = BackboneSpec.parse(spec)
+    with _seeded(seed):
+        module, pp, cpu_only = _SOURCES[parsed.source](parsed, random_weights)
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    backbone = Backbone(spec=parsed, module=module, preprocess=pp, cpu_only=cpu_only)
+    with torch.inference_mode():
+        probe = backbone(probe_image(pp)).float()[0]
+    backbone.dim = int(probe.numel())
+    backbone.fingerprint = {
+        "sha256": state_dict_sha256(module),
+        "probe": [round(float(v), 6) for v in probe[:PROBE_VALUES]],
+        "probe_norm": round(float(probe.norm()), 6),
+        "random": bool(random_weights),
+    }
+    return backbone
+
+
+def fingerprints_match(expected: dict, actual: dict, rtol: float = 2e-3) -> bool:
+    """Same weights up to harmless float rounding: equal hashes, or probe features within ``rtol``."""
+    if expected.get("sha256") and expected.get("sha256") == actual.get("sha256"):
+        return True
+    try:
+        e = np.asarray(expected["probe"] + [expected["probe_norm"]], dtype=np.float64)
+        a = np.asarray(actual["probe"] + [actual["probe_norm"]], dtype=np.float64)
+    except (KeyError, TypeError):
+        return False
+    if e.shape != a.shape:
+        return False
+    scale = max(float(np.abs(e).max()), 1e-6)
+    return bool(np.abs(e - a).max() <= rtol * scale)
+
+
+def describe_presets() -> list[tuple[str, str, str]]:
+    return [(name, ", ".join(specs), desc) for name, (specs, desc) in PRESETS.items()]

@@ -1,0 +1,220 @@
+"""Decoding: one image file in, RGB pixels out, then the resized/cropped views backbones need.
+
+``decode_image`` opens a file once (Pillow), lets libjpeg decode big JPEGs at a reduced scale
+(``Image.draft``), applies EXIF orientation, composites transparency on white and converts every
+mode to 8-bit RGB. ``make_views`` produces, for each distinct :class:`Preprocess`, the uint8 CHW
+array(s) a backbone consumes; backbones that share a preprocessing share the work.
+
+Resizing and cropping reproduce torchvision's PIL code path exactly (same output size rounding,
+same Pillow resampling call), so features match a plain ``weights.transforms()`` pipeline.
+Failures raise :class:`DecodeError` with a one-line reason; the engine turns it into an error row.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GB of RGBA)
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+TTA_MODES = ("none", "flip", "crops", "flip+crops")
+
+
+class DecodeError(Exception):
+    """An image that cannot be turned into pixels; ``str(exc)`` is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How one backbone wants its input: resize, crop, normalise (normalisation runs on device).
+
+    ``resize_size``: an int resizes the shorter side to it keeping the aspect ratio (torchvision's
+    ``Resize(int)``); a pair resizes to exactly (h, w). Then a centre crop to ``input_size`` (h, w).
+    """
+
+    input_size: tuple[int, int] = (224, 224)
+    resize_size: int | tuple[int, int] = 256
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; use one of {sorted(_RESAMPLE)}")
+
+    @property
+    def view_key(self) -> tuple:
+        """Backbones with the same key consume the same uint8 pixels (mean/std applied later)."""
+        return (tuple(self.input_size), self.resize_size, self.interpolation)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["resize_size"] = list(self.resize_size) if isinstance(self.resize_size, tuple) else self.resize_size
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        rs = d["resize_size"]
+        return cls(
+            input_size=tuple(int(x) for x in d["input_size"]),
+            resize_size=tuple(int(x) for x in rs) if isinstance(rs, (list, tuple)) else int(rs),
+            interpolation=str(d["interpolation"]),
+            mean=tuple(float(x) for x in d["mean"]),
+            std=tuple(float(x) for x in d["std"]),
+        )
+
+    def needed_short_side(self) -> int:
+        rs = self.resize_size
+        return max(rs) if isinstance(rs, tuple) else int(rs)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and arr.size and arr.max() > 255):
+            arr = arr / 257.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(
+    path: str, *, min_short_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Open ``path``; return an RGB image oriented as its EXIF says, and the full-resolution
+    (width, height) of that oriented image (the pixels may be smaller, see ``min_short_side``).
+
+    ``min_short_side``: for JPEGs at least twice that size, libjpeg decodes at a reduced scale that
+    keeps both sides >= 2 * min_short_side (a 4x-8x saving on big photos, no visible loss after
+    the later resize). ``max_pixels`` guards against decompression bombs.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise DecodeError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
+                if width < 1 or height < 1:
+                    raise DecodeError(f"image has an empty size {width}x{height}")
+                if img.format == "JPEG" and min_short_side > 0:
+                    want = 2 * min_short_side
+                    if min(width, height) >= 2 * want:
+                        img.draft(img.mode, (want, want))
+                img.load()
+                loaded = img.size
+                try:
+                    oriented = ImageOps.exif_transpose(img)
+                except Exception:  # a corrupt EXIF block: keep the pixels as stored
+                    oriented = None
+                oriented = img if oriented is None else oriented
+                turned = oriented.size != loaded
+                return _to_rgb(oriented).copy(), ((height, width) if turned else (width, height))
+    except DecodeError:
+        raise
+    except FileNotFoundError:
+        raise DecodeError("file not found (deleted or moved after listing?)") from None
+    except IsADirectoryError:
+        raise DecodeError("is a directory, not an image file") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise DecodeError("not a recognised image format (corrupt, empty, or not an image)") from None
+    except Exception as exc:  # truncated data, decoder errors, MemoryError...
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DecodeError(f"{type(exc).__name__}: {reason}"[:300]) from None
+
+
+def _resized_size(width: int, height: int, size: int | tuple[int, int]) -> tuple[int, int]:
+    """Output (w, h) of torchvision ``Resize(size)`` for a PIL image (same rounding)."""
+    if isinstance(size, tuple):
+        return size[1], size[0]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def _crop_box(width: int, height: int, crop_h: int, crop_w: int) -> tuple[int, int, int, int]:
+    top = int(round((height - crop_h) / 2.0))
+    left = int(round((width - crop_w) / 2.0))
+    return left, top, left + crop_w, top + crop_h
+
+
+def _resize_and_crop(img: Image.Image, pp: Preprocess, tta: str) -> list[Image.Image]:
+    width, height = img.size
+    new_w, new_h = _resized_size(width, height, pp.resize_size)
+    crop_h, crop_w = pp.input_size
+    resample = _RESAMPLE[pp.interpolation]
+    if max(new_w, new_h) > 4 * max(crop_h, crop_w, 64) and "crops" not in tta:
+        # Extreme aspect ratio (say 10000x1): resizing the whole strip would need gigabytes.
+        # Cut the source down to the part that maps onto the centre crop first.
+        sx, sy = width / new_w, height / new_h
+        left, top, right, bottom = _crop_box(new_w, new_h, crop_h, crop_w)
+        box = (
+            max(0, math.floor(left * sx) - 2),
+            max(0, math.floor(top * sy) - 2),
+            min(width, math.ceil(right * sx) + 2),
+            min(height, math.ceil(bottom * sy) + 2),
+        )
+        img = img.crop(box)
+        width, height = img.size
+        new_w = max(1, round(width / sx))
+        new_h = max(1, round(height / sy))
+    resized = img.resize((new_w, new_h), resample) if (new_w, new_h) != (width, height) else img
+    if resized.size[0] < crop_w or resized.size[1] < crop_h:
+        padded = Image.new("RGB", (max(crop_w, resized.size[0]), max(crop_h, resized.size[1])))
+        padded.paste(
+            resized, ((padded.size[0] - resized.size[0]) // 2, (padded.size[1] - resized.size[1]) // 2)
+        )
+        resized = padded
+    w, h = resized.size
+    boxes = [_crop_box(w, h, crop_h, crop_w)]
+    if "crops" in tta:
+        boxes += [
+            (0, 0, crop_w, crop_h),
+            (w - crop_w, 0, w, crop_h),
+            (0, h - crop_h, crop_w, h),
+            (w - crop_w, h - crop_h, w, h),
+        ]
+    return [resized.crop(b) for b in boxes]
+
+
+def make_views(
+    img: Image.Image, preprocesses: list[Preprocess], tta: str = "none"
+) -> dict[tuple, np.ndarray]:
+    """For each distinct view key, a uint8 array (n_crops, 3, H, W) of the image's crop(s)."""
+    views: dict[tuple, np.ndarray] = {}
+    for pp in preprocesses:
+        if pp.view_key in views:
+            continue
+        crops = _resize_and_crop(img, pp, tta)
+        views[pp.view_key] = np.stack([np.asarray(c, dtype=np.uint8).transpose(2, 0, 1) for c in crops])
+    return views
+
+
+# Truncated files must fail loudly (an error row), never load as half-grey pictures.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+Image.MAX_IMAGE_PIXELS = None  # our own max_pixels check runs before any pixel is decoded

@@ -1,0 +1,267 @@
+"""The extraction engine: image references in, feature batches out.
+
+A DataLoader's worker processes decode each image once (:func:`~imgsent.decode.decode_image`) and
+cut the uint8 views every backbone needs (shared between backbones with the same preprocessing).
+The main process moves uint8 batches to the device (pinned memory, ``non_blocking``), normalises
+there, and runs every backbone under ``inference_mode`` (AMP and channels_last on CUDA).
+Bad images become rows with ``status="error"``; they never stop the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .backbones import Backbone
+from .decode import DEFAULT_MAX_PIXELS, TTA_MODES, DecodeError, Preprocess, decode_image, make_views
+from .errors import ImgsentError
+from .inputs import ImageRef
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class FeatureBatch:
+    """Rows for a batch of images, in input order. ``features[key]`` has one row per image;
+    rows of error images are NaN (and written as nulls)."""
+
+    ids: list[str]
+    paths: list[str]
+    status: list[str]
+    error: list[str | None]
+    width: list[int | None]
+    height: list[int | None]
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def ok_mask(self) -> np.ndarray:
+        return np.asarray([s == "ok" for s in self.status], dtype=bool)
+
+
+@dataclass
+class _Decoded:
+    ref: ImageRef
+    status: str
+    error: str | None
+    width: int | None
+    height: int | None
+    views: dict[tuple, np.ndarray] | None
+
+
+class _ImageDataset(Dataset):
+    def __init__(self, refs: Sequence[ImageRef], preprocesses: list[Preprocess], tta: str, max_pixels: int):
+        self.refs = list(refs)
+        self.preprocesses = preprocesses
+        self.tta = tta
+        self.max_pixels = max_pixels
+        self.min_short_side = max(pp.needed_short_side() for pp in preprocesses)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> _Decoded:
+        ref = self.refs[index]
+        try:
+            img, (width, height) = decode_image(
+                ref.path, min_short_side=self.min_short_side, max_pixels=self.max_pixels
+            )
+            views = make_views(img, self.preprocesses, self.tta)
+            return _Decoded(ref, "ok", None, width, height, views)
+        except DecodeError as exc:
+            return _Decoded(ref, "error", str(exc), None, None, None)
+        except Exception as exc:  # never let one image stop a worker
+            return _Decoded(ref, "error", f"{type(exc).__name__}: {exc}"[:300], None, None, None)
+
+
+@dataclass
+class _CollatedBatch:
+    items: list[_Decoded]
+    views: dict[tuple, torch.Tensor]  # key -> uint8 (n_ok, n_crops, 3, H, W)
+
+    def pin_memory(self):
+        self.views = {k: v.pin_memory() for k, v in self.views.items()}
+        return self
+
+
+def _collate(items: list[_Decoded]) -> _CollatedBatch:
+    ok = [it for it in items if it.status == "ok"]
+    views: dict[tuple, torch.Tensor] = {}
+    if ok:
+        for key in ok[0].views:
+            views[key] = torch.from_numpy(np.stack([it.views[key] for it in ok]))
+    for it in items:
+        it.views = None  # pixels travel once, in the stacked tensors
+    return _CollatedBatch(items, views)
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """``auto``: cuda, then mps, then cpu. Anything else is passed to ``torch.device``."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ImgsentError(
+            f"--device {device!r} is not a device torch knows (try auto, cpu, cuda, cuda:1, mps)"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ImgsentError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    if precision not in PRECISIONS:
+        raise ImgsentError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+class FeatureEngine:
+    """Runs backbones over images. Build once, then :meth:`run` any number of reference lists.
+
+    ``device``: ``auto``/``cpu``/``cuda``...; ``precision``: ``auto`` (AMP on CUDA, fp32 elsewhere),
+    ``fp32``, ``bf16``, ``fp16``; ``channels_last``: None = on for CUDA; ``tta``: ``none``, ``flip``
+    (mean of the image and its mirror), ``crops`` (mean of centre + 4 corner crops), ``flip+crops``.
+    """
+
+    def __init__(
+        self,
+        backbones: Sequence[Backbone],
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 64,
+        workers: int | None = None,
+        channels_last: bool | None = None,
+        compile: bool = False,
+        tta: str = "none",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        if not backbones:
+            raise ImgsentError("no backbone given")
+        if tta not in TTA_MODES:
+            raise ImgsentError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+        if batch_size < 1:
+            raise ImgsentError(f"--batch-size must be >= 1, got {batch_size}")
+        if max_pixels < 1:
+            raise ImgsentError(f"--max-pixels must be >= 1, got {max_pixels}")
+        self.device = select_device(device)
+        self.amp_dtype = autocast_dtype(self.device, precision)
+        self.batch_size = batch_size
+        self.workers = default_workers() if workers is None else workers
+        if self.workers < 0:
+            raise ImgsentError(f"--workers must be >= 0, got {workers}")
+        self.channels_last = (self.device.type == "cuda") if channels_last is None else channels_last
+        self.tta = tta
+        self.max_pixels = max_pixels
+        self.backbones = list(backbones)
+        self._devices: list[torch.device] = []
+        self._norms: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._modules = []
+        for bb in self.backbones:
+            dev = torch.device("cpu") if bb.cpu_only else self.device
+            module = bb.module.to(dev)
+            if self.channels_last and not isinstance(module, torch.jit.ScriptModule):
+                module = module.to(memory_format=torch.channels_last)
+            if compile and not isinstance(module, torch.jit.ScriptModule):
+                module = torch.compile(module)
+            bb.module = module
+            self._devices.append(dev)
+            mean = torch.tensor(bb.preprocess.mean, device=dev).view(1, 3, 1, 1) * 255.0
+            std = torch.tensor(bb.preprocess.std, device=dev).view(1, 3, 1, 1) * 255.0
+            self._norms.append((mean, std))
+
+    @property
+    def keys(self) -> list[str]:
+        return [bb.key for bb in self.backbones]
+
+    def _loader(self, refs: Sequence[ImageRef]) -> DataLoader:
+        dataset = _ImageDataset(refs, [bb.preprocess for bb in self.backbones], self.tta, self.max_pixels)
+        kwargs = {}
+        if self.workers > 0:
+            kwargs = {"worker_init_fn": _worker_init, "prefetch_factor": 4, "persistent_workers": False}
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            **kwargs,
+        )
+
+    def _embed(self, index: int, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (n, crops, 3, H, W) -> float32 (n, D) on CPU, averaged over crops and flips."""
+        bb, dev = self.backbones[index], self._devices[index]
+        mean, std = self._norms[index]
+        n, crops = pixels.shape[:2]
+        x = pixels.to(dev, non_blocking=True).flatten(0, 1)
+        x = (x.float() - mean) / std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = (
+            torch.autocast(device_type=dev.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None and dev.type == self.device.type
+            else contextlib.nullcontext()
+        )
+        with amp:
+            out = bb(x).float()
+            if "flip" in self.tta:
+                out = out + bb(torch.flip(x, dims=[3])).float()
+                out = out / 2
+        out = out.view(n, crops, -1).mean(dim=1)
+        return out
+
+    def run(self, refs: Sequence[ImageRef]) -> Iterator[FeatureBatch]:
+        """Yield one :class:`FeatureBatch` per batch of ``refs``, in order."""
+        if not refs:
+            return
+        with torch.inference_mode():
+            for batch in self._loader(refs):
+                items = batch.items
+                ok_pos = [i for i, it in enumerate(items) if it.status == "ok"]
+                feats: dict[str, np.ndarray] = {}
+                for idx, bb in enumerate(self.backbones):
+                    full = np.full((len(items), bb.dim), np.nan, dtype=np.float32)
+                    if ok_pos:
+                        out = self._embed(idx, batch.views[bb.preprocess.view_key])
+                        full[ok_pos] = out.cpu().numpy()
+                    feats[bb.key] = full
+                yield FeatureBatch(
+                    ids=[it.ref.id for it in items],
+                    paths=[it.ref.path for it in items],
+                    status=[it.status for it in items],
+                    error=[it.error for it in items],
+                    width=[it.width for it in items],
+                    height=[it.height for it in items],
+                    features=feats,
+                )
+
+
+def default_workers() -> int:
+    """Decoding processes: one per core beyond the first (the main process runs the models)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores - 1)) if cores > 1 else 0

@@ -1,0 +1,9 @@
+"""The one exception type that means "the user asked for something that cannot be done".
+
+The CLI turns it into a single line on stderr and exit code 2; library users catch it like
+any other exception. Problems with one image are never raised: they become error rows.
+"""
+
+
+class ImgsentError(Exception):
+    """A bad argument, input list, model file or store, described in one sentence."""

@@ -1,0 +1,190 @@
+"""The feature store: Parquet shards of per-image features, and loading them as one matrix.
+
+Columns: ``id``, ``path``, ``status`` (``ok``/``error``), ``error`` (reason or null), ``width``,
+``height``, and one ``fixed_size_list<float32|float16>[dim]`` column per backbone, named by its key
+(``torchvision:mobilenet_v2``...); null on error rows. The manifest header records each backbone's
+recipe (spec, dim, preprocessing, weights fingerprint), the dtype and test-time augmentation.
+The store reads as-is with polars or pyarrow (``pl.read_parquet(f"{store}/part-*.parquet")``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .engine import FeatureBatch
+from .errors import ImgsentError
+from .inputs import display_path
+from .shards import list_store
+
+KIND = "features"
+DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+BASE_COLUMNS = ("id", "path", "status", "error", "width", "height")
+
+
+def store_header(recipes: list[dict], dtype: str, tta: str) -> dict:
+    if dtype not in DTYPES:
+        raise ImgsentError(f"--dtype must be float32 or float16, got {dtype!r}")
+    return {"backbones": recipes, "dtype": dtype, "tta": tta}
+
+
+def describe_header_difference(old: dict, new: dict) -> str:
+    old_keys = [b.get("key") for b in old.get("backbones", [])]
+    new_keys = [b.get("key") for b in new.get("backbones", [])]
+    if old_keys != new_keys:
+        return f"it has backbones {old_keys}, this run asks for {new_keys}"
+    for o, n in zip(old.get("backbones", []), new.get("backbones", [])):
+        for field in ("dim", "preprocess", "fingerprint"):
+            if o.get(field) != n.get(field):
+                return f"backbone {n.get('key')} differs in {field}"
+    for field in ("dtype", "tta"):
+        if old.get(field) != new.get(field):
+            return f"it has {field}={old.get(field)!r}, this run asks for {new.get(field)!r}"
+    return "settings differ"
+
+
+def base_arrays(ids, paths, status, error, width, height) -> list[pa.Array]:
+    return [
+        pa.array(ids, pa.string()),
+        pa.array(paths, pa.string()),
+        pa.array(status, pa.string()),
+        pa.array(error, pa.string()),
+        pa.array(width, pa.int32()),
+        pa.array(height, pa.int32()),
+    ]
+
+
+def feature_table(batch: FeatureBatch, dtype: str = "float32") -> pa.Table:
+    """Arrow table for a :class:`FeatureBatch` (null feature lists on error rows)."""
+    arrays = base_arrays(
+        batch.ids,
+        [display_path(p) for p in batch.paths],
+        batch.status,
+        batch.error,
+        batch.width,
+        batch.height,
+    )
+    names = list(BASE_COLUMNS)
+    mask = pa.array(~batch.ok_mask)
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    for key, mat in batch.features.items():
+        dim = mat.shape[1]
+        values = pa.array(np.nan_to_num(mat, nan=0.0).astype(np_dtype, copy=False).reshape(-1))
+        arr = pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
+        arrays.append(arr)
+        names.append(key)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def concat_batches(batches: Sequence[FeatureBatch]) -> FeatureBatch:
+    keys = list(batches[0].features)
+    return FeatureBatch(
+        ids=[i for b in batches for i in b.ids],
+        paths=[p for b in batches for p in b.paths],
+        status=[s for b in batches for s in b.status],
+        error=[e for b in batches for e in b.error],
+        width=[w for b in batches for w in b.width],
+        height=[h for b in batches for h in b.height],
+        features={k: np.concatenate([b.features[k] for b in batches]) for k in keys},
+    )
+
+
+def slice_batch(batch: FeatureBatch, start: int, stop: int) -> FeatureBatch:
+    return FeatureBatch(
+        ids=batch.ids[start:stop],
+        paths=batch.paths[start:stop],
+        status=batch.status[start:stop],
+        error=batch.error[start:stop],
+        width=batch.width[start:stop],
+        height=batch.height[start:stop],
+        features={k: v[start:stop] for k, v in batch.features.items()},
+    )
+
+
+@dataclass
+class FeatureSet:
+    """Features loaded from a store. ``X`` rows follow ``ids``; ``blocks`` lists (key, dim) in
+    column order of ``X``; ``recipes`` the matching backbone recipes from the manifest."""
+
+    ids: list[str]
+    paths: list[str]
+    status: list[str]
+    error: list[str | None]
+    X: np.ndarray
+    blocks: list[tuple[str, int]]
+    recipes: list[dict]
+    header: dict
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.asarray([s == "ok" for s in self.status], dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load(store: str, backbones: Sequence[str] | None = None, *, only_ok: bool = True) -> FeatureSet:
+    """Load a store's features as one float32 matrix, rows sorted by id.
+
+    ``backbones``: keys to load, in this order (default: all, in store order). With ``only_ok``
+    (default) error rows are left out; otherwise they are rows of NaN. Shards from several
+    ``--shard`` jobs are read together. Each shard's values are copied once, straight into the
+    output matrix.
+    """
+    listing = list_store(store, kind=KIND)
+    recipes_all = listing.header.get("backbones", [])
+    by_key = {r["key"]: r for r in recipes_all}
+    keys = list(backbones) if backbones else [r["key"] for r in recipes_all]
+    unknown = [k for k in keys if k not in by_key]
+    if unknown:
+        raise ImgsentError(f"store {store} has no backbone {unknown[0]!r}; it has {', '.join(by_key)}")
+    recipes = [by_key[k] for k in keys]
+    blocks = [(k, int(by_key[k]["dim"])) for k in keys]
+    offsets = np.cumsum([0] + [d for _, d in blocks])
+
+    tables = [pq.read_table(f, columns=list(BASE_COLUMNS[:4]) + keys) for f in listing.files]
+    ids = [i for t in tables for i in t.column("id").to_pylist()]
+    status = [s for t in tables for s in t.column("status").to_pylist()]
+    keep = np.asarray([s == "ok" for s in status]) if only_ok else np.ones(len(ids), dtype=bool)
+    kept_ids = [i for i, k in zip(ids, keep) if k]
+    order = np.argsort(np.asarray(kept_ids, dtype=object), kind="stable") if kept_ids else np.zeros(0, int)
+    dest = np.empty(len(kept_ids), dtype=np.int64)
+    dest[order] = np.arange(len(kept_ids))
+    X = np.empty((len(kept_ids), int(offsets[-1])), dtype=np.float32)
+
+    row = 0  # position among all rows
+    out_row = 0  # position among kept rows
+    for t in tables:
+        n = t.num_rows
+        k = keep[row : row + n]
+        target = dest[out_row : out_row + int(k.sum())]
+        for b, key in enumerate(keys):
+            col = t.column(key).combine_chunks()
+            flat = col.values.to_numpy(zero_copy_only=False)
+            mat = flat.reshape(n, blocks[b][1])
+            X[target, offsets[b] : offsets[b + 1]] = mat[k]
+            if not only_ok:
+                nulls = np.asarray(col.is_null().to_numpy(zero_copy_only=False))
+                X[dest[out_row : out_row + n][nulls[k]], offsets[b] : offsets[b + 1]] = np.nan
+        row += n
+        out_row += int(k.sum())
+
+    def pick(col: str) -> list:
+        vals = [v for t in tables for v in t.column(col).to_pylist()]
+        kept = [v for v, kk in zip(vals, keep) if kk]
+        return [kept[i] for i in order]
+
+    return FeatureSet(
+        ids=[kept_ids[i] for i in order],
+        paths=pick("path"),
+        status=pick("status"),
+        error=pick("error"),
+        X=X,
+        blocks=blocks,
+        recipes=recipes,
+        header=listing.header,
+    )

@@ -1,0 +1,399 @@
+"""Sharded Parquet output: the one writer behind feature stores and score directories.
+
+A store is a directory holding ``part-*.parquet`` shards of a bounded number of rows and a JSON
+manifest listing the finished ones. Shards are written to a temporary file, flushed and renamed,
+and only then entered in the manifest (itself replaced atomically), so a crash at any moment leaves
+either a finished shard or nothing; a partial file is never listed. Rerunning the same job skips the
+shards the manifest lists (their ids are checked) and does the rest.
+
+Jobs split with ``--shard I/N`` write ``manifest.shard-I-of-N.json`` and ``part-I-of-N-*.parquet``
+side by side in one directory; readers take every manifest they find.
+A lock file keeps two processes from writing the same manifest; a dead writer's lock is taken over.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .errors import ImgsentError
+
+FORMAT = "imgsent-store"
+FORMAT_VERSION = 1
+
+
+def _tag(shard: tuple[int, int] | None) -> str:
+    return "" if shard is None else f"shard-{shard[0]}-of-{shard[1]}"
+
+
+def manifest_name(shard: tuple[int, int] | None) -> str:
+    return "manifest.json" if shard is None else f"manifest.{_tag(shard)}.json"
+
+
+def part_name(shard: tuple[int, int] | None, index: int) -> str:
+    return f"part-{index:05d}.parquet" if shard is None else f"part-{_tag(shard)}-{index:05d}.parquet"
+
+
+def _part_glob(shard: tuple[int, int] | None) -> str:
+    return "part-[0-9]*.parquet" if shard is None else f"part-{_tag(shard)}-*.parquet"
+
+
+def ids_digest(ids: list[str]) -> str:
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(i.encode("utf-8", errors="surrogateescape"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_parquet_atomic(table: pa.Table, path: str) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp-{os.path.basename(path)}.")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Lock:
+    def __init__(self, path: str):
+        self.path = path
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(self.path) as fh:
+                        other = json.load(fh)
+                except (OSError, ValueError):
+                    other = {}
+                same_host = other.get("host") == me["host"]
+                pid = other.get("pid")
+                if same_host and isinstance(pid, int) and not _pid_alive(pid):
+                    try:
+                        os.unlink(self.path)  # the writer died: its lock is stale
+                    except FileNotFoundError:
+                        pass
+                    continue
+                if not other:  # a lock being written this instant, or garbage: give it a moment
+                    time.sleep(0.2)
+                    if os.path.exists(self.path):
+                        try:
+                            with open(self.path) as fh:
+                                json.load(fh)
+                        except ValueError:
+                            os.unlink(self.path)
+                            continue
+                    continue
+                raise ImgsentError(
+                    f"another imgsent process (pid {pid} on {other.get('host')}) is writing "
+                    f"{os.path.dirname(self.path)}; wait for it to finish, or delete {self.path} if it is gone"
+                )
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return
+        raise ImgsentError(f"cannot take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+
+@dataclass
+class Chunk:
+    index: int
+    start: int
+    stop: int
+
+
+class ShardedWriter:
+    """Write one job's rows as shards of ``rows_per_shard`` into ``directory``, resumably.
+
+    ``header`` describes what the rows are (backbones, model...). A directory whose manifest has
+    another kind or header is refused, naming ``describe_difference(old, new)``, unless
+    ``overwrite``, which removes that job's old shards first. Use as a context manager.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        kind: str,
+        header: dict,
+        shard: tuple[int, int] | None = None,
+        overwrite: bool = False,
+        rows_per_shard: int = 10_000,
+        describe_difference: Callable[[dict, dict], str] | None = None,
+    ):
+        if rows_per_shard < 1:
+            raise ImgsentError(f"rows per shard must be >= 1, got {rows_per_shard}")
+        self.directory = directory
+        self.kind = kind
+        self.header = header
+        self.shard = shard
+        self.overwrite = overwrite
+        self.rows_per_shard = rows_per_shard
+        self.describe_difference = describe_difference
+        self.manifest_path = os.path.join(directory, manifest_name(shard))
+        self._lock = _Lock(os.path.join(directory, f".{manifest_name(shard)}.lock"))
+        self.done: dict[int, dict] = {}
+
+    def __enter__(self) -> ShardedWriter:
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ImgsentError(f"output {self.directory} exists and is not a directory")
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            probe = os.path.join(self.directory, ".imgsent-write-test")
+            with open(probe, "w"):
+                pass
+            os.unlink(probe)
+        except OSError as exc:
+            raise ImgsentError(f"cannot write to {self.directory}: {exc.strerror}") from None
+        self._lock.acquire()
+        try:
+            self._load_existing()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def _load_existing(self) -> None:
+        self._clean_orphans()
+        if not os.path.exists(self.manifest_path):
+            return
+        try:
+            old = read_manifest(self.manifest_path)
+        except ImgsentError:
+            if not self.overwrite:
+                raise
+            old = None
+        if old is not None and not self.overwrite:
+            if old["kind"] != self.kind:
+                raise ImgsentError(
+                    f"{self.directory} holds {old['kind']}, not {self.kind}; use --overwrite or another output"
+                )
+            if old["header"] != self.header:
+                why = self.describe_difference(old["header"], self.header) if self.describe_difference else ""
+                raise ImgsentError(
+                    f"{self.directory} was made with different settings{': ' + why if why else ''}; "
+                    f"use --overwrite to replace it, or another output"
+                )
+            if old.get("rows_per_shard") == self.rows_per_shard:
+                for entry in old["shards"]:
+                    if os.path.isfile(os.path.join(self.directory, entry["file"])):
+                        self.done[int(entry["index"])] = entry
+            return
+        for entry in (old or {}).get("shards", []):
+            try:
+                os.unlink(os.path.join(self.directory, entry["file"]))
+            except (FileNotFoundError, KeyError, TypeError):
+                pass
+        os.unlink(self.manifest_path)
+
+    def _clean_orphans(self) -> None:
+        # Only this job's leftovers: other jobs (--shard) may be writing beside us.
+        for tmp in glob.glob(
+            os.path.join(glob.escape(self.directory), ".tmp-" + _part_glob(self.shard) + ".*")
+        ):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def plan(self, ids: list[str]) -> tuple[list[Chunk], int]:
+        """Split ``ids`` (the job's full, ordered list) into chunks; return (pending chunks, rows done).
+
+        A finished shard counts only if it holds exactly the ids its chunk should hold now.
+        """
+        chunks = [
+            Chunk(i, start, min(start + self.rows_per_shard, len(ids)))
+            for i, start in enumerate(range(0, len(ids), self.rows_per_shard))
+        ]
+        valid = {}
+        for c in chunks:
+            entry = self.done.get(c.index)
+            if (
+                entry
+                and entry.get("rows") == c.stop - c.start
+                and entry.get("ids_sha256") == ids_digest(ids[c.start : c.stop])
+            ):
+                valid[c.index] = entry
+        self.done = valid
+        self._total_chunks = len(chunks)
+        pending = [c for c in chunks if c.index not in valid]
+        return pending, sum(e["rows"] for e in valid.values())
+
+    def write(self, chunk: Chunk, table: pa.Table, **extra: int) -> None:
+        """Write ``table`` as the shard of ``chunk``; ``extra`` counts (errors=...) go in the manifest."""
+        ids = table.column("id").to_pylist()
+        fname = part_name(self.shard, chunk.index)
+        try:
+            write_parquet_atomic(table, os.path.join(self.directory, fname))
+            self.done[chunk.index] = {
+                "index": chunk.index,
+                "file": fname,
+                "rows": len(ids),
+                "ids_sha256": ids_digest(ids),
+                **extra,
+            }
+            self._write_manifest(complete=False)
+        except OSError as exc:
+            raise ImgsentError(
+                f"cannot write {fname} in {self.directory}: {exc.strerror or exc}; finished shards are kept, "
+                f"rerun the same command to resume"
+            ) from None
+
+    def finish(self) -> None:
+        for stale in glob.glob(os.path.join(glob.escape(self.directory), _part_glob(self.shard))):
+            name = os.path.basename(stale)
+            if name not in {e["file"] for e in self.done.values()}:
+                os.unlink(stale)
+        self._write_manifest(complete=True)
+
+    def _write_manifest(self, complete: bool) -> None:
+        shards = [self.done[i] for i in sorted(self.done)]
+        write_json_atomic(
+            self.manifest_path,
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "kind": self.kind,
+                "imgsent_version": __version__,
+                "job_shard": list(self.shard) if self.shard else None,
+                "rows_per_shard": self.rows_per_shard,
+                "complete": complete and len(shards) == getattr(self, "_total_chunks", len(shards)),
+                "rows": sum(s["rows"] for s in shards),
+                "header": self.header,
+                "shards": shards,
+            },
+        )
+
+
+def read_manifest(path: str) -> dict:
+    """Read and check one manifest; a malformed one raises :class:`ImgsentError` naming the problem."""
+    try:
+        with open(path) as fh:
+            m = json.load(fh)
+    except OSError as exc:
+        raise ImgsentError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ImgsentError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ImgsentError(f"{path} is not an imgsent manifest")
+    if not isinstance(m.get("format_version"), int) or m["format_version"] > FORMAT_VERSION:
+        raise ImgsentError(
+            f"{path} has format version {m.get('format_version')!r}; this imgsent reads up to {FORMAT_VERSION}"
+        )
+    for key, typ in (("kind", str), ("header", dict), ("shards", list)):
+        if not isinstance(m.get(key), typ):
+            raise ImgsentError(f"{path}: field {key!r} is missing or not a {typ.__name__}")
+    for entry in m["shards"]:
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("file"), str)
+            and os.path.basename(entry["file"]) == entry["file"]
+            and entry["file"].endswith(".parquet")
+            and isinstance(entry.get("rows"), int)
+            and entry["rows"] >= 0
+            and isinstance(entry.get("index"), int)
+        )
+        if not ok:
+            raise ImgsentError(f"{path}: a shard entry is malformed: {str(entry)[:120]}")
+    return m
+
+
+@dataclass
+class StoreListing:
+    kind: str
+    header: dict
+    files: list[str]
+    complete: bool
+    rows: int
+
+
+def list_store(directory: str, kind: str | None = None) -> StoreListing:
+    """Every finished shard of every job's manifest in ``directory`` (headers must agree)."""
+    if not os.path.isdir(directory):
+        raise ImgsentError(f"{directory} is not a directory (expected an imgsent store)")
+    paths = sorted(glob.glob(os.path.join(glob.escape(directory), "manifest*.json")))
+    if not paths:
+        raise ImgsentError(
+            f"{directory} has no manifest.json: not an imgsent store (or nothing finished yet)"
+        )
+    manifests = [read_manifest(p) for p in paths]
+    first = manifests[0]
+    for p, m in zip(paths[1:], manifests[1:]):
+        if m["kind"] != first["kind"] or m["header"] != first["header"]:
+            raise ImgsentError(
+                f"{p} does not match {paths[0]}: the jobs of this store used different settings"
+            )
+    if kind is not None and first["kind"] != kind:
+        raise ImgsentError(f"{directory} holds {first['kind']}, not {kind}")
+    files = []
+    for m in manifests:
+        for entry in sorted(m["shards"], key=lambda e: e["index"]):
+            f = os.path.join(directory, entry["file"])
+            if not os.path.isfile(f):
+                raise ImgsentError(f"{directory}: shard {entry['file']} is listed but missing")
+            files.append(f)
+    return StoreListing(
+        kind=first["kind"],
+        header=first["header"],
+        files=files,
+        complete=all(bool(m.get("complete")) for m in manifests),
+        rows=sum(int(e["rows"]) for m in manifests for e in m["shards"]),
+    )

@@ -1,0 +1,144 @@
+"""Weights: reading local weight files safely, fingerprints, imgsent's cache, and the conversion
+of torchvision's quantized MobileNetV2 checkpoint into float weights.
+
+Nothing here unpickles arbitrary objects: ``.safetensors`` files are read with safetensors, other
+checkpoints with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ImgsentError
+
+WEIGHTS_ENV = "IMGSENT_WEIGHTS"
+HOME_ENV = "IMGSENT_HOME"
+
+
+def cache_dir() -> Path:
+    """imgsent's own cache: ``$IMGSENT_HOME``, else ``$XDG_CACHE_HOME/imgsent``, else ``~/.cache/imgsent``."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imgsent"
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch checkpoint (``weights_only=True``).
+
+    Checkpoints that wrap the state dict (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped.
+    Raises :class:`ImgsentError` with one line when the file is missing or not a weights file.
+    """
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ImgsentError(f"weights file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:200]
+        raise ImgsentError(f"cannot read weights file {path}: {msg}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ImgsentError(f"weights file {path} does not hold a state dict of tensors")
+    return obj
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """Exact fingerprint of a module's parameters and buffers (sorted names, raw bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        t = tensor.detach()
+        if t.is_quantized:
+            t = t.dequantize()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None
+) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --- torchvision's quantized MobileNetV2 -> float MobileNetV2 --------------------------------
+
+
+def dequantize_mobilenet_v2(qmodel: nn.Module) -> dict[str, torch.Tensor]:
+    """Turn a quantized (fused conv+bn) torchvision MobileNetV2 into a float ``mobilenet_v2`` state dict.
+
+    Every fused quantized conv at ``P.i`` becomes the float conv ``P.i`` (dequantized weight) and
+    the batch-norm ``P.(i+1)`` that was folded into it holds weight=1, bias=the folded bias,
+    running_mean=0, running_var=1-eps, so that BN(x) = x + bias exactly.
+    """
+    import torch.ao.nn.quantized as nnq
+    from torchvision.models import mobilenet_v2
+
+    float_model = mobilenet_v2(weights=None)
+    target = float_model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    bn_modules = dict(float_model.named_modules())
+    for name, mod in qmodel.named_modules():
+        if isinstance(mod, nnq.Conv2d):
+            weight = mod.weight().dequantize().float()
+            bias = mod.bias()
+            out[f"{name}.weight"] = weight
+            parent, _, index = name.rpartition(".")
+            bn_name = f"{parent}.{int(index) + 1}"
+            bn = bn_modules.get(bn_name)
+            if not isinstance(bn, nn.BatchNorm2d):
+                raise ValueError(f"no batch-norm after quantized conv {name} in mobilenet_v2")
+            channels = weight.shape[0]
+            out[f"{bn_name}.weight"] = torch.ones(channels)
+            out[f"{bn_name}.bias"] = bias.detach().float() if bias is not None else torch.zeros(channels)
+            out[f"{bn_name}.running_mean"] = torch.zeros(channels)
+            out[f"{bn_name}.running_var"] = torch.full((channels,), 1.0 - bn.eps)
+            out[f"{bn_name}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+        elif isinstance(mod, nnq.Linear):
+            out[f"{name}.weight"] = mod.weight().dequantize().float()
+            out[f"{name}.bias"] = mod.bias().detach().float()
+    missing = sorted(set(target) - set(out))
+    if missing:
+        raise ValueError(f"conversion left {len(missing)} float keys unset, e.g. {missing[:3]}")
+    return {k: out[k] for k in target}
+
+
+def download_quantized_mobilenet_v2() -> dict[str, torch.Tensor]:
+    """Download torchvision's official QNNPACK MobileNetV2 (torchvision's weights API) and convert it."""
+    from torchvision.models import quantization as tvq
+
+    previous = torch.backends.quantized.engine
+    try:
+        if "qnnpack" in torch.backends.quantized.supported_engines:
+            torch.backends.quantized.engine = "qnnpack"
+        qmodel = tvq.mobilenet_v2(
+            weights=tvq.MobileNet_V2_QuantizedWeights.IMAGENET1K_QNNPACK_V1, quantize=True
+        )
+    finally:
+        torch.backends.quantized.engine = previous
+    return dequantize_mobilenet_v2(qmodel)
