@@ -174,9 +174,7 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], spec: Backbone
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise ImgsentError(
-            f"weights {spec.weights} do not fit {spec.key}: {first[1:2] or first[:1]}"
-        ) from None
+        raise ImgsentError(f"weights {spec.weights} do not fit {spec.key}: {first[1:2] or first[:1]}") from None
     missing = [k for k in result.missing_keys if "num_batches_tracked" not in k]
     if missing:
         raise ImgsentError(
@@ -284,9 +282,7 @@ def quantized_weights_path(spec: BackboneSpec) -> str:
             f"offline machine pass --weights FILE or set {WEIGHTS_ENV}=FILE (float mobilenet_v2 weights in "
             f"safetensors, e.g. mobilenet_v2_imagenet1k.safetensors), or copy that file to {cached}"
         ) from None
-    atomic_save_safetensors(
-        state, cached, metadata={"source": "torchvision IMAGENET1K_QNNPACK_V1, dequantized"}
-    )
+    atomic_save_safetensors(state, cached, metadata={"source": "torchvision IMAGENET1K_QNNPACK_V1, dequantized"})
     return str(cached)
 
 
@@ -308,9 +304,7 @@ def _load_torchvision(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Modu
 
     entry, quantized = _torchvision_weights_entry(spec)
     pp = _preprocess_from_transforms(entry.transforms())
-    kwargs = (
-        {"aux_logits": False, "init_weights": False} if spec.name in ("inception_v3", "googlenet") else {}
-    )
+    kwargs = {"aux_logits": False, "init_weights": False} if spec.name in ("inception_v3", "googlenet") else {}
     model = tvm.get_model(spec.name, weights=None, **kwargs)
     weights_file = spec.weights
     if weights_file is None and not random_weights:
@@ -340,9 +334,7 @@ def _load_torchscript(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Modu
     try:
         module = torch.jit.load(path, map_location="cpu")
     except Exception as exc:
-        raise ImgsentError(
-            f"cannot load TorchScript file {path}: {' '.join(str(exc).split())[:160]}"
-        ) from None
+        raise ImgsentError(f"cannot load TorchScript file {path}: {' '.join(str(exc).split())[:160]}") from None
     pp = Preprocess()
     sidecar = path + ".json"
     if os.path.isfile(sidecar):

@@ -19,29 +19,19 @@ app = typer.Typer(
 )
 
 # --- options shared by extract and score ---------------------------------------------------------
-Inputs = Annotated[
-    list[str], typer.Argument(help="Directories, image files, @list.txt, or - for paths on stdin.")
-]
-Null = Annotated[
-    bool, typer.Option("--null", "-0", help="Paths in lists/stdin are NUL-separated (find -print0).")
-]
+Inputs = Annotated[list[str], typer.Argument(help="Directories, image files, @list.txt, or - for paths on stdin.")]
+Null = Annotated[bool, typer.Option("--null", "-0", help="Paths in lists/stdin are NUL-separated (find -print0).")]
 Hidden = Annotated[bool, typer.Option("--hidden", help="Include hidden files and directories.")]
 Device = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
 Precision = Annotated[str, typer.Option(help="auto (AMP on CUDA, fp32 elsewhere), fp32, bf16, fp16.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")]
 Workers = Annotated[int | None, typer.Option(help="Decoding processes (default: cores - 1; 0 = in-process).")]
-Shard = Annotated[
-    str | None, typer.Option(help="Process only part I of N of the inputs (I/N), for job arrays.")
-]
+Shard = Annotated[str | None, typer.Option(help="Process only part I of N of the inputs (I/N), for job arrays.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output made with other settings.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse images with more pixels (bomb guard).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
-Compile = Annotated[
-    bool, typer.Option("--compile", help="torch.compile the backbones (slow start, faster long runs).")
-]
-RowsPerShard = Annotated[
-    int, typer.Option("--rows-per-shard", help="Rows per Parquet shard (resume granularity).")
-]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the backbones (slow start, faster long runs).")]
+RowsPerShard = Annotated[int, typer.Option("--rows-per-shard", help="Rows per Parquet shard (resume granularity).")]
 
 
 def _fail(message: str) -> None:
@@ -56,7 +46,7 @@ def extract(
     backbones: Annotated[
         list[str],
         typer.Option("--backbones", "-B", help="Backbone specs or presets (repeat or comma-separate)."),
-    ] = ["default"],
+    ] = ["default"],  # noqa: B006 (typer reads the default, never mutates it)
     random_weights: Annotated[bool, typer.Option(help="Random (seeded) weights, for testing only.")] = False,
     tta: Annotated[str, typer.Option(help="Test-time augmentation: none, flip, crops, flip+crops.")] = "none",
     dtype: Annotated[str, typer.Option(help="Stored feature type: float32 or float16.")] = "float32",

@@ -186,9 +186,7 @@ def _resize_and_crop(img: Image.Image, pp: Preprocess, tta: str) -> list[Image.I
     resized = img.resize((new_w, new_h), resample) if (new_w, new_h) != (width, height) else img
     if resized.size[0] < crop_w or resized.size[1] < crop_h:
         padded = Image.new("RGB", (max(crop_w, resized.size[0]), max(crop_h, resized.size[1])))
-        padded.paste(
-            resized, ((padded.size[0] - resized.size[0]) // 2, (padded.size[1] - resized.size[1]) // 2)
-        )
+        padded.paste(resized, ((padded.size[0] - resized.size[0]) // 2, (padded.size[1] - resized.size[1]) // 2))
         resized = padded
     w, h = resized.size
     boxes = [_crop_box(w, h, crop_h, crop_w)]
@@ -202,9 +200,7 @@ def _resize_and_crop(img: Image.Image, pp: Preprocess, tta: str) -> list[Image.I
     return [resized.crop(b) for b in boxes]
 
 
-def make_views(
-    img: Image.Image, preprocesses: list[Preprocess], tta: str = "none"
-) -> dict[tuple, np.ndarray]:
+def make_views(img: Image.Image, preprocesses: list[Preprocess], tta: str = "none") -> dict[tuple, np.ndarray]:
     """For each distinct view key, a uint8 array (n_crops, 3, H, W) of the image's crop(s)."""
     views: dict[tuple, np.ndarray] = {}
     for pp in preprocesses:

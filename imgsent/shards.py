@@ -134,7 +134,7 @@ class _Lock:
                 raise ImgsentError(
                     f"another imgsent process (pid {pid} on {other.get('host')}) is writing "
                     f"{os.path.dirname(self.path)}; wait for it to finish, or delete {self.path} if it is gone"
-                )
+                ) from None
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
             self.held = True
@@ -246,9 +246,7 @@ class ShardedWriter:
 
     def _clean_orphans(self) -> None:
         # Only this job's leftovers: other jobs (--shard) may be writing beside us.
-        for tmp in glob.glob(
-            os.path.join(glob.escape(self.directory), ".tmp-" + _part_glob(self.shard) + ".*")
-        ):
+        for tmp in glob.glob(os.path.join(glob.escape(self.directory), ".tmp-" + _part_glob(self.shard) + ".*")):
             try:
                 os.unlink(tmp)
             except OSError:
@@ -371,16 +369,12 @@ def list_store(directory: str, kind: str | None = None) -> StoreListing:
         raise ImgsentError(f"{directory} is not a directory (expected an imgsent store)")
     paths = sorted(glob.glob(os.path.join(glob.escape(directory), "manifest*.json")))
     if not paths:
-        raise ImgsentError(
-            f"{directory} has no manifest.json: not an imgsent store (or nothing finished yet)"
-        )
+        raise ImgsentError(f"{directory} has no manifest.json: not an imgsent store (or nothing finished yet)")
     manifests = [read_manifest(p) for p in paths]
     first = manifests[0]
     for p, m in zip(paths[1:], manifests[1:]):
         if m["kind"] != first["kind"] or m["header"] != first["header"]:
-            raise ImgsentError(
-                f"{p} does not match {paths[0]}: the jobs of this store used different settings"
-            )
+            raise ImgsentError(f"{p} does not match {paths[0]}: the jobs of this store used different settings")
     if kind is not None and first["kind"] != kind:
         raise ImgsentError(f"{directory} holds {first['kind']}, not {kind}")
     files = []

@@ -70,9 +70,7 @@ def state_dict_sha256(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def atomic_save_safetensors(
-    tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None
-) -> None:
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,9 +134,7 @@ def download_quantized_mobilenet_v2() -> dict[str, torch.Tensor]:
     try:
         if "qnnpack" in torch.backends.quantized.supported_engines:
             torch.backends.quantized.engine = "qnnpack"
-        qmodel = tvq.mobilenet_v2(
-            weights=tvq.MobileNet_V2_QuantizedWeights.IMAGENET1K_QNNPACK_V1, quantize=True
-        )
+        qmodel = tvq.mobilenet_v2(weights=tvq.MobileNet_V2_QuantizedWeights.IMAGENET1K_QNNPACK_V1, quantize=True)
     finally:
         torch.backends.quantized.engine = previous
     return dequantize_mobilenet_v2(qmodel)
