@@ -103,6 +103,18 @@ def _collate(items: list[_Decoded]) -> _CollatedBatch:
     return _CollatedBatch(items, views)
 
 
+def _group_batches(n: int, groups: Sequence[int] | None, batch_size: int) -> list[list[int]]:
+    sizes = list(groups) if groups else [n]
+    if sum(sizes) != n:
+        raise ValueError("groups must add up to the number of references")
+    batches, start = [], 0
+    for size in sizes:
+        for s in range(start, start + size, batch_size):
+            batches.append(list(range(s, min(s + batch_size, start + size))))
+        start += size
+    return batches
+
+
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
@@ -195,15 +207,14 @@ class FeatureEngine:
     def keys(self) -> list[str]:
         return [bb.key for bb in self.backbones]
 
-    def _loader(self, refs: Sequence[ImageRef]) -> DataLoader:
+    def _loader(self, refs: Sequence[ImageRef], groups: Sequence[int] | None) -> DataLoader:
         dataset = _ImageDataset(refs, [bb.preprocess for bb in self.backbones], self.tta, self.max_pixels)
         kwargs = {}
         if self.workers > 0:
             kwargs = {"worker_init_fn": _worker_init, "prefetch_factor": 4, "persistent_workers": False}
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
+            batch_sampler=_group_batches(len(refs), groups, self.batch_size),
             num_workers=self.workers,
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
@@ -232,12 +243,17 @@ class FeatureEngine:
         out = out.view(n, crops, -1).mean(dim=1)
         return out
 
-    def run(self, refs: Sequence[ImageRef]) -> Iterator[FeatureBatch]:
-        """Yield one :class:`FeatureBatch` per batch of ``refs``, in order."""
+    def run(self, refs: Sequence[ImageRef], groups: Sequence[int] | None = None) -> Iterator[FeatureBatch]:
+        """Yield one :class:`FeatureBatch` per batch of ``refs``, in order.
+
+        ``groups``: sizes of consecutive runs of ``refs`` (output shards) that no batch may straddle.
+        Batches then depend only on the group, so a resumed run computes exactly the same numbers
+        (batch composition can change float rounding in some kernels).
+        """
         if not refs:
             return
         with torch.inference_mode():
-            for batch in self._loader(refs):
+            for batch in self._loader(refs, groups):
                 items = batch.items
                 ok_pos = [i for i, it in enumerate(items) if it.status == "ok"]
                 feats: dict[str, np.ndarray] = {}

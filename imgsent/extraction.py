@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -20,7 +21,7 @@ from .features import (
 )
 from .inputs import ImageRef, find_images, parse_shard, select_shard
 from .report import RunProgress, RunSummary
-from .shards import Chunk, ShardedWriter
+from .shards import Chunk, ShardedWriter, plan_chunks
 
 DEFAULT_ROWS_PER_SHARD = 10_000
 
@@ -51,32 +52,60 @@ def chunked(batches: Iterator[FeatureBatch], chunks: Sequence[Chunk]) -> Iterato
 def run_sharded(
     engine: FeatureEngine,
     refs: Sequence[ImageRef],
-    writer: ShardedWriter,
-    to_table: Callable[[FeatureBatch], pa.Table],
+    outputs: Sequence[tuple[ShardedWriter, Callable[[FeatureBatch], pa.Table]]],
     *,
     progress: bool,
     description: str,
-    on_chunk: Callable[[FeatureBatch], None] | None = None,
+    output_name: str,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    stream: Callable[[FeatureBatch], None] | None = None,
 ) -> RunSummary:
-    """Run ``engine`` over the chunks of ``refs`` the writer still needs, one shard per chunk."""
+    """Run ``engine`` over ``refs`` chunk by chunk; each chunk becomes one shard in every writer of
+    ``outputs`` (``writer, batch -> table``) that lacks it. ``stream`` (if given) sees every batch
+    as it comes, so then every chunk is run. Chunks every writer already has are skipped (resume).
+    """
     start = time.perf_counter()
-    summary = RunSummary(output=writer.directory, total=len(refs))
-    with writer:
-        pending, done_rows = writer.plan([r.id for r in refs])
-        summary.resumed = done_rows
-        for entry in writer.done.values():
-            summary.errors += int(entry.get("errors", 0))
-        todo = [r for c in pending for r in refs[c.start : c.stop]]
-        with RunProgress(len(refs), description, enabled=progress) as bar:
-            bar.advance(done_rows, sum(int(e.get("errors", 0)) for e in writer.done.values()))
-            for chunk, batch in chunked(engine.run(todo), pending):
-                n_err = int((~batch.ok_mask).sum())
-                if on_chunk is not None:
-                    on_chunk(batch)
-                writer.write(chunk, to_table(batch), errors=n_err)
+    summary = RunSummary(output=output_name, total=len(refs))
+    ids = [r.id for r in refs]
+    with contextlib.ExitStack() as stack:
+        pending_by_writer = []
+        for writer, _ in outputs:
+            stack.enter_context(writer)
+            pending_by_writer.append({c.index for c in writer.plan(ids)[0]})
+        chunks = plan_chunks(len(refs), outputs[0][0].rows_per_shard if outputs else rows_per_shard)
+        todo = (
+            chunks
+            if stream is not None or not outputs
+            else [c for c in chunks if any(c.index in p for p in pending_by_writer)]
+        )
+        todo_set = {c.index for c in todo}
+        first = outputs[0][0] if outputs else None
+        skipped_errors = (
+            sum(int(first.done[c.index].get("errors", 0)) for c in chunks if c.index not in todo_set) if first else 0
+        )
+        summary.resumed = sum(c.stop - c.start for c in chunks if c.index not in todo_set)
+        summary.errors = skipped_errors
+
+        def tap(batches: Iterator[FeatureBatch]) -> Iterator[FeatureBatch]:
+            for b in batches:
+                if stream is not None:
+                    stream(b)
+                n_err = int((~b.ok_mask).sum())
                 summary.errors += n_err
-                bar.advance(len(batch), n_err)
-        writer.finish()
+                bar.advance(len(b), n_err)
+                yield b
+
+        with RunProgress(len(refs), description, enabled=progress) as bar:
+            bar.advance(summary.resumed, skipped_errors)
+            todo_refs = [r for c in todo for r in refs[c.start : c.stop]]
+            batches = tap(engine.run(todo_refs, groups=[c.stop - c.start for c in todo]))
+            for chunk, batch in chunked(batches, todo):
+                n_err = int((~batch.ok_mask).sum())
+                for (writer, to_table), pending in zip(outputs, pending_by_writer):
+                    if chunk.index in pending:
+                        writer.write(chunk, to_table(batch), errors=n_err)
+        for writer, _ in outputs:
+            writer.finish()
     summary.ok = summary.total - summary.errors
     summary.elapsed_s = time.perf_counter() - start
     return summary
@@ -136,5 +165,10 @@ def extract(
         describe_difference=describe_header_difference,
     )
     return run_sharded(
-        engine, refs, writer, lambda b: feature_table(b, dtype), progress=progress, description="extract"
+        engine,
+        refs,
+        [(writer, lambda b: feature_table(b, dtype))],
+        progress=progress,
+        description="extract",
+        output_name=out,
     )

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-stderr_console = Console(file=sys.stderr, stderr=True)
+stderr_console = Console(file=sys.stderr, stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 @dataclass

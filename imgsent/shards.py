@@ -157,6 +157,13 @@ class Chunk:
     stop: int
 
 
+def plan_chunks(n_rows: int, rows_per_shard: int) -> list[Chunk]:
+    """Consecutive row ranges of at most ``rows_per_shard``: shard k holds rows [k*S, (k+1)*S)."""
+    return [
+        Chunk(i, start, min(start + rows_per_shard, n_rows)) for i, start in enumerate(range(0, n_rows, rows_per_shard))
+    ]
+
+
 class ShardedWriter:
     """Write one job's rows as shards of ``rows_per_shard`` into ``directory``, resumably.
 
@@ -257,10 +264,7 @@ class ShardedWriter:
 
         A finished shard counts only if it holds exactly the ids its chunk should hold now.
         """
-        chunks = [
-            Chunk(i, start, min(start + self.rows_per_shard, len(ids)))
-            for i, start in enumerate(range(0, len(ids), self.rows_per_shard))
-        ]
+        chunks = plan_chunks(len(ids), self.rows_per_shard)
         valid = {}
         for c in chunks:
             entry = self.done.get(c.index)

@@ -1,0 +1,212 @@
+"""``evaluate``: run a protocol over a labelled feature store for several heads / feature sets and
+report mean +- std of accuracy, macro-F1, balanced accuracy and ROC-AUC (the paper's Table II layout).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ImgsentError
+from .protocols import (
+    PROTOCOLS,
+    Split,
+    metrics,
+    predefined_from_files,
+    predefined_from_folders,
+    random_splits,
+    stratified_kfold,
+    train_val_test,
+)
+from .training import LabelledFeatures, TrainConfig, fit, load_labelled
+
+METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "roc_auc")
+
+
+@dataclass
+class ConfigResult:
+    features: str
+    head: str
+    per_split: list[dict] = field(default_factory=list)
+
+    def mean_std(self, metric: str) -> tuple[float, float]:
+        vals = np.asarray([s[metric] for s in self.per_split], dtype=float)
+        return float(np.nanmean(vals)), float(np.nanstd(vals))
+
+    def to_dict(self) -> dict:
+        d = {"features": self.features, "head": self.head}
+        for m in METRICS:
+            d[f"{m}_mean"], d[f"{m}_std"] = self.mean_std(m)
+        d["confusion"] = np.sum([s["confusion"] for s in self.per_split], axis=0).tolist()
+        d["per_split"] = self.per_split
+        return d
+
+
+@dataclass
+class EvaluationReport:
+    protocol: str
+    splits: list[dict]
+    classes: list[str]
+    data: dict
+    results: list[ConfigResult]
+
+    def to_dict(self) -> dict:
+        return {
+            "protocol": self.protocol,
+            "classes": self.classes,
+            "data": self.data,
+            "splits": self.splits,
+            "results": [r.to_dict() for r in self.results],
+        }
+
+    def save(self, path: str) -> None:
+        if path.lower().endswith(".csv"):
+            with open(path, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(
+                    ["features", "head"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["confusion"]
+                )
+                for r in self.results:
+                    row = [r.features, r.head]
+                    for m in METRICS:
+                        row += [f"{v:.6f}" for v in r.mean_std(m)]
+                    w.writerow(row + [json.dumps(r.to_dict()["confusion"])])
+        elif path.lower().endswith(".json"):
+            with open(path, "w") as fh:
+                json.dump(self.to_dict(), fh, indent=1)
+        else:
+            raise ImgsentError(f"--report must end in .json or .csv, got {path!r}")
+
+    def print(self) -> None:
+        from rich.table import Table
+
+        from .report import stderr_console
+
+        t = Table(
+            title=f"imgsent evaluate ({self.protocol}, {len(self.splits)} split(s), {self.data['labelled']} images)"
+        )
+        t.add_column("features")
+        t.add_column("head")
+        for m in METRICS:
+            t.add_column(m.replace("_", " "), justify="right")
+        t.add_column("confusion (rows = true " + "/".join(self.classes) + ")")
+        for r in self.results:
+            cells = [f"{100 * mu:.2f} ± {100 * sd:.2f}" for mu, sd in (r.mean_std(m) for m in METRICS)]
+            t.add_row(r.features, r.head, *cells, str(r.to_dict()["confusion"]))
+        stderr_console.print(t)
+
+
+def make_splits(
+    data: LabelledFeatures,
+    protocol: str,
+    *,
+    splits: int = 5,
+    test_size: float = 0.2,
+    folds: int = 5,
+    split_files: Sequence[str] = (),
+    split_from_folders: bool = False,
+    fractions: tuple[float, float, float] = (0.8, 0.15, 0.05),
+    seed: int = 0,
+) -> list[Split]:
+    n = len(data.y)
+    if protocol == "random-splits":
+        return random_splits(n, splits, test_size, seed)
+    if protocol == "kfold":
+        return stratified_kfold(data.y, folds, seed)
+    if protocol == "predefined":
+        return predefined_from_folders(data.ids) if split_from_folders else predefined_from_files(data.ids, split_files)
+    if protocol == "train-val-test":
+        return train_val_test(n, fractions, seed)
+    raise ImgsentError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+
+
+def _bad_head(name: str) -> None:
+    raise ImgsentError(f"--heads: unknown head {name!r}; use nn, moe1, moe2")
+
+
+def _block_slices(blocks: list[tuple[str, int]]) -> dict[str, slice]:
+    out, start = {}, 0
+    for k, d in blocks:
+        out[k] = slice(start, start + d)
+        start += d
+    return out
+
+
+def evaluate(
+    store: str,
+    *,
+    labels: str | None = None,
+    labels_from_folders: bool = False,
+    mapping: str = "auto",
+    protocol: str = "random-splits",
+    heads: Sequence[str] = ("nn", "moe1", "moe2"),
+    features: Sequence[str] | None = None,
+    ablation: bool = False,
+    splits: int = 5,
+    test_size: float = 0.2,
+    folds: int = 5,
+    split_files: Sequence[str] = (),
+    split_from_folders: bool = False,
+    seed: int = 0,
+    report: str | None = None,
+    progress: bool = False,
+    id_column: str | None = None,
+    label_column: str | None = None,
+    **hyper,
+) -> EvaluationReport:
+    """Evaluate heads under a protocol. With ``ablation``, each feature block alone with the NN
+    head first, then the concatenation with every head. Same seed, same numbers."""
+    for h in heads:
+        TrainConfig.named(h).resolved() if h in ("nn", "moe", "moe1", "moe2") else _bad_head(h)
+    data = load_labelled(
+        store, labels=labels, labels_from_folders_=labels_from_folders, mapping=mapping, features=features,
+        id_column=id_column, label_column=label_column,
+    )  # fmt: skip
+    split_list = make_splits(
+        data, protocol, splits=splits, test_size=test_size, folds=folds, split_files=split_files,
+        split_from_folders=split_from_folders, seed=seed,
+    )  # fmt: skip
+    configs: list[tuple[list[tuple[str, int]], str]] = []
+    if ablation and len(data.blocks) > 1:
+        configs += [([b], "nn") for b in data.blocks]
+    configs += [(data.blocks, h) for h in heads]
+    slices = _block_slices(data.blocks)
+    recipes = {r["key"]: r for r in data.recipes}
+    results = []
+    for blocks, head in configs:
+        cols = np.r_[tuple(np.arange(slices[k].start, slices[k].stop) for k, _ in blocks)]
+        X = data.X if len(blocks) == len(data.blocks) else data.X[:, cols]
+        res = ConfigResult(features=" + ".join(k for k, _ in blocks), head=head)
+        for k, sp in enumerate(split_list):
+            config = TrainConfig.named(head, seed=seed + k, **hyper)
+            model = fit(X[sp.train], data.y[sp.train], data.classes, blocks, config,
+                        recipes=[recipes[b] for b, _ in blocks], progress=progress)  # fmt: skip
+            m = metrics(data.y[sp.test], model.predict_proba(X[sp.test]))
+            if sp.val is not None and len(sp.val):
+                m["val_accuracy"] = metrics(data.y[sp.val], model.predict_proba(X[sp.val]))["accuracy"]
+            m["split"] = sp.name
+            res.per_split.append(m)
+        results.append(res)
+    out = EvaluationReport(
+        protocol=protocol,
+        splits=[
+            {
+                "name": s.name,
+                "train": int(len(s.train)),
+                "test": int(len(s.test)),
+                "val": int(len(s.val)) if s.val is not None else 0,
+            }
+            for s in split_list
+        ],  # fmt: skip
+        classes=data.classes,
+        data={**data.join.summary(), "store": os.path.abspath(store)},
+        results=results,
+    )
+    if report:
+        out.save(report)
+    return out

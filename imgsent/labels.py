@@ -1,0 +1,200 @@
+"""Labels: reading label files or folder names, mapping emotions to polarity, joining to a store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ImgsentError
+
+POSITIVE_EMOTIONS = ("joy", "surprise", "amusement", "awe", "contentment", "excitement")
+NEGATIVE_EMOTIONS = ("anger", "disgust", "fear", "sadness")
+_POLARITY_NAMES = {
+    "positive": "positive",
+    "pos": "positive",
+    "negative": "negative",
+    "neg": "negative",
+    "1": "positive",
+    "0": "negative",
+}
+POLARITY = {
+    **_POLARITY_NAMES,
+    **{e: "positive" for e in POSITIVE_EMOTIONS},
+    **{e: "negative" for e in NEGATIVE_EMOTIONS},
+}
+MAPS = ("auto", "polarity", "none")
+ID_COLUMNS = ("id", "path", "file", "filename", "file_name", "image", "image_id", "name")
+LABEL_COLUMNS = ("label", "labels", "class", "sentiment", "polarity", "emotion", "target", "y")
+
+
+def _open_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ImgsentError(f"cannot read labels file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ImgsentError(f"labels file {path} is not UTF-8 text") from None
+
+
+def read_labels(path: str, *, id_column: str | None = None, label_column: str | None = None) -> dict[str, str]:
+    """Read ``{id_or_path: raw_label}`` from a CSV/TSV (header sniffed) or a ``<file> <label>`` list.
+
+    Raises :class:`ImgsentError` naming the line for malformed files or conflicting duplicates.
+    """
+    text = _open_text(path)
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        raise ImgsentError(f"labels file {path} has no labels")
+    first = lines[0]
+    delimited = path.lower().endswith((".csv", ".tsv")) or "," in first or "\t" in first
+    rows: list[tuple[int, str, str]] = []
+    if delimited:
+        delim = "\t" if ("\t" in first or path.lower().endswith(".tsv")) else ","
+        reader = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=delim))
+        header = [c.strip().lower() for c in reader[0]]
+        has_header = (
+            id_column is not None or label_column is not None or any(h in ID_COLUMNS + LABEL_COLUMNS for h in header)
+        )
+        if has_header:
+            id_idx = _column_index(header, id_column, ID_COLUMNS, path, "id")
+            label_idx = _column_index(header, label_column, LABEL_COLUMNS, path, "label")
+            body = list(enumerate(reader[1:], start=2))
+        else:
+            id_idx, label_idx = 0, 1
+            body = list(enumerate(reader, start=1))
+        for lineno, row in body:
+            if len(row) <= max(id_idx, label_idx):
+                raise ImgsentError(
+                    f"labels file {path}, line {lineno}: expected at least {max(id_idx, label_idx) + 1} columns"
+                )
+            rows.append((lineno, row[id_idx].strip(), row[label_idx].strip()))
+    else:
+        for lineno, ln in enumerate(lines, start=1):
+            parts = ln.strip().rsplit(None, 1)
+            if len(parts) != 2:
+                raise ImgsentError(
+                    f"labels file {path}, line {lineno}: expected '<file> <label>', got {ln.strip()[:80]!r}"
+                )
+            rows.append((lineno, parts[0], parts[1]))
+    labels: dict[str, str] = {}
+    for lineno, key, label in rows:
+        if not key or not label:
+            raise ImgsentError(f"labels file {path}, line {lineno}: empty id or label")
+        if key in labels and labels[key] != label:
+            raise ImgsentError(
+                f"labels file {path}, line {lineno}: {key!r} is labelled both {labels[key]!r} and {label!r}"
+            )
+        labels[key] = label
+    return labels
+
+
+def _column_index(header: list[str], wanted: str | None, candidates: tuple[str, ...], path: str, what: str) -> int:
+    if wanted is not None:
+        if wanted.lower() not in header:
+            raise ImgsentError(f"labels file {path} has no column {wanted!r} (columns: {', '.join(header)})")
+        return header.index(wanted.lower())
+    for c in candidates:
+        if c in header:
+            return header.index(c)
+    raise ImgsentError(
+        f"labels file {path}: cannot tell which column is the {what} (columns: {', '.join(header)}); "
+        f"name it with --{what}-column"
+    )
+
+
+def labels_from_folders(ids: list[str]) -> dict[str, str]:
+    """The parent folder name of each id is its label (``positive/a.jpg`` -> ``positive``)."""
+    out = {}
+    for i in ids:
+        parent = os.path.basename(os.path.dirname(i))
+        if parent:
+            out[i] = parent
+    if not out:
+        raise ImgsentError("--labels-from-folders: no image sits in a folder (ids have no parent directory)")
+    return out
+
+
+def map_labels(raw: dict[str, str], mapping: str = "auto") -> dict[str, str]:
+    """Normalise label names. ``polarity``: emotions, 0/1 and pos/neg to positive/negative (unknown
+    names are an error); ``auto``: the same when every label is a polarity name or 0/1, else
+    unchanged; ``none``: unchanged."""
+    if mapping not in MAPS:
+        raise ImgsentError(f"--map must be one of {', '.join(MAPS)}, got {mapping!r}")
+    lowered = {k: v.strip().lower() for k, v in raw.items()}
+    if mapping == "none":
+        return dict(raw)
+    if mapping == "polarity":
+        unknown = sorted({v for v in lowered.values() if v not in POLARITY})
+        if unknown:
+            raise ImgsentError(f"--map polarity: no polarity for label(s) {', '.join(unknown[:5])}")
+        return {k: POLARITY[v] for k, v in lowered.items()}
+    if all(v in _POLARITY_NAMES for v in lowered.values()):
+        return {k: _POLARITY_NAMES[v] for k, v in lowered.items()}
+    return dict(raw)
+
+
+@dataclass
+class LabelJoin:
+    """Labelled rows of a feature set: ``rows`` index the feature set, ``y`` index ``classes``."""
+
+    rows: np.ndarray
+    y: np.ndarray
+    classes: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
+    unlabelled_images: int = 0
+    labels_without_image: int = 0
+    error_images: int = 0
+
+    def summary(self) -> dict:
+        return {
+            "labelled": int(len(self.rows)),
+            "per_class": self.counts,
+            "images_without_label": self.unlabelled_images,
+            "labels_without_image": self.labels_without_image,
+            "labelled_error_rows": self.error_images,
+        }
+
+
+def join_labels(ids: list[str], paths: list[str], status: list[str], labels: dict[str, str]) -> LabelJoin:
+    """Match labels to rows by id, then path, then file name. Error rows are counted, not used."""
+    by_name: dict[str, list[str]] = {}
+    for key in labels:
+        by_name.setdefault(os.path.basename(key), []).append(key)
+    used: set[str] = set()
+    rows, y_names = [], []
+    unlabelled = errors = 0
+    for i, (rid, rpath, st) in enumerate(zip(ids, paths, status)):
+        key = rid if rid in labels else rpath if rpath in labels else None
+        if key is None:
+            cands = by_name.get(os.path.basename(rid), [])
+            key = cands[0] if len(cands) == 1 else None
+        if key is None:
+            unlabelled += 1
+            continue
+        used.add(key)
+        if st != "ok":
+            errors += 1
+            continue
+        rows.append(i)
+        y_names.append(labels[key])
+    if not rows:
+        raise ImgsentError("no labelled image found in the store: do the label file's names match the image ids?")
+    classes = sorted(set(y_names))
+    if len(classes) < 2:
+        raise ImgsentError(f"labels have a single class ({classes[0]!r}); need at least two")
+    index = {c: k for k, c in enumerate(classes)}
+    return LabelJoin(
+        rows=np.asarray(rows, dtype=np.int64),
+        y=np.asarray([index[c] for c in y_names], dtype=np.int64),
+        classes=classes,
+        counts=dict(Counter(y_names)),
+        unlabelled_images=unlabelled,
+        labels_without_image=len(set(labels) - used),
+        error_images=errors,
+    )

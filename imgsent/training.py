@@ -1,0 +1,429 @@
+"""Training: fit a head on labelled features; the :class:`SentimentModel` it returns; model bundles.
+
+A bundle is a directory: ``head.safetensors`` (weights) and ``model.json`` (format version, head
+type and hyperparameters, class names, the feature recipe: backbone specs, dims, weights
+fingerprints, normalisation and block order; the training data summary, seed, imgsent version).
+Loading reads JSON and safetensors only: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backbones import fingerprints_match
+from .errors import ImgsentError
+from .features import FeatureSet, load
+from .heads import HEADS, BlockNorm, create_head
+from .labels import LabelJoin, join_labels, labels_from_folders, map_labels, read_labels
+from .weights import atomic_save_safetensors
+
+MODEL_FORMAT = "imgsent-model"
+MODEL_FORMAT_VERSION = 1
+HEAD_FILE = "head.safetensors"
+MODEL_FILE = "model.json"
+
+# The paper's settings, one row per head (and MoE schedule). Flags override single fields.
+HEAD_DEFAULTS: dict[str, dict] = {
+    "nn": dict(epochs=20, lr=1e-4, batch_size=8, weight_decay=0.0, dropout=0.4, lr_step=0, normalize_blocks=True),
+    "moe1": dict(
+        epochs=120, lr=1e-4, batch_size=256, weight_decay=1e-3, dropout=0.5, lr_step=40, normalize_blocks=False
+    ),
+    "moe2": dict(
+        epochs=60, lr=1e-4, batch_size=256, weight_decay=1e-3, dropout=0.5, lr_step=20, normalize_blocks=False
+    ),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one head. ``None`` fields take the paper's value for ``head``/``schedule``."""
+
+    head: str = "nn"
+    schedule: int = 1
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    weight_decay: float | None = None
+    dropout: float | None = None
+    lr_step: int | None = None
+    lr_gamma: float = 0.1
+    hidden: int = 200
+    experts: int = 2
+    normalize_blocks: bool | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    @classmethod
+    def named(cls, name: str, **overrides) -> TrainConfig:
+        """``nn``, ``moe`` (= ``moe1``), ``moe1``, ``moe2`` -> a config (overrides that are None are ignored)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if name in ("moe1", "moe2"):
+            return cls(head="moe", schedule=int(name[-1]), **overrides)
+        return cls(head=name, **overrides)
+
+    def resolved(self) -> TrainConfig:
+        if self.head not in HEADS:
+            raise ImgsentError(
+                f"--head must be one of {', '.join(HEADS)} (or moe1/moe2 in evaluate), got {self.head!r}"
+            )
+        if self.head == "moe" and self.schedule not in (1, 2):
+            raise ImgsentError(f"--schedule must be 1 or 2, got {self.schedule}")
+        base = HEAD_DEFAULTS["nn" if self.head == "nn" else f"moe{self.schedule}"]
+        filled = replace(self, **{k: v for k, v in base.items() if getattr(self, k) is None})
+        for name in ("epochs", "batch_size", "hidden", "experts"):
+            if getattr(filled, name) < 1:
+                raise ImgsentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(filled, name)}")
+        if not filled.lr > 0 or not 0 <= filled.dropout < 1 or filled.weight_decay < 0:
+            raise ImgsentError("need --lr > 0, 0 <= --dropout < 1 and --weight-decay >= 0")
+        return filled
+
+    @property
+    def label(self) -> str:
+        return "nn" if self.head == "nn" else f"moe{self.schedule}"
+
+
+class SentimentModel:
+    """A trained head plus everything needed to apply it: classes, feature blocks and recipes.
+
+    ``predict_proba(X)`` takes a float matrix whose columns follow ``blocks`` (or a
+    :class:`~imgsent.features.FeatureSet`, from which the blocks are picked) and returns (N, C).
+    """
+
+    def __init__(self, head: torch.nn.Module, config: TrainConfig, classes: list[str], blocks: list[tuple[str, int]],
+                 recipes: list[dict], feature_header: dict | None = None, training: dict | None = None):  # fmt: skip
+        self.head = head.eval()
+        self.config = config
+        self.classes = list(classes)
+        self.blocks = [(str(k), int(d)) for k, d in blocks]
+        self.recipes = recipes
+        self.feature_header = {k: v for k, v in (feature_header or {}).items() if k in ("tta",)}
+        self.training = training or {}
+        self.norm = BlockNorm([d for _, d in self.blocks]) if config.normalize_blocks else None
+
+    @property
+    def in_dim(self) -> int:
+        return sum(d for _, d in self.blocks)
+
+    @property
+    def positive_class(self) -> str | None:
+        return "positive" if "positive" in self.classes else None
+
+    def _matrix(self, X) -> np.ndarray:
+        if isinstance(X, FeatureSet):
+            return select_blocks(X, [k for k, _ in self.blocks])
+        X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.in_dim:
+            raise ImgsentError(f"features have shape {X.shape}; this model needs (N, {self.in_dim})")
+        return X
+
+    @torch.inference_mode()
+    def predict_proba(self, X, batch_size: int = 65536) -> np.ndarray:
+        X = self._matrix(X)
+        out = np.empty((len(X), len(self.classes)), dtype=np.float32)
+        for s in range(0, len(X), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(X[s : s + batch_size]))
+            if self.norm is not None:
+                x = self.norm(x)
+            out[s : s + batch_size] = self.head.proba(self.head(x)).numpy()
+        return out
+
+    def predict(self, X) -> list[str]:
+        return [self.classes[i] for i in self.predict_proba(X).argmax(1)]
+
+    def check_recipe(self, header: dict, what: str = "the store") -> None:
+        """Refuse features made otherwise than the training features, naming the difference."""
+        have = {r.get("key"): r for r in header.get("backbones", [])}
+        for key, dim in self.blocks:
+            r = have.get(key)
+            if r is None:
+                raise ImgsentError(
+                    f"{what} has no features from {key}, which this model needs (it has: {', '.join(have) or 'none'})"
+                )
+            if int(r.get("dim", -1)) != dim:
+                raise ImgsentError(f"{what}: {key} features are {r.get('dim')}-d, the model expects {dim}-d")
+        for mine in self.recipes:
+            theirs = have[mine["key"]]
+            if theirs.get("preprocess") != mine.get("preprocess"):
+                raise ImgsentError(f"{what}: {mine['key']} used other preprocessing than the model's training features")
+            if not fingerprints_match(mine.get("fingerprint", {}), theirs.get("fingerprint", {})):
+                raise ImgsentError(
+                    f"{what}: {mine['key']} features come from other weights than the model was trained on "
+                    f"(fingerprints differ)"
+                )
+        want_tta, got_tta = self.feature_header.get("tta", "none"), header.get("tta", "none")
+        if want_tta != got_tta:
+            raise ImgsentError(
+                f"{what} used test-time augmentation {got_tta!r}; the model was trained with {want_tta!r}"
+            )
+
+    # --- bundles ---------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "imgsent_version": __version__,
+            "head": {"kind": self.config.head, "params": asdict(self.config)},
+            "classes": self.classes,
+            "positive_class": self.positive_class,
+            "features": {
+                "blocks": [{"key": k, "dim": d} for k, d in self.blocks],
+                "normalize_blocks": bool(self.config.normalize_blocks),
+                "tta": self.feature_header.get("tta", "none"),
+                "backbones": self.recipes,
+            },
+            "training": self.training,
+            "seed": self.config.seed,
+        }
+
+    def save(self, path: str) -> None:
+        """Write the bundle directory ``path`` (created if needed)."""
+        os.makedirs(path, exist_ok=True)
+        atomic_save_safetensors(dict(self.head.state_dict()), _path(path, HEAD_FILE))
+        from .shards import write_json_atomic
+
+        write_json_atomic(os.path.join(path, MODEL_FILE), self.to_json())
+
+
+def _path(directory: str, name: str):
+    from pathlib import Path
+
+    return Path(directory) / name
+
+
+def _bad(path: str, why: str) -> ImgsentError:
+    return ImgsentError(f"model {path}: {why}")
+
+
+def load_model(path: str) -> SentimentModel:
+    """Load a bundle directory written by :meth:`SentimentModel.save` (JSON + safetensors only).
+
+    A missing, malformed or hand-edited bundle raises :class:`ImgsentError` naming what is wrong.
+    """
+    json_path = os.path.join(path, MODEL_FILE)
+    if not os.path.isdir(path) or not os.path.isfile(json_path):
+        raise _bad(path, f"not a model directory (no {MODEL_FILE})")
+    try:
+        with open(json_path) as fh:
+            meta = json.load(fh)
+    except ValueError as exc:
+        raise _bad(path, f"{MODEL_FILE} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise _bad(path, f"cannot read {MODEL_FILE}: {exc.strerror}") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise _bad(path, f"{MODEL_FILE} is not an imgsent model")
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > MODEL_FORMAT_VERSION:
+        raise _bad(path, f"format version {meta.get('format_version')!r} is not one this imgsent reads")
+    try:
+        head_meta, feats = meta["head"], meta["features"]
+        classes = meta["classes"]
+        params = dict(head_meta["params"])
+        blocks = [(b["key"], b["dim"]) for b in feats["blocks"]]
+        recipes = feats["backbones"]
+    except (KeyError, TypeError) as exc:
+        raise _bad(path, f"{MODEL_FILE} lacks field {exc}") from None
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise _bad(path, "'classes' must be a list of at least two names")
+    if not all(isinstance(k, str) and isinstance(d, int) and 0 < d <= 1_000_000 for k, d in blocks) or not blocks:
+        raise _bad(path, "'features.blocks' must list {key, dim} with 0 < dim <= 1000000")
+    if not isinstance(recipes, list) or not all(isinstance(r, dict) and "key" in r for r in recipes):
+        raise _bad(path, "'features.backbones' must be a list of backbone recipes")
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    try:
+        config = TrainConfig(**{k: v for k, v in params.items() if k in known}).resolved()
+        if config.hidden > 100_000 or config.experts > 1000:
+            raise ValueError("hidden/experts too large")
+        head = create_head(config.head, sum(d for _, d in blocks), len(classes), asdict(config))
+    except (TypeError, ValueError, ImgsentError) as exc:
+        raise _bad(path, f"bad head parameters ({exc})") from None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(os.path.join(path, HEAD_FILE))
+    except (OSError, SafetensorError) as exc:
+        raise _bad(path, f"cannot read {HEAD_FILE} ({exc})") from None
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise _bad(path, f"{HEAD_FILE} does not match model.json ({str(exc).splitlines()[0]})") from None
+    return SentimentModel(
+        head, config, classes, blocks, recipes, {"tta": feats.get("tta", "none")}, meta.get("training", {})
+    )
+
+
+def select_blocks(fs: FeatureSet, keys: Sequence[str]) -> np.ndarray:
+    """The columns of ``fs.X`` for ``keys``, in that order (no copy when they are all, in order)."""
+    if [k for k, _ in fs.blocks] == list(keys):
+        return fs.X
+    offsets, start = {}, 0
+    for k, d in fs.blocks:
+        offsets[k] = (start, start + d)
+        start += d
+    missing = [k for k in keys if k not in offsets]
+    if missing:
+        raise ImgsentError(f"features lack block {missing[0]!r} (have {', '.join(offsets)})")
+    return np.concatenate([fs.X[:, offsets[k][0] : offsets[k][1]] for k in keys], axis=1)
+
+
+@dataclass
+class LabelledFeatures:
+    """A store's features joined with labels: ``X[i]`` has class ``classes[y[i]]``, id ``ids[i]``."""
+
+    X: np.ndarray
+    y: np.ndarray
+    ids: list[str]
+    classes: list[str]
+    blocks: list[tuple[str, int]]
+    recipes: list[dict]
+    header: dict
+    join: LabelJoin = field(repr=False, default=None)
+
+
+def load_labelled(
+    store: str,
+    *,
+    labels: str | None = None,
+    labels_from_folders_: bool = False,
+    mapping: str = "auto",
+    features: Sequence[str] | None = None,
+    id_column: str | None = None,
+    label_column: str | None = None,
+) -> LabelledFeatures:
+    """Load a store and join labels from a file (``labels``) or from folder names."""
+    if (labels is None) == (not labels_from_folders_):
+        raise ImgsentError("give exactly one of --labels FILE or --labels-from-folders")
+    fs = load(store, backbones=features, only_ok=False)
+    raw = (
+        read_labels(labels, id_column=id_column, label_column=label_column)
+        if labels is not None
+        else labels_from_folders(fs.ids)
+    )
+    join = join_labels(fs.ids, fs.paths, fs.status, map_labels(raw, mapping))
+    return LabelledFeatures(
+        X=fs.X[join.rows],
+        y=join.y,
+        ids=[fs.ids[i] for i in join.rows],
+        classes=join.classes,
+        blocks=fs.blocks,
+        recipes=fs.recipes,
+        header=fs.header,
+        join=join,
+    )
+
+
+def fit(
+    X: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    blocks: list[tuple[str, int]],
+    config: TrainConfig,
+    *,
+    recipes: list[dict] | None = None,
+    feature_header: dict | None = None,
+    progress: bool = False,
+) -> SentimentModel:
+    """Train one head on ``X`` (N, D) with integer labels ``y``; deterministic for a given seed."""
+    cfg = config.resolved()
+    X = np.asarray(X, dtype=np.float32)
+    if len(X) != len(y) or len(X) == 0:
+        raise ImgsentError(f"need as many labels as feature rows (got {len(X)} rows, {len(y)} labels)")
+    device = torch.device(cfg.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        head = create_head(cfg.head, X.shape[1], len(classes), asdict(cfg)).to(device)
+        norm = BlockNorm([d for _, d in blocks]) if cfg.normalize_blocks else None
+        Xt = torch.from_numpy(X).to(device)
+        if norm is not None:
+            Xt = norm(Xt)
+        yt = torch.as_tensor(y, dtype=torch.long, device=device)
+        opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma) if cfg.lr_step else None
+        gen = torch.Generator().manual_seed(cfg.seed)
+        n, bs = len(Xt), cfg.batch_size
+        steps = math.ceil(n / bs)
+        bar = _EpochBar(cfg.epochs, cfg.label, progress)
+        head.train()
+        for _epoch in range(cfg.epochs):
+            perm = torch.randperm(n, generator=gen).to(device)
+            total = 0.0
+            for s in range(0, n, bs):
+                idx = perm[s : s + bs]
+                loss = head.loss(head(Xt[idx]), yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach())
+            if sched is not None:
+                sched.step()
+            bar.update(total / steps)
+        bar.close()
+        head.eval()
+    head = head.cpu()
+    model = SentimentModel(head, cfg, classes, blocks, recipes or [], feature_header)
+    model.training = {"rows": int(n), "per_class": {c: int((y == k).sum()) for k, c in enumerate(classes)}}
+    return model
+
+
+class _EpochBar:
+    def __init__(self, epochs: int, label: str, enabled: bool):
+        self._p = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            from .report import stderr_console
+
+            self._p = Progress(
+                TextColumn(f"train {label}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                console=stderr_console, transient=True,
+            )  # fmt: skip
+            self._task = self._p.add_task("epochs", total=epochs, loss=float("nan"))
+            self._p.start()
+
+    def update(self, loss: float) -> None:
+        if self._p is not None:
+            self._p.update(self._task, advance=1, loss=loss)
+
+    def close(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+
+def train(
+    store: str,
+    *,
+    labels: str | None = None,
+    labels_from_folders: bool = False,
+    mapping: str = "auto",
+    head: str = "nn",
+    features: Sequence[str] | None = None,
+    out: str | None = None,
+    id_column: str | None = None,
+    label_column: str | None = None,
+    progress: bool = False,
+    **hyper,
+) -> SentimentModel:
+    """Train a head (``nn``, ``moe``, ``moe1``, ``moe2``) on a feature store and labels.
+
+    ``hyper``: any :class:`TrainConfig` field (``epochs``, ``lr``, ``seed``, ``schedule``...);
+    unset ones take the paper's values. Writes the bundle to ``out`` when given.
+    """
+    data = load_labelled(
+        store, labels=labels, labels_from_folders_=labels_from_folders, mapping=mapping,
+        features=features, id_column=id_column, label_column=label_column,
+    )  # fmt: skip
+    config = TrainConfig.named(head, **hyper)
+    model = fit(data.X, data.y, data.classes, data.blocks, config, recipes=data.recipes,
+                feature_header=data.header, progress=progress)  # fmt: skip
+    train_acc = float((model.predict_proba(data.X).argmax(1) == data.y).mean())
+    model.training = {**data.join.summary(), "train_accuracy": round(train_acc, 6), "store": os.path.abspath(store)}
+    if out is not None:
+        model.save(out)
+    return model

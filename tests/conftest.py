@@ -1,0 +1,85 @@
+"""Shared fixtures: generated images of every mode and format, a broken-file corpus, tiny
+random backbones, and the real weights / data in ../shared (tests skip with a reason when absent)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# No test may reach the network: hubs fail fast instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_WEIGHTS = SHARED / "models" / "mobilenet_v2_imagenet1k.safetensors"
+SHARED_TORCHSCRIPT = SHARED / "models" / "mobilenet_v2_quantized_torchscript.pt"
+TWITTER = SHARED / "data" / "twitter_i"
+DEFAULT_SPEC = "torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1"
+
+needs_shared_weights = pytest.mark.skipif(
+    not SHARED_WEIGHTS.is_file(), reason=f"real MobileNetV2 weights not found at {SHARED_WEIGHTS} (../shared absent)"
+)
+needs_twitter = pytest.mark.skipif(
+    not (TWITTER / "images").is_dir() or not SHARED_WEIGHTS.is_file(),
+    reason=f"Twitter I data or real weights not found under {SHARED} (../shared absent)",
+)
+
+TINY = "timm:test_resnet"  # 96-d, 160x160 input, random weights
+TINY2 = "timm:test_efficientnet"  # 256-d, bicubic: a second preprocessing
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGSENT_HOME", str(tmp_path / "imgsent-home"))
+    monkeypatch.delenv("IMGSENT_WEIGHTS", raising=False)
+
+
+def rgb_array(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth, deterministic picture (gradients + a blob) so that resizing is meaningful."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+    blob = np.exp(-(((yy - cy) / (0.2 * h + 1)) ** 2 + ((xx - cx) / (0.2 * w + 1)) ** 2))
+    r = 255 * xx / max(w - 1, 1)
+    g = 255 * yy / max(h - 1, 1)
+    b = 255 * blob
+    noise = rng.normal(0, 8, size=(h, w, 3))
+    return np.clip(np.stack([r, g, b], -1) + noise, 0, 255).astype(np.uint8)
+
+
+def write_images(root: Path, n: int, size=(120, 90), seed: int = 0, fmt: str = "jpg") -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = root / f"img{i:03d}.{fmt}"
+        Image.fromarray(rgb_array(size[1], size[0], seed + i)).save(p)
+        out.append(p)
+    return out
+
+
+def jpeg_bytes(arr: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """40 small JPEG/PNG images in pos/ and neg/ folders that a head can tell apart, plus 2 broken files."""
+    root = tmp_path_factory.mktemp("tiny")
+    for label, base in (("positive", 0), ("negative", 1)):
+        d = root / label
+        d.mkdir()
+        for i in range(20):
+            arr = rgb_array(64 + 4 * i, 80, seed=100 * base + i)
+            if label == "negative":
+                arr = 255 - arr  # inverted colours: separable by any backbone
+            Image.fromarray(arr).save(d / f"{label[:3]}{i:02d}.{'png' if i % 3 == 0 else 'jpg'}")
+    (root / "broken").mkdir()
+    (root / "broken" / "empty.jpg").write_bytes(b"")
+    (root / "broken" / "text.png").write_text("not an image")
+    return root

@@ -1,0 +1,165 @@
+import json
+import os
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from conftest import TINY, TINY2, write_images
+
+import imgsent.shards
+from imgsent.errors import ImgsentError
+from imgsent.extraction import extract
+from imgsent.features import load
+
+KW = dict(backbones=[TINY], random_weights=True, workers=0, batch_size=4)
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "imgs"
+    write_images(d, 9)
+    (d / "bad.jpg").write_text("not an image")
+    (d / "empty.png").write_bytes(b"")
+    return d
+
+
+def test_store_has_every_input_once_with_status_and_manifest(images, tmp_path):
+    out = tmp_path / "store"
+    s = extract([str(images)], str(out), rows_per_shard=4, **KW)
+    assert (s.total, s.ok, s.errors) == (11, 9, 2)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["rows"] == 11 and len(m["shards"]) == 3
+    bb = m["header"]["backbones"][0]
+    assert (
+        bb["key"] == TINY
+        and bb["dim"] == 96
+        and "sha256" in bb["fingerprint"]
+        and bb["preprocess"]["input_size"] == [160, 160]
+    )
+    df = pl.read_parquet(str(out / "part-*.parquet"))
+    assert df.height == 11 and df["id"].n_unique() == 11
+    assert set(df.columns) >= {"id", "path", "status", "error", "width", "height", TINY}
+    bad = df.filter(pl.col("status") == "error")
+    assert sorted(bad["id"].to_list()) == ["bad.jpg", "empty.png"]
+    assert bad["error"].null_count() == 0 and bad[TINY].null_count() == 2
+    assert df.filter(pl.col("status") == "ok")["width"].to_list() == [120] * 9
+
+
+def test_load_returns_sorted_ids_and_one_matrix(images, tmp_path):
+    out = str(tmp_path / "store")
+    extract([str(images)], out, **{**KW, "backbones": [TINY, TINY2]})
+    fs = load(out)
+    assert fs.X.shape == (9, 96 + 256) and fs.X.dtype == np.float32
+    assert fs.ids == sorted(fs.ids) and np.isfinite(fs.X).all()
+    only2 = load(out, backbones=[TINY2])
+    assert np.array_equal(only2.X, fs.X[:, 96:])
+    everything = load(out, only_ok=False)
+    assert len(everything) == 11 and np.isnan(everything.X[~everything.ok]).all()
+    with pytest.raises(ImgsentError, match="no backbone"):
+        load(out, backbones=["timm:nope"])
+
+
+def test_float16_store(images, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extract([str(images)], a, **KW)
+    extract([str(images)], b, dtype="float16", **KW)
+    assert pq.read_schema(os.path.join(b, "part-00000.parquet")).field(TINY).type.value_type.bit_width == 16
+    np.testing.assert_allclose(load(a).X, load(b).X, rtol=2e-3, atol=1e-3)
+
+
+def test_workers_do_not_change_results(images, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extract([str(images)], a, **KW)
+    extract([str(images)], b, **{**KW, "workers": 2})
+    np.testing.assert_array_equal(load(a).X, load(b).X)
+
+
+def test_other_backbones_refused_unless_overwrite(images, tmp_path):
+    out = str(tmp_path / "store")
+    extract([str(images)], out, **KW)
+    with pytest.raises(ImgsentError, match="backbones"):
+        extract([str(images)], out, **{**KW, "backbones": [TINY2]})
+    extract([str(images)], out, overwrite=True, **{**KW, "backbones": [TINY2]})
+    assert load(out).blocks == [(TINY2, 256)]
+
+
+def test_resume_after_interruption_equals_uninterrupted(images, tmp_path, monkeypatch):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    extract([str(images)], full, rows_per_shard=3, **KW)
+    real_write = imgsent.shards.ShardedWriter.write
+    calls = {"n": 0}
+
+    def dying_write(self, chunk, table, **extra):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        calls["n"] += 1
+        return real_write(self, chunk, table, **extra)
+
+    monkeypatch.setattr(imgsent.shards.ShardedWriter, "write", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        extract([str(images)], part, rows_per_shard=3, **KW)
+    m = json.loads(open(os.path.join(part, "manifest.json")).read())
+    assert not m["complete"] and len(m["shards"]) == 2
+    monkeypatch.setattr(imgsent.shards.ShardedWriter, "write", real_write)
+    s = extract([str(images)], part, rows_per_shard=3, **KW)
+    assert s.resumed == 6 and s.errors == 2
+    a, b = load(full, only_ok=False), load(part, only_ok=False)
+    assert a.ids == b.ids and a.status == b.status
+    np.testing.assert_array_equal(a.X, b.X)
+    assert sorted(os.listdir(part)) == sorted(os.listdir(full))
+
+
+def test_job_array_shards_read_together(images, tmp_path):
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    extract([str(images)], full, **KW)
+    for i in range(3):
+        extract([str(images)], split, shard=f"{i}/3", **KW)
+    assert len([f for f in os.listdir(split) if f.startswith("manifest")]) == 3
+    a, b = load(full, only_ok=False), load(split, only_ok=False)
+    assert a.ids == b.ids
+    # Other batch compositions: equal up to kernel rounding.
+    np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-6)
+
+
+def test_second_writer_is_refused_and_dead_lock_taken_over(images, tmp_path):
+    out = tmp_path / "store"
+    out.mkdir()
+    lock = out / ".manifest.json.lock"
+    import socket
+
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # alive: us
+    with pytest.raises(ImgsentError, match="another imgsent process"):
+        extract([str(images)], str(out), **KW)
+    lock.write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))  # dead pid
+    assert extract([str(images)], str(out), **KW).total == 11
+    assert not lock.exists()
+
+
+def test_malformed_manifest_is_refused_clearly(images, tmp_path):
+    out = tmp_path / "store"
+    extract([str(images)], str(out), **KW)
+    m = json.loads((out / "manifest.json").read_text())
+    for broken in ["{not json", json.dumps({**m, "shards": [{"file": "../../etc/passwd", "rows": 1, "index": 0}]}),
+                   json.dumps({**m, "header": 5}), json.dumps({**m, "format_version": 99})]:  # fmt: skip
+        (out / "manifest.json").write_text(broken)
+        with pytest.raises(ImgsentError):
+            load(str(out))
+
+
+def test_tta_flip_changes_features_and_is_recorded(images, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    extract([str(images)], a, **KW)
+    extract([str(images)], b, tta="flip", **KW)
+    assert load(b).header["tta"] == "flip"
+    assert not np.allclose(load(a).X, load(b).X)
+
+
+def test_read_only_output_gives_clear_error(images, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root can write to read-only directories")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(ImgsentError, match="cannot write"):
+        extract([str(images)], str(ro / "store"), **KW)
