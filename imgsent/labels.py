@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ImgsentError
+from .inputs import is_image_name
 
 POSITIVE_EMOTIONS = ("joy", "surprise", "amusement", "awe", "contentment", "excitement")
 NEGATIVE_EMOTIONS = ("anger", "disgust", "fear", "sadness")
@@ -58,8 +59,12 @@ def read_labels(path: str, *, id_column: str | None = None, label_column: str | 
         delim = "\t" if ("\t" in first or path.lower().endswith(".tsv")) else ","
         reader = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=delim))
         header = [c.strip().lower() for c in reader[0]]
+        # A header names columns; a data row starts with an image file name.
         has_header = (
-            id_column is not None or label_column is not None or any(h in ID_COLUMNS + LABEL_COLUMNS for h in header)
+            id_column is not None
+            or label_column is not None
+            or any(h in ID_COLUMNS + LABEL_COLUMNS for h in header)
+            or not is_image_name(header[0])
         )
         if has_header:
             id_idx = _column_index(header, id_column, ID_COLUMNS, path, "id")

@@ -8,6 +8,7 @@ manifest (``--out DIR/``), written by the same sharded writer as feature stores.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sys
@@ -80,7 +81,9 @@ def model_backbones(model: SentimentModel, weights: Sequence[str] = ()) -> list[
         spec = BackboneSpec.parse(recipe.get("spec", key))
         path = given.get(key) or (spec.weights if spec.weights and os.path.isfile(spec.weights) else None)
         spec_str = key + (f"@{path}" if path else "")
-        bb = create_backbone(spec_str)
+        # A model trained on random (seeded, test-only) backbone weights gets them again.
+        random_weights = bool(recipe.get("fingerprint", {}).get("random")) and not path
+        bb = create_backbone(spec_str, random_weights=random_weights)
         if not fingerprints_match(recipe.get("fingerprint", {}), bb.fingerprint):
             raise ImgsentError(
                 f"weights for {key}{' (' + path + ')' if path else ''} are not the ones this model was trained on "
@@ -126,7 +129,7 @@ class ScoreTableBuilder:
             pred = np.nan_to_num(proba, nan=-1).argmax(1)
         score = proba[:, self.pos] if self.pos is not None else proba[np.arange(n), pred]
         labels = np.asarray(classes, dtype=object)[pred]
-        mask = pa.array(~ok)
+        mask = ~ok
         arrays = base_arrays(ids, paths, status, error, [None] * n, [None] * n)[:4]
         names = ["id", "path", "status", "error", "label", "score"]
         arrays += [
@@ -183,6 +186,14 @@ class FileSink:
             self._fh = os.fdopen(fd, "wb")
 
     def write(self, table: pa.Table) -> None:
+        try:
+            self._write(table)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE or "Broken pipe" in str(exc):
+                raise BrokenPipeError(errno.EPIPE, "output closed") from None  # `| head`: end quietly
+            raise ImgsentError(f"cannot write {self.out}: {exc}") from None
+
+    def _write(self, table: pa.Table) -> None:
         if self.fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -205,7 +216,10 @@ class FileSink:
         if self._pq is not None:
             self._pq.close()
         if self._tmp is None:
-            self._fh.flush()
+            try:
+                self._fh.flush()
+            except OSError:
+                pass  # a closed pipe: nothing left to say
             return
         self._fh.close()
         if ok:

@@ -1,0 +1,55 @@
+import pytest
+
+from imgsent.errors import ImgsentError
+from imgsent.labels import join_labels, labels_from_folders, map_labels, read_labels
+
+
+def test_plain_list_csv_tsv_and_headers(tmp_path):
+    (tmp_path / "a.txt").write_text("x.jpg 1\ny.jpg 0\n")
+    assert read_labels(str(tmp_path / "a.txt")) == {"x.jpg": "1", "y.jpg": "0"}
+    (tmp_path / "b.csv").write_text("path,sentiment,other\nx.jpg,positive,3\n")
+    assert read_labels(str(tmp_path / "b.csv")) == {"x.jpg": "positive"}
+    (tmp_path / "c.tsv").write_text("x.jpg\tjoy\ny.jpg\tfear\n")
+    assert read_labels(str(tmp_path / "c.tsv")) == {"x.jpg": "joy", "y.jpg": "fear"}
+    (tmp_path / "d.csv").write_text("img,cls\nx.jpg,a\n")
+    assert read_labels(str(tmp_path / "d.csv"), id_column="img", label_column="cls") == {"x.jpg": "a"}
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [("", "no labels"), ("justonefield\n", "expected '<file> <label>'"), ("a.jpg 1\na.jpg 0\n", "both"),
+     ("img,cls\nx.jpg,a\n", "cannot tell which column")],
+)  # fmt: skip
+def test_bad_label_files_give_clear_errors(tmp_path, content, match):
+    p = tmp_path / ("l.csv" if "," in content else "l.txt")
+    p.write_text(content)
+    with pytest.raises(ImgsentError, match=match):
+        read_labels(str(p))
+    with pytest.raises(ImgsentError, match="cannot read"):
+        read_labels(str(tmp_path / "missing.txt"))
+
+
+def test_polarity_mapping():
+    assert map_labels({"a": "1", "b": "0"}) == {"a": "positive", "b": "negative"}
+    assert map_labels({"a": "Joy", "b": "sadness"}) == {"a": "Joy", "b": "sadness"}  # auto keeps emotions
+    assert map_labels({"a": "Joy", "b": "sadness", "c": "awe"}, "polarity") == {
+        "a": "positive",
+        "b": "negative",
+        "c": "positive",
+    }
+    with pytest.raises(ImgsentError, match="no polarity"):
+        map_labels({"a": "meh"}, "polarity")
+
+
+def test_join_counts_everything():
+    ids = ["pos/a.jpg", "neg/b.jpg", "pos/c.jpg", "d.jpg"]
+    paths = ["/x/" + i for i in ids]
+    status = ["ok", "ok", "error", "ok"]
+    labels = {"pos/a.jpg": "positive", "/x/neg/b.jpg": "negative", "c.jpg": "positive", "zzz.jpg": "negative"}
+    j = join_labels(ids, paths, status, labels)
+    assert j.rows.tolist() == [0, 1] and j.classes == ["negative", "positive"] and j.y.tolist() == [1, 0]
+    s = j.summary()
+    assert (s["images_without_label"], s["labels_without_image"], s["labelled_error_rows"]) == (1, 1, 1)
+    assert labels_from_folders(ids[:2]) == {"pos/a.jpg": "pos", "neg/b.jpg": "neg"}
+    with pytest.raises(ImgsentError, match="single class"):
+        join_labels(ids[:1], paths[:1], status[:1], {"pos/a.jpg": "positive"})
