@@ -122,12 +122,15 @@ class Backbone:
     dim: int = 0
     fingerprint: dict = field(default_factory=dict)
     cpu_only: bool = False
+    batchable: bool = True  # False for modules traced with a fixed batch of 1
 
     @property
     def key(self) -> str:
         return self.spec.key
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.batchable and len(x) > 1:
+            return torch.cat([self(x[i : i + 1]) for i in range(len(x))])
         out = self.module(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
@@ -395,6 +398,8 @@ def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0) -
     with torch.inference_mode():
         probe = backbone(probe_image(pp)).float()[0]
     backbone.dim = int(probe.numel())
+    if parsed.source == "torchscript":
+        backbone.batchable = _accepts_batches(backbone, pp)
     backbone.fingerprint = {
         "sha256": state_dict_sha256(module),
         "probe": [round(float(v), 6) for v in probe[:PROBE_VALUES]],
@@ -402,6 +407,16 @@ def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0) -
         "random": bool(random_weights),
     }
     return backbone
+
+
+def _accepts_batches(backbone: Backbone, pp: Preprocess) -> bool:
+    """Some traced modules hard-code a batch of 1 (e.g. a reshape to (1, -1)): detect it once."""
+    try:
+        with torch.inference_mode():
+            out = backbone(probe_image(pp).repeat(2, 1, 1, 1))
+        return out.shape == (2, backbone.dim)
+    except RuntimeError:
+        return False
 
 
 def fingerprints_match(expected: dict, actual: dict, rtol: float = 2e-3) -> bool:

@@ -57,6 +57,13 @@ def ids_digest(ids: list[str]) -> str:
     return h.hexdigest()
 
 
+def umask_mode() -> int:
+    """The permission bits a plain ``open()`` would give a new file (mkstemp's are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_json_atomic(path: str, obj: dict) -> None:
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
@@ -65,6 +72,7 @@ def write_json_atomic(path: str, obj: dict) -> None:
             json.dump(obj, fh, indent=1, sort_keys=False)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -80,6 +88,7 @@ def write_parquet_atomic(table: pa.Table, path: str) -> None:
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
