@@ -94,7 +94,7 @@ Lr = Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-4
 HeadBatch = Annotated[int | None, typer.Option("--batch-size", help="Minibatch size (default: nn 8, moe 256).")]
 WeightDecay = Annotated[float | None, typer.Option(help="Adam weight decay (default: nn 0, moe 1e-3).")]
 Dropout = Annotated[float | None, typer.Option(help="Dropout (default: nn 0.4, moe 0.5).")]
-Hidden = Annotated[int, typer.Option(help="Hidden units of the first layer.")]
+HiddenUnits = Annotated[int, typer.Option("--hidden", help="Hidden units of the first layer.")]
 Experts = Annotated[int, typer.Option(help="MoE experts per class (plus the dummy expert).")]
 NormBlocks = Annotated[
     bool | None,
@@ -127,7 +127,7 @@ def train(
     batch_size: HeadBatch = None,
     weight_decay: WeightDecay = None,
     dropout: Dropout = None,
-    hidden: Hidden = 200,
+    hidden: HiddenUnits = 200,
     experts: Experts = 2,
     normalize_blocks: NormBlocks = None,
     seed: Seed = 0,
@@ -180,7 +180,7 @@ def evaluate(
     batch_size: HeadBatch = None,
     weight_decay: WeightDecay = None,
     dropout: Dropout = None,
-    hidden: Hidden = 200,
+    hidden: HiddenUnits = 200,
     experts: Experts = 2,
     normalize_blocks: NormBlocks = None,
     seed: Seed = 0,

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-stderr_console = Console(file=sys.stderr, stderr=True, width=None if sys.stderr.isatty() else 160)
+stderr_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # resolves sys.stderr when writing
 
 
 @dataclass
