@@ -24,6 +24,8 @@ from .errors import ImgsentError
 from .inputs import ImageRef
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZE = ("auto", "jit", "none")
+PREFETCH = 4  # batches each decoding process works ahead
 
 
 @dataclass
@@ -115,6 +117,44 @@ def _group_batches(n: int, groups: Sequence[int] | None, batch_size: int) -> lis
     return batches
 
 
+def _isolated_decode(dataset: _ImageDataset, indices: list[int]) -> list[_Decoded]:
+    """Decode ``indices`` one by one in a forked process; an image during which that process dies
+    is reported as an error and the process restarted for the rest."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    results: list[_Decoded] = []
+    todo = list(indices)
+    while todo:
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_decode_serially, args=(dataset, todo, send), daemon=True)
+        proc.start()
+        send.close()
+        got = 0
+        try:
+            while got < len(todo):
+                results.append(recv.recv())
+                got += 1
+        except EOFError:
+            proc.join()
+            ref = dataset.refs[todo[got]]
+            reason = f"the decoding process died on this image twice (exit code {proc.exitcode})"
+            results.append(_Decoded(ref, "error", reason, None, None, None))
+            got += 1
+        finally:
+            recv.close()
+            proc.join(timeout=5)
+        todo = todo[got:]
+    return results
+
+
+def _decode_serially(dataset: _ImageDataset, indices: list[int], conn) -> None:
+    torch.set_num_threads(1)
+    for i in indices:
+        conn.send(dataset[i])
+    conn.close()
+
+
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
@@ -152,8 +192,12 @@ class FeatureEngine:
     """Runs backbones over images. Build once, then :meth:`run` any number of reference lists.
 
     ``device``: ``auto``/``cpu``/``cuda``...; ``precision``: ``auto`` (AMP on CUDA, fp32 elsewhere),
-    ``fp32``, ``bf16``, ``fp16``; ``channels_last``: None = on for CUDA; ``tta``: ``none``, ``flip``
+    ``fp32``, ``bf16``, ``fp16``; ``channels_last``: None = on; ``tta``: ``none``, ``flip``
     (mean of the image and its mirror), ``crops`` (mean of centre + 4 corner crops), ``flip+crops``.
+    ``optimize``: ``auto`` (CPU: trace + freeze each module, checked against eager on a probe;
+    GPU: eager, AMP), ``jit``, ``none``; ``compile`` uses ``torch.compile`` instead.
+    ``model_batch``: images per forward pass (default: 8 on CPU, where small batches keep the
+    activations in cache and run 3-4x faster than 64; the whole batch on GPU).
     """
 
     def __init__(
@@ -168,6 +212,8 @@ class FeatureEngine:
         compile: bool = False,
         tta: str = "none",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        optimize: str = "auto",
+        model_batch: int | None = None,
     ):
         if not backbones:
             raise ImgsentError("no backbone given")
@@ -183,7 +229,10 @@ class FeatureEngine:
         self.workers = default_workers() if workers is None else workers
         if self.workers < 0:
             raise ImgsentError(f"--workers must be >= 0, got {workers}")
-        self.channels_last = (self.device.type == "cuda") if channels_last is None else channels_last
+        self.channels_last = True if channels_last is None else channels_last
+        if optimize not in OPTIMIZE:
+            raise ImgsentError(f"--optimize must be one of {', '.join(OPTIMIZE)}, got {optimize!r}")
+        self.model_batch = model_batch or (batch_size if self.device.type == "cuda" else 8)
         self.tta = tta
         self.max_pixels = max_pixels
         self.backbones = list(backbones)
@@ -195,8 +244,11 @@ class FeatureEngine:
             module = bb.module.to(dev)
             if self.channels_last and not isinstance(module, torch.jit.ScriptModule):
                 module = module.to(memory_format=torch.channels_last)
-            if compile and not isinstance(module, torch.jit.ScriptModule):
+            scripted = isinstance(module, torch.jit.ScriptModule)
+            if compile and not scripted:
                 module = torch.compile(module)
+            elif not scripted and (optimize == "jit" or (optimize == "auto" and dev.type == "cpu")):
+                module = _freeze(bb, module, dev, self.channels_last)
             bb.module = module
             self._devices.append(dev)
             mean = torch.tensor(bb.preprocess.mean, device=dev).view(1, 3, 1, 1) * 255.0
@@ -207,14 +259,16 @@ class FeatureEngine:
     def keys(self) -> list[str]:
         return [bb.key for bb in self.backbones]
 
-    def _loader(self, refs: Sequence[ImageRef], groups: Sequence[int] | None) -> DataLoader:
-        dataset = _ImageDataset(refs, [bb.preprocess for bb in self.backbones], self.tta, self.max_pixels)
+    def _dataset(self, refs: Sequence[ImageRef]) -> _ImageDataset:
+        return _ImageDataset(refs, [bb.preprocess for bb in self.backbones], self.tta, self.max_pixels)
+
+    def _loader(self, dataset: _ImageDataset, batches: list[list[int]]) -> DataLoader:
         kwargs = {}
         if self.workers > 0:
-            kwargs = {"worker_init_fn": _worker_init, "prefetch_factor": 4, "persistent_workers": False}
+            kwargs = {"worker_init_fn": _worker_init, "prefetch_factor": PREFETCH, "persistent_workers": False}
         return DataLoader(
             dataset,
-            batch_sampler=_group_batches(len(refs), groups, self.batch_size),
+            batch_sampler=batches,
             num_workers=self.workers,
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
@@ -236,12 +290,17 @@ class FeatureEngine:
             else contextlib.nullcontext()
         )
         with amp:
-            out = bb(x).float()
+            out = self._forward(bb, x)
             if "flip" in self.tta:
-                out = out + bb(torch.flip(x, dims=[3])).float()
-                out = out / 2
+                out = (out + self._forward(bb, torch.flip(x, dims=[3]))) / 2
         out = out.view(n, crops, -1).mean(dim=1)
         return out
+
+    def _forward(self, bb: Backbone, x: torch.Tensor) -> torch.Tensor:
+        step = self.model_batch
+        if len(x) <= step:
+            return bb(x).float()
+        return torch.cat([bb(x[s : s + step]).float() for s in range(0, len(x), step)])
 
     def run(self, refs: Sequence[ImageRef], groups: Sequence[int] | None = None) -> Iterator[FeatureBatch]:
         """Yield one :class:`FeatureBatch` per batch of ``refs``, in order.
@@ -249,29 +308,78 @@ class FeatureEngine:
         ``groups``: sizes of consecutive runs of ``refs`` (output shards) that no batch may straddle.
         Batches then depend only on the group, so a resumed run computes exactly the same numbers
         (batch composition can change float rounding in some kernels).
+        A decoding process that dies (a decoder segfault, an OOM kill) does not end the run: the
+        batches it may have held are decoded again one image at a time in a separate process, and
+        an image that kills that process too becomes an error row.
         """
         if not refs:
             return
+        batches = _group_batches(len(refs), groups, self.batch_size)
+        dataset = self._dataset(refs)
+        done = 0
         with torch.inference_mode():
-            for batch in self._loader(refs, groups):
-                items = batch.items
-                ok_pos = [i for i, it in enumerate(items) if it.status == "ok"]
-                feats: dict[str, np.ndarray] = {}
-                for idx, bb in enumerate(self.backbones):
-                    full = np.full((len(items), bb.dim), np.nan, dtype=np.float32)
-                    if ok_pos:
-                        out = self._embed(idx, batch.views[bb.preprocess.view_key])
-                        full[ok_pos] = out.cpu().numpy()
-                    feats[bb.key] = full
-                yield FeatureBatch(
-                    ids=[it.ref.id for it in items],
-                    paths=[it.ref.path for it in items],
-                    status=[it.status for it in items],
-                    error=[it.error for it in items],
-                    width=[it.width for it in items],
-                    height=[it.height for it in items],
-                    features=feats,
-                )
+            while done < len(batches):
+                try:
+                    for batch in self._loader(dataset, batches[done:]):
+                        yield self._features(batch)
+                        done += 1
+                except RuntimeError as exc:
+                    if self.workers == 0 or "DataLoader worker" not in str(exc):
+                        raise
+                    in_flight = batches[done : done + self.workers * PREFETCH + 1]
+                    for indices in in_flight:
+                        yield self._features(_collate(_isolated_decode(dataset, indices)))
+                        done += 1
+
+    def _features(self, batch: _CollatedBatch) -> FeatureBatch:
+        items = batch.items
+        ok_pos = [i for i, it in enumerate(items) if it.status == "ok"]
+        feats: dict[str, np.ndarray] = {}
+        for idx, bb in enumerate(self.backbones):
+            full = np.full((len(items), bb.dim), np.nan, dtype=np.float32)
+            if ok_pos:
+                out = self._embed(idx, batch.views[bb.preprocess.view_key])
+                full[ok_pos] = out.cpu().numpy()
+            feats[bb.key] = full
+        return FeatureBatch(
+            ids=[it.ref.id for it in items],
+            paths=[it.ref.path for it in items],
+            status=[it.status for it in items],
+            error=[it.error for it in items],
+            width=[it.width for it in items],
+            height=[it.height for it in items],
+            features=feats,
+        )
+
+
+def _freeze(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_last: bool) -> torch.nn.Module:
+    """Trace and freeze ``module`` (folds batch-norm, fuses ops); keep eager if tracing fails or
+    the frozen module disagrees with eager on the probe image."""
+    import warnings
+
+    from .backbones import probe_image
+
+    x = probe_image(bb.preprocess).repeat(2, 1, 1, 1).to(dev)
+    x[1] = torch.flip(x[1], dims=[2])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eager = module(x)
+            frozen = torch.jit.freeze(torch.jit.trace(module, x, check_trace=False))
+            eager = eager[0] if isinstance(eager, (tuple, list)) else eager
+            got = frozen(x)
+            got = got[0] if isinstance(got, (tuple, list)) else got
+            got3 = frozen(torch.cat([x, x[:1]]))  # another batch size must work too
+            got3 = got3[0] if isinstance(got3, (tuple, list)) else got3
+    except Exception:
+        return module
+    scale = float(eager.abs().max()) or 1.0
+    close = got.shape == eager.shape and float((got - eager).abs().max()) <= 1e-4 * scale
+    if not close or got3.shape[0] != 3 or float((got3[:2] - got).abs().max()) > 1e-4 * scale:
+        return module
+    return frozen
 
 
 def default_workers() -> int:

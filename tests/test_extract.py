@@ -163,3 +163,26 @@ def test_read_only_output_gives_clear_error(images, tmp_path):
     ro.chmod(0o500)
     with pytest.raises(ImgsentError, match="cannot write"):
         extract([str(images)], str(ro / "store"), **KW)
+
+
+def test_a_dying_decoder_process_is_survived(images, tmp_path, monkeypatch):
+    """A decoder that segfaults on one file: that image becomes an error row, the rest are ok."""
+    import signal
+
+    import imgsent.engine
+
+    real = imgsent.engine.decode_image
+
+    def crashing(path, **kw):
+        if path.endswith("img004.jpg"):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real(path, **kw)
+
+    monkeypatch.setattr(imgsent.engine, "decode_image", crashing)
+    out = str(tmp_path / "store")
+    s = extract([str(images)], out, **{**KW, "workers": 1})
+    assert (s.total, s.errors) == (11, 3)
+    fs = load(out, only_ok=False)
+    reasons = dict(zip(fs.ids, fs.error))
+    assert "died" in reasons["img004.jpg"]
+    assert sum(st == "ok" for st in fs.status) == 8

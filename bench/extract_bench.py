@@ -1,0 +1,133 @@
+"""Extraction speed on this machine: naive loop vs imgsent, against the machine's bound.
+
+    python bench/extract_bench.py [--images 400] [--batch-size 64] [--workers N]
+
+Times, on the same Twitter I images in one run:
+  (a) a naive loop: PIL open, torchvision transforms, model, one image and one backbone at a time
+      (with two backbones it decodes every image twice);
+  (b) imgsent's engine (imgsent.extract), one and two backbones;
+  (c) the model alone on ready tensors (batched, all cores);
+  (d) decoding alone (imgsent's decoder in worker processes on all cores, no model).
+On a CPU-only machine decode and model share the cores, so the bound is 1 / (decode + model time)
+per image, each measured alone on all cores. Backbones: the real MobileNetV2 from ../shared, and a
+second one (``--second``, default torchvision EfficientNet-B0, the paper's EfficientNet family at a
+CPU-friendly size; random weights cost the same as real ones). Model set-up is timed on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from _common import MOBILENET, Timer, require_shared, twitter_images
+from PIL import Image
+
+import imgsent
+from imgsent.backbones import create_backbone
+from imgsent.engine import FeatureEngine, default_workers
+from imgsent.inputs import find_images
+
+SECOND = "torchvision:efficientnet_b0"  # --second: any spec; random weights (same cost as real ones)
+
+
+def naive(paths, specs) -> float:
+    """One image, one backbone at a time; the way a first script would do it."""
+    from torchvision.models import get_model_weights
+
+    with Timer() as t, torch.inference_mode():
+        models = [create_backbone(s, random_weights=(s == SECOND)) for s in specs]
+        tfs = [get_model_weights("mobilenet_v2").IMAGENET1K_V1.transforms() for _ in specs]
+        for m, tf in zip(models, tfs):
+            for p in paths:
+                with Image.open(p) as im:
+                    x = tf(im.convert("RGB"))[None]
+                m(x)
+    return t.seconds
+
+
+def model_alone(paths, specs, batch_size) -> float:
+    """imgsent's model step (normalise + optimised forward) on ready uint8 tensors, all cores."""
+    models = [create_backbone(s, random_weights=(s == SECOND)) for s in specs]
+    engine = FeatureEngine(models, device="cpu", batch_size=batch_size, workers=0)
+    n = len(paths)
+    x = torch.randint(0, 256, (batch_size, 1, 3, 224, 224), dtype=torch.uint8)
+    with Timer() as t, torch.inference_mode():
+        for i in range(len(models)):
+            for s in range(0, n, batch_size):
+                engine._embed(i, x[: min(batch_size, n - s)])
+    return t.seconds
+
+
+def decode_alone(refs, specs, batch_size, workers) -> float:
+    """The engine's loader with no model: decode + resize/crop on every core."""
+    models = [create_backbone(s, random_weights=(s == SECOND)) for s in specs]
+    engine = FeatureEngine(models, device="cpu", batch_size=batch_size, workers=max(workers, 2))
+    with Timer() as t:
+        batches = [list(range(s, min(s + batch_size, len(refs)))) for s in range(0, len(refs), batch_size)]
+        for _ in engine._loader(engine._dataset(refs), batches):
+            pass
+    return t.seconds
+
+
+def main() -> None:
+    global SECOND
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in the main process")
+    ap.add_argument("--second", default=SECOND, help="the second backbone of the two-backbone runs")
+    args = ap.parse_args()
+    SECOND = args.second
+    require_shared()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="imgsent-bench-"))
+    try:
+        paths = twitter_images(args.images, tmp / "images")
+        refs = find_images([str(tmp / "images")])
+        workers = default_workers() if args.workers is None else args.workers
+        print(f"{args.images} Twitter I images, {torch.get_num_threads()} torch threads, {workers} decode workers")
+        rows = []
+        for specs in ([MOBILENET], [MOBILENET, SECOND]):
+            n = len(specs)
+            t_naive = naive(paths, specs)
+            with Timer() as t:
+                imgsent.extract([str(tmp / "images")], str(tmp / f"store{n}"), backbones=specs, random_weights=False
+                                if n == 1 else False, batch_size=args.batch_size, workers=workers, overwrite=True) \
+                    if n == 1 else _extract_mixed(tmp, specs, args.batch_size, workers)  # fmt: skip
+            t_model = model_alone(paths, specs, args.batch_size)
+            t_decode = decode_alone(refs, specs, args.batch_size, workers)
+            bound = args.images / (t_model + t_decode)
+            rate = args.images / t.seconds
+            rows.append((n, args.images / t_naive, rate, args.images / t_model, args.images / t_decode, bound))
+            print(f"\n{n} backbone(s): {', '.join(specs)}")
+            print(f"  (a) naive loop        {args.images / t_naive:8.1f} images/s")
+            print(f"  (b) imgsent extract   {rate:8.1f} images/s   = {rate * t_naive / args.images:.2f}x naive")
+            print(f"  (c) model alone       {args.images / t_model:8.1f} images/s")
+            print(f"  (d) decode alone      {args.images / t_decode:8.1f} images/s")
+            print(f"  bound 1/(c+d)         {bound:8.1f} images/s   imgsent reaches {rate / bound:.2f} of it")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract_mixed(tmp, specs, batch_size, workers):
+    """Two backbones; the second (ResNet-18) has random weights, the first real ones."""
+    from imgsent.extraction import run_sharded
+    from imgsent.features import KIND, feature_table, store_header
+    from imgsent.shards import ShardedWriter
+
+    models = [create_backbone(s, random_weights=(s == SECOND)) for s in specs]
+    engine = FeatureEngine(models, device="cpu", batch_size=batch_size, workers=workers)
+    refs = find_images([str(tmp / "images")])
+    out = str(tmp / "store2")
+    writer = ShardedWriter(out, kind=KIND, header=store_header([m.recipe() for m in models], "float32", "none"),
+                           overwrite=True)  # fmt: skip
+    return run_sharded(engine, refs, [(writer, feature_table)], progress=False, description="x", output_name=out)
+
+
+if __name__ == "__main__":
+    main()

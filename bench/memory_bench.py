@@ -1,0 +1,69 @@
+"""Peak memory of ``imgsent extract`` as the number of images grows (should stay flat).
+
+    python bench/memory_bench.py [--sizes 1000,8000]
+
+Runs ``imgsent extract`` in a subprocess on n Twitter I images (cycled under new names) with the
+default backbone, sampling the resident memory of the whole process tree (main + decode workers)
+every 0.1 s, and prints the peak per size and the ratio of the largest to the smallest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import MOBILENET, require_shared, tree_rss_mb, twitter_images
+
+
+def peak_rss(n: int, tmp: Path) -> tuple[float, float]:
+    images = tmp / f"images{n}"
+    twitter_images(n, images)
+    cmd = [
+        sys.executable,
+        "-m",
+        "imgsent",
+        "extract",
+        str(images),
+        "--out",
+        str(tmp / f"store{n}"),
+        "-B",
+        MOBILENET,
+        "-q",
+    ]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss_mb(proc.pid))
+        time.sleep(0.1)
+    if proc.returncode != 0:
+        sys.exit(f"extract failed with {proc.returncode}")
+    return peak, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1000,8000")
+    args = ap.parse_args()
+    require_shared()
+    tmp = Path(tempfile.mkdtemp(prefix="imgsent-mem-bench-"))
+    try:
+        peaks = {}
+        for n in [int(x) for x in args.sizes.split(",")]:
+            peak, secs = peak_rss(n, tmp)
+            peaks[n] = peak
+            print(f"{n:6d} images: peak RSS (main + workers) {peak:7.0f} MB, {secs:.0f} s, {n / secs:.1f} images/s")
+        lo, hi = min(peaks), max(peaks)
+        print(f"peak at {hi} / peak at {lo}: {peaks[hi] / peaks[lo]:.3f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Scoring speed: an existing feature store (rows/s, Parquet in and out), and images end to end.
+
+    python bench/score_bench.py [--rows 100000] [--images 500]
+
+(1) Builds a synthetic store of ``--rows`` rows of 1280-d features shaped like the default model's
+    (same recipe, random values), then times ``imgsent.score(features=STORE, out=x.parquet)``: read,
+    recipe check, head, write. (2) With ../shared present, scores ``--images`` Twitter I images end to
+    end with the default model (weights from ../shared via IMGSENT_WEIGHTS) and compares with the
+    naive loop of extract_bench (PIL, torchvision transforms, model, one image at a time, then head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from _common import WEIGHTS, Timer, twitter_images
+
+import imgsent
+from imgsent.features import feature_table
+from imgsent.scoring import default_model_path
+from imgsent.shards import ShardedWriter
+
+
+def synthetic_store(path: str, rows: int, seed: int = 0) -> None:
+    from imgsent.engine import FeatureBatch
+
+    meta = json.loads((Path(default_model_path()) / "model.json").read_text())
+    recipe = meta["features"]["backbones"][0]
+    header = {"backbones": [recipe], "dtype": "float32", "tta": "none"}
+    rng = np.random.default_rng(seed)
+    per = 10_000
+    with ShardedWriter(path, kind="features", header=header, rows_per_shard=per) as w:
+        pending, _ = w.plan([f"img{i:08d}.jpg" for i in range(rows)])
+        for c in pending:
+            n = c.stop - c.start
+            feats = np.abs(rng.normal(0, 1, size=(n, recipe["dim"]))).astype(np.float32)
+            ids = [f"img{i:08d}.jpg" for i in range(c.start, c.stop)]
+            status = ["ok"] * n
+            batch = FeatureBatch(ids, [f"/data/{i}" for i in ids], status, [None] * n, [640] * n, [480] * n,
+                                 {recipe["key"]: feats})  # fmt: skip
+            w.write(c, feature_table(batch))
+        w.finish()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--images", type=int, default=500)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="imgsent-score-bench-"))
+    try:
+        store = str(tmp / "store")
+        with Timer() as t:
+            synthetic_store(store, args.rows)
+        print(f"synthetic store: {args.rows} rows x 1280 float32 written in {t.seconds:.1f} s")
+        for _ in range(2):
+            with Timer() as t:
+                s = imgsent.score(features=store, out=str(tmp / "scores.parquet"))
+            print(f"score a store: {args.rows / t.seconds:,.0f} rows/s ({t.seconds:.2f} s; labels {s.labels})")
+        if WEIGHTS.is_file():
+            os.environ["IMGSENT_WEIGHTS"] = str(WEIGHTS)
+            images = tmp / "images"
+            twitter_images(args.images, images)
+            with Timer() as t:
+                imgsent.score([str(images)], str(tmp / "img_scores.parquet"))
+            rate = args.images / t.seconds
+            with Timer() as tn:
+                _naive_score(sorted(images.iterdir()))
+            naive = args.images / tn.seconds
+            print(
+                f"score images end to end: {rate:.1f} images/s; naive loop {naive:.1f} images/s ({rate / naive:.2f}x)"
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _naive_score(paths) -> None:
+    import torch
+    from PIL import Image
+    from torchvision.models.quantization import MobileNet_V2_QuantizedWeights
+
+    from imgsent.backbones import create_backbone
+
+    with torch.inference_mode():
+        model = imgsent.load_model(default_model_path())
+        bb = create_backbone(f"torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1@{WEIGHTS}")
+        tf = MobileNet_V2_QuantizedWeights.IMAGENET1K_QNNPACK_V1.transforms()
+        for p in paths:
+            with Image.open(p) as im:
+                feats = bb(tf(im.convert("RGB"))[None]).numpy()
+            model.predict_proba(feats)
+
+
+if __name__ == "__main__":
+    main()
