@@ -31,6 +31,14 @@ def load_backbones(specs: Sequence[str], *, random_weights: bool = False) -> lis
     return [create_backbone(s, random_weights=random_weights) for s in expand_presets(list(specs))]
 
 
+def resolve_inputs(
+    inputs: Sequence[str], *, null: bool, include_hidden: bool, stdin, shard: str | tuple[int, int] | None
+) -> tuple[list[ImageRef], tuple[int, int] | None]:
+    """The job's image references (this ``--shard`` of them) and the parsed shard."""
+    shard_t = parse_shard(shard) if isinstance(shard, str) or shard is None else shard
+    return select_shard(find_images(inputs, null=null, include_hidden=include_hidden, stdin=stdin), shard_t), shard_t
+
+
 def chunked(batches: Iterator[FeatureBatch], chunks: Sequence[Chunk]) -> Iterator[tuple[Chunk, FeatureBatch]]:
     """Regroup a stream of batches (covering ``chunks`` back to back) into one batch per chunk."""
     pending: list[FeatureBatch] = []
@@ -141,8 +149,7 @@ def extract(
     :class:`~imgsent.report.RunSummary`. Raises :class:`~imgsent.errors.ImgsentError` for bad
     arguments; bad images become error rows.
     """
-    shard_t = parse_shard(shard) if isinstance(shard, str) or shard is None else shard
-    refs = select_shard(find_images(inputs, null=null, include_hidden=include_hidden, stdin=stdin), shard_t)
+    refs, shard_t = resolve_inputs(inputs, null=null, include_hidden=include_hidden, stdin=stdin, shard=shard)
     models = load_backbones(backbones, random_weights=random_weights)
     engine = FeatureEngine(
         models,

@@ -149,9 +149,13 @@ def load(store: str, backbones: Sequence[str] | None = None, *, only_ok: bool = 
     tables = [pq.read_table(f, columns=list(BASE_COLUMNS[:4]) + keys) for f in listing.files]
     ids = [i for t in tables for i in t.column("id").to_pylist()]
     status = [s for t in tables for s in t.column("status").to_pylist()]
-    keep = np.asarray([s == "ok" for s in status]) if only_ok else np.ones(len(ids), dtype=bool)
-    kept_ids = [i for i, k in zip(ids, keep) if k]
-    order = np.argsort(np.asarray(kept_ids, dtype=object), kind="stable") if kept_ids else np.zeros(0, int)
+    keep = np.asarray([s == "ok" for s in status], dtype=bool) if only_ok else np.ones(len(ids), dtype=bool)
+    kept_ids = [i for i, k in zip(ids, keep) if k] if only_ok else ids
+    in_order = all(a <= b for a, b in zip(kept_ids, kept_ids[1:]))  # the usual case: skip the sort
+    if in_order:
+        order = np.arange(len(kept_ids))
+    else:
+        order = np.argsort(np.asarray(kept_ids, dtype=object), kind="stable")
     dest = np.empty(len(kept_ids), dtype=np.int64)
     dest[order] = np.arange(len(kept_ids))
     X = np.empty((len(kept_ids), int(offsets[-1])), dtype=np.float32)
@@ -161,25 +165,27 @@ def load(store: str, backbones: Sequence[str] | None = None, *, only_ok: bool = 
     for t in tables:
         n = t.num_rows
         k = keep[row : row + n]
-        target = dest[out_row : out_row + int(k.sum())]
+        m = int(k.sum())
+        # Rows already in place: one contiguous block copy; otherwise scatter by destination.
+        target = slice(out_row, out_row + m) if in_order else dest[out_row : out_row + m]
         for b, key in enumerate(keys):
             col = t.column(key).combine_chunks()
-            flat = col.values.to_numpy(zero_copy_only=False)
-            mat = flat.reshape(n, blocks[b][1])
-            X[target, offsets[b] : offsets[b + 1]] = mat[k]
-            if not only_ok:
+            mat = col.values.to_numpy(zero_copy_only=False).reshape(n, blocks[b][1])
+            X[target, offsets[b] : offsets[b + 1]] = mat if m == n else mat[k]
+            if not only_ok and col.null_count:
                 nulls = np.asarray(col.is_null().to_numpy(zero_copy_only=False))
-                X[dest[out_row : out_row + n][nulls[k]], offsets[b] : offsets[b + 1]] = np.nan
+                X[dest[out_row : out_row + n][nulls], offsets[b] : offsets[b + 1]] = np.nan
         row += n
-        out_row += int(k.sum())
+        out_row += m
 
     def pick(col: str) -> list:
         vals = [v for t in tables for v in t.column(col).to_pylist()]
-        kept = [v for v, kk in zip(vals, keep) if kk]
-        return [kept[i] for i in order]
+        if only_ok:
+            vals = [v for v, kk in zip(vals, keep) if kk]
+        return vals if in_order else [vals[i] for i in order]
 
     return FeatureSet(
-        ids=[kept_ids[i] for i in order],
+        ids=kept_ids if in_order else [kept_ids[i] for i in order],
         paths=pick("path"),
         status=pick("status"),
         error=pick("error"),

@@ -24,10 +24,10 @@ from .backbones import Backbone, BackboneSpec, create_backbone, fingerprints_mat
 from .decode import DEFAULT_MAX_PIXELS
 from .engine import FeatureBatch, FeatureEngine
 from .errors import ImgsentError
-from .extraction import DEFAULT_ROWS_PER_SHARD, run_sharded
+from .extraction import DEFAULT_ROWS_PER_SHARD, resolve_inputs, run_sharded
 from .features import KIND as FEATURES_KIND
 from .features import base_arrays, describe_header_difference, feature_table, load, store_header
-from .inputs import display_path, find_images, parse_shard, select_shard
+from .inputs import display_path
 from .report import RunSummary
 from .shards import ShardedWriter
 from .training import SentimentModel, load_model
@@ -266,8 +266,7 @@ def score(
     if features:
         return _score_store(features, out, sentiment, builder, fmt, progress)
 
-    shard_t = parse_shard(shard) if isinstance(shard, str) or shard is None else shard
-    refs = select_shard(find_images(inputs, null=null, include_hidden=include_hidden, stdin=stdin), shard_t)
+    refs, shard_t = resolve_inputs(inputs, null=null, include_hidden=include_hidden, stdin=stdin, shard=shard)
     backbones = model_backbones(sentiment, weights)
     tta = sentiment.feature_header.get("tta", "none")
     engine = FeatureEngine(backbones, device=device, precision=precision, batch_size=batch_size, workers=workers,
@@ -336,7 +335,7 @@ def _score_store(store: str, out: str, model: SentimentModel, builder: ScoreTabl
     from .training import select_blocks
 
     X = select_blocks(fs, [k for k, _ in model.blocks])
-    table = builder.table(fs.ids, fs.paths, fs.status, fs.error, X[ok], ok)
+    table = builder.table(fs.ids, fs.paths, fs.status, fs.error, X if ok.all() else X[ok], ok)
     summary = RunSummary(output=out, total=len(fs.ids), errors=int((~ok).sum()))
     if _is_dir_output(out):
         raise ImgsentError("scoring a store writes one file (or stdout); give --out FILE.parquet|.csv|.jsonl or -")

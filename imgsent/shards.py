@@ -85,7 +85,10 @@ def write_parquet_atomic(table: pa.Table, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp-{os.path.basename(path)}.")
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        # Text columns compress well; float features barely do and would cost a decode on every read.
+        text = [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
+        compression = {f.name: ("zstd" if f.name in text else "none") for f in table.schema}
+        pq.write_table(table, tmp, compression=compression, use_dictionary=text)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp, umask_mode())

@@ -8,6 +8,7 @@ Loading reads JSON and safetensors only: nothing is unpickled.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -107,6 +108,7 @@ class SentimentModel:
         self.feature_header = {k: v for k, v in (feature_header or {}).items() if k in ("tta",)}
         self.training = training or {}
         self.norm = BlockNorm([d for _, d in self.blocks]) if config.normalize_blocks else None
+        self._head64: torch.nn.Module | None = None
 
     @property
     def in_dim(self) -> int:
@@ -125,14 +127,22 @@ class SentimentModel:
         return X
 
     @torch.inference_mode()
-    def predict_proba(self, X, batch_size: int = 65536) -> np.ndarray:
+    def predict_proba(self, X, batch_size: int = 16384) -> np.ndarray:
+        """Class probabilities (N, C), float32.
+
+        Computed in float64 and rounded, so a row's result does not depend on which other rows
+        share its batch (float32 matrix kernels round differently for different batch shapes):
+        scoring images batch by batch and scoring their store at once give identical numbers.
+        """
         X = self._matrix(X)
+        if self._head64 is None:
+            self._head64 = copy.deepcopy(self.head).double().eval()
         out = np.empty((len(X), len(self.classes)), dtype=np.float32)
         for s in range(0, len(X), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(X[s : s + batch_size]))
+            x = torch.from_numpy(np.asarray(X[s : s + batch_size], dtype=np.float64))
             if self.norm is not None:
                 x = self.norm(x)
-            out[s : s + batch_size] = self.head.proba(self.head(x)).numpy()
+            out[s : s + batch_size] = self._head64.proba(self._head64(x)).numpy()
         return out
 
     def predict(self, X) -> list[str]:
