@@ -43,15 +43,16 @@ class Timer:
 
 
 def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants, from /proc (MB)."""
+    """Memory of a process and all its descendants (MB): proportional set size from
+    /proc/PID/smaps_rollup, so pages a forked decode worker shares with its parent count once."""
     total = 0
     pids = [pid]
     while pids:
         p = pids.pop()
         try:
-            with open(f"/proc/{p}/status") as fh:
+            with open(f"/proc/{p}/smaps_rollup") as fh:
                 for line in fh:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("Pss:"):
                         total += int(line.split()[1])
             with open(f"/proc/{p}/task/{p}/children") as fh:
                 pids.extend(int(c) for c in fh.read().split())

@@ -3,7 +3,7 @@
     python bench/memory_bench.py [--sizes 1000,8000]
 
 Runs ``imgsent extract`` in a subprocess on n Twitter I images (cycled under new names) with the
-default backbone, sampling the resident memory of the whole process tree (main + decode workers)
+default backbone, sampling the memory (PSS) of the whole process tree (main + decode workers)
 every 0.1 s, and prints the peak per size and the ratio of the largest to the smallest.
 """
 
@@ -58,7 +58,7 @@ def main() -> None:
         for n in [int(x) for x in args.sizes.split(",")]:
             peak, secs = peak_rss(n, tmp)
             peaks[n] = peak
-            print(f"{n:6d} images: peak RSS (main + workers) {peak:7.0f} MB, {secs:.0f} s, {n / secs:.1f} images/s")
+            print(f"{n:6d} images: peak PSS (main + workers) {peak:7.0f} MB, {secs:.0f} s, {n / secs:.1f} images/s")
         lo, hi = min(peaks), max(peaks)
         print(f"peak at {hi} / peak at {lo}: {peaks[hi] / peaks[lo]:.3f}")
     finally:

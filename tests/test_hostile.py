@@ -1,0 +1,183 @@
+"""Hostile and odd inputs, crashes and full disks: no case may crash or hang a run, lose work,
+or let a partial shard be read as complete."""
+
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import TINY, jpeg_bytes, rgb_array
+from PIL import Image
+
+import imgsent
+import imgsent.shards
+from imgsent.errors import ImgsentError
+
+KW = dict(backbones=[TINY], random_weights=True, workers=1, batch_size=4)
+
+
+def _exif(orientation: int) -> bytes:
+    e = Image.Exif()
+    e[0x0112] = orientation
+    return e.tobytes()
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    """name -> expected status ('ok' or 'error') for a corpus of nasty files."""
+    d = tmp_path_factory.mktemp("hostile")
+    expect = {}
+
+    def put(name, data, status):
+        (d / name).write_bytes(data)
+        expect[name] = status
+
+    def img(name, im, status="ok", **kw):
+        buf = io.BytesIO()
+        im.save(buf, **kw)
+        put(name, buf.getvalue(), status)
+
+    jpg = jpeg_bytes(rgb_array(120, 160))
+    put("zero.jpg", b"", "error")
+    put("truncated.jpg", jpg[: len(jpg) // 2], "error")
+    png = io.BytesIO()
+    Image.fromarray(rgb_array(120, 160)).save(png, "PNG")
+    put("truncated.png", png.getvalue()[: len(png.getvalue()) // 2], "error")
+    put("text.jpg", b"just some text\n" * 10, "error")
+    put("jpeg_named.png", jpg, "ok")
+    put("error_page.jpg", b"<!DOCTYPE html><html><body><h1>403 Forbidden</h1></body></html>", "error")
+    img("cmyk.jpg", Image.fromarray(rgb_array(50, 60)).convert("CMYK"), format="JPEG")
+    img("grey16.png", Image.fromarray((np.arange(3000).reshape(50, 60) * 20).astype(np.uint16)), format="PNG")
+    pal = Image.fromarray(rgb_array(50, 60)).convert("P")
+    img("palette_transparent.png", pal, format="PNG", transparency=0)
+    img("one_bit.png", Image.fromarray(rgb_array(50, 60)).convert("1"), format="PNG")
+    img("rgba.webp", Image.fromarray(rgb_array(50, 60)).convert("RGBA"), format="WEBP")
+    frames = [Image.new("RGB", (30, 30), c) for c in [(255, 0, 0), (0, 255, 0)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], loop=0)
+    put("animated.gif", buf.getvalue(), "ok")
+    img("tiny_1x1.png", Image.new("RGB", (1, 1), (10, 20, 30)), format="PNG")
+    img("bomb_20000x20000.png", Image.new("1", (20000, 20000)), "error", format="PNG")
+    img("strip_10000x1.png", Image.fromarray(rgb_array(1, 10000)), format="PNG")
+    img("exif6.jpg", Image.fromarray(rgb_array(40, 80)), format="JPEG", exif=_exif(6))
+    img("exif8.jpg", Image.fromarray(rgb_array(40, 80)), format="JPEG", exif=_exif(8))
+    seg = b"Exif\x00\x00" + b"\xff\x00garbage" * 4
+    put("corrupt_exif.jpg", jpg[:2] + b"\xff\xe1" + (len(seg) + 2).to_bytes(2, "big") + seg + jpg[2:], "ok")
+    (d / "dir.jpg").mkdir()
+    expect["dir.jpg"] = "error"
+    os.symlink(d / "loop.jpg", d / "loop.jpg")
+    expect["loop.jpg"] = "error"
+    put("with space 'quote\".jpg", jpg, "ok")
+    put("x" * 240 + ".jpg", jpg, "ok")
+    bad_name = os.fsencode(str(d)) + b"/latin1_caf\xe9.jpg"
+    with open(bad_name, "wb") as fh:
+        fh.write(jpg)
+    expect["latin1_caf\\xe9.jpg"] = "ok"
+    if os.geteuid() != 0:
+        put("unreadable.jpg", jpg, "error")
+        os.chmod(d / "unreadable.jpg", 0)
+    return d, expect
+
+
+def test_every_hostile_case_ends_as_a_row(hostile, tmp_path):
+    d, expect = hostile
+    out = str(tmp_path / "store")
+    s = imgsent.extract([str(d)], out, **KW)
+    fs = imgsent.features.load(out, only_ok=False)
+    got = dict(zip(fs.ids, fs.status))
+    assert sorted(got) == sorted(expect), "every input appears exactly once"
+    assert got == expect
+    assert s.errors == sum(v == "error" for v in expect.values())
+    reasons = dict(zip(fs.ids, fs.error))
+    assert all(reasons[k] for k, v in expect.items() if v == "error")
+    assert "over the limit" in reasons["bomb_20000x20000.png"]
+    assert np.isfinite(fs.X[fs.ok]).all()
+
+
+def test_newlines_in_names_through_null_stdin(tmp_path):
+    d = tmp_path / "n"
+    d.mkdir()
+    names = ["new\nline.jpg", "tab\there.jpg", "plain.jpg"]
+    for n in names:
+        (d / n).write_bytes(jpeg_bytes(rgb_array(30, 30)))
+    stdin = io.BytesIO(b"".join(os.fsencode(str(d / n)) + b"\0" for n in names))
+    s = imgsent.extract(["-"], str(tmp_path / "s"), null=True, stdin=stdin, **KW)
+    assert (s.total, s.errors) == (3, 0)
+
+
+def test_file_deleted_between_listing_and_decoding(tmp_path, monkeypatch):
+    d = tmp_path / "d"
+    d.mkdir()
+    for i in range(3):
+        (d / f"{i}.jpg").write_bytes(jpeg_bytes(rgb_array(30, 30)))
+    real = imgsent.inputs.find_images
+
+    def list_then_delete(*a, **kw):
+        refs = real(*a, **kw)
+        os.unlink(d / "1.jpg")
+        return refs
+
+    monkeypatch.setattr(imgsent.extraction, "find_images", list_then_delete)
+    imgsent.extract([str(d)], str(tmp_path / "s"), **KW)
+    fs = imgsent.features.load(str(tmp_path / "s"), only_ok=False)
+    assert dict(zip(fs.ids, fs.status)) == {"0.jpg": "ok", "1.jpg": "error", "2.jpg": "ok"}
+
+
+def test_disk_full_is_one_clear_error_and_rerun_resumes(tmp_path, monkeypatch):
+    d = tmp_path / "d"
+    d.mkdir()
+    for i in range(6):
+        (d / f"{i}.jpg").write_bytes(jpeg_bytes(rgb_array(30, 30, seed=i)))
+    out = str(tmp_path / "s")
+    real = imgsent.shards.write_parquet_atomic
+    calls = {"n": 0}
+
+    def full_disk(table, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, path)
+
+    monkeypatch.setattr(imgsent.shards, "write_parquet_atomic", full_disk)
+    with pytest.raises(ImgsentError, match="No space left"):
+        imgsent.extract([str(d)], out, rows_per_shard=2, **KW)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".parquet")) == ["part-00000.parquet"]
+    monkeypatch.setattr(imgsent.shards, "write_parquet_atomic", real)
+    s = imgsent.extract([str(d)], out, rows_per_shard=2, **KW)
+    assert s.resumed == 2 and len(imgsent.features.load(out)) == 6
+
+
+def _extract_cmd(src, out):
+    return [sys.executable, "-m", "imgsent", "extract", str(src), "--out", str(out), "-B", TINY, "--random-weights",
+            "--rows-per-shard", "3", "--batch-size", "1", "--workers", "1", "-q"]  # fmt: skip
+
+
+def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(18):
+        (src / f"{i:02d}.jpg").write_bytes(jpeg_bytes(rgb_array(60, 80, seed=i)))
+    (src / "bad.jpg").write_bytes(b"nope")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ref = tmp_path / "ref"
+    subprocess.run(_extract_cmd(src, ref), check=True, env=env, timeout=300)
+    expected = pl.read_parquet(str(ref / "part-*.parquet")).sort("id")
+    rng = np.random.default_rng(0)
+    mismatches = 0
+    for k in range(4):
+        out = tmp_path / f"killed{k}"
+        proc = subprocess.Popen(_extract_cmd(src, out), env=env, start_new_session=True)
+        time.sleep(float(rng.uniform(2.0, 6.0)))  # start-up takes a few seconds; kill somewhere in the run
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        subprocess.run(_extract_cmd(src, out), check=True, env=env, timeout=300)  # rerun: resumes
+        got = pl.read_parquet(str(out / "part-*.parquet")).sort("id")
+        assert got["id"].n_unique() == got.height == 19
+        mismatches += int(not got.drop("path").equals(expected.drop("path")))
+    assert mismatches == 0
