@@ -11,9 +11,9 @@ _imgsent() {
     case "$cmd" in
         backbones) opts="--help" ;;
         evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --features -f --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --epochs --lr --batch-size --weight-decay --dropout --hidden --experts --normalize-blocks --no-normalize-blocks --seed --id-column --label-column --quiet -q --help" ;;
-        extract) opts="--out -o --backbones -B --random-weights --no-random-weights --tta --dtype --device --precision --batch-size -b --workers --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --quiet -q --help" ;;
+        extract) opts="--out -o --backbones -B --random-weights --no-random-weights --tta --dtype --device --precision --batch-size -b --workers --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
         models) opts="--help" ;;
-        score) opts="--out -o --model -m --features --weights --format --threshold --keep-features --device --precision --batch-size -b --workers --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --quiet -q --help" ;;
+        score) opts="--out -o --model -m --features --weights --format --threshold --keep-features --device --precision --batch-size -b --workers --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
         train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --features -f --epochs --lr --batch-size --weight-decay --dropout --hidden --experts --normalize-blocks --no-normalize-blocks --seed --id-column --label-column --quiet -q --help" ;;
         *) opts="" ;;
     esac

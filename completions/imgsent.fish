@@ -51,6 +51,10 @@ complete -c imgsent -n '__fish_seen_subcommand_from extract' -l max-pixels -r -F
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l null -s 0 -d 'Paths in lists/stdin are NUL-separated (find -print0)'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l hidden -d 'Include hidden files and directories'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l compile -d 'torch.compile the backbones (slow start, faster long runs)'
+complete -c imgsent -n '__fish_seen_subcommand_from extract' -l engine -r -F -d 'local (this machine) or ray (Ray Data; pip install imgsent(ray))'
+complete -c imgsent -n '__fish_seen_subcommand_from extract' -l ray-address -r -F -d 'Ray cluster to join (default - start a local one)'
+complete -c imgsent -n '__fish_seen_subcommand_from extract' -l ray-workers -r -F -d 'Ray - backbone actors in the pool (default 1)'
+complete -c imgsent -n '__fish_seen_subcommand_from extract' -l gpus-per-worker -r -F -d 'Ray - GPUs per backbone actor (0 = CPU)'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l quiet -s q -d 'No progress bar or summary'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l help -d 'Show help'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -F
@@ -74,6 +78,10 @@ complete -c imgsent -n '__fish_seen_subcommand_from score' -l max-pixels -r -F -
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l null -s 0 -d 'Paths in lists/stdin are NUL-separated (find -print0)'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l hidden -d 'Include hidden files and directories'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l compile -d 'torch.compile the backbones (slow start, faster long runs)'
+complete -c imgsent -n '__fish_seen_subcommand_from score' -l engine -r -F -d 'local (this machine) or ray (Ray Data; pip install imgsent(ray))'
+complete -c imgsent -n '__fish_seen_subcommand_from score' -l ray-address -r -F -d 'Ray cluster to join (default - start a local one)'
+complete -c imgsent -n '__fish_seen_subcommand_from score' -l ray-workers -r -F -d 'Ray - backbone actors in the pool (default 1)'
+complete -c imgsent -n '__fish_seen_subcommand_from score' -l gpus-per-worker -r -F -d 'Ray - GPUs per backbone actor (0 = CPU)'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l quiet -s q -d 'No progress bar or summary'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l help -d 'Show help'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -F

@@ -31,6 +31,12 @@ Overwrite = Annotated[bool, typer.Option(help="Replace an existing output made w
 MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse images with more pixels (bomb guard).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the backbones (slow start, faster long runs).")]
+Engine = Annotated[str, typer.Option(help="local (this machine) or ray (Ray Data; pip install 'imgsent[ray]').")]
+RayAddress = Annotated[
+    str | None, typer.Option("--ray-address", help="Ray cluster to join (default: start a local one).")
+]
+RayWorkers = Annotated[int | None, typer.Option("--ray-workers", help="Ray: backbone actors in the pool (default 1).")]
+GpusPerWorker = Annotated[float, typer.Option("--gpus-per-worker", help="Ray: GPUs per backbone actor (0 = CPU).")]
 RowsPerShard = Annotated[int, typer.Option("--rows-per-shard", help="Rows per Parquet shard (resume granularity).")]
 
 
@@ -61,6 +67,10 @@ def extract(
     null: Null = False,
     hidden: Hidden = False,
     compile: Compile = False,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
+    ray_workers: RayWorkers = None,
+    gpus_per_worker: GpusPerWorker = 0.0,
     quiet: Quiet = False,
 ) -> None:
     """Extract backbone features of images into a Parquet feature store."""
@@ -70,7 +80,8 @@ def extract(
         inputs, out, backbones=backbones, random_weights=random_weights, device=device, precision=precision,
         batch_size=batch_size, workers=workers, tta=tta, dtype=dtype, shard=shard, overwrite=overwrite,
         rows_per_shard=rows_per_shard, max_pixels=max_pixels, null=null, include_hidden=hidden,
-        compile=compile, progress=not quiet,
+        compile=compile, progress=not quiet, engine=engine, ray_address=ray_address, ray_workers=ray_workers,
+        gpus_per_worker=gpus_per_worker,
     )  # fmt: skip
     if not quiet:
         summary.print("imgsent extract")
@@ -243,6 +254,10 @@ def score(
     null: Null = False,
     hidden: Hidden = False,
     compile: Compile = False,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
+    ray_workers: RayWorkers = None,
+    gpus_per_worker: GpusPerWorker = 0.0,
     quiet: Quiet = False,
 ) -> None:
     """Score the sentiment of images (or of a feature store): one row per image.
@@ -256,7 +271,8 @@ def score(
         inputs or [], out, model=model, features=features, weights=weights or [], fmt=format, threshold=threshold,
         device=device, precision=precision, batch_size=batch_size, workers=workers, shard=shard, overwrite=overwrite,
         rows_per_shard=rows_per_shard, max_pixels=max_pixels, keep_features=keep_features, null=null,
-        include_hidden=hidden, compile=compile, progress=not quiet,
+        include_hidden=hidden, compile=compile, progress=not quiet, engine=engine, ray_address=ray_address,
+        ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
     )  # fmt: skip
     if not quiet:
         summary.print("imgsent score")

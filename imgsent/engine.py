@@ -331,16 +331,21 @@ class FeatureEngine:
                         yield self._features(_collate(_isolated_decode(dataset, indices)))
                         done += 1
 
+    def embed_views(self, views: dict[tuple, torch.Tensor], ok_pos: list[int], n: int) -> dict[str, np.ndarray]:
+        """Features of every backbone for ``n`` rows: uint8 views (of the ``ok_pos`` rows, in order)
+        in, float32 (n, D) per backbone key out, NaN on the other rows."""
+        feats: dict[str, np.ndarray] = {}
+        with torch.inference_mode():
+            for idx, bb in enumerate(self.backbones):
+                full = np.full((n, bb.dim), np.nan, dtype=np.float32)
+                if ok_pos:
+                    full[ok_pos] = self._embed(idx, views[bb.preprocess.view_key]).cpu().numpy()
+                feats[bb.key] = full
+        return feats
+
     def _features(self, batch: _CollatedBatch) -> FeatureBatch:
         items = batch.items
         ok_pos = [i for i, it in enumerate(items) if it.status == "ok"]
-        feats: dict[str, np.ndarray] = {}
-        for idx, bb in enumerate(self.backbones):
-            full = np.full((len(items), bb.dim), np.nan, dtype=np.float32)
-            if ok_pos:
-                out = self._embed(idx, batch.views[bb.preprocess.view_key])
-                full[ok_pos] = out.cpu().numpy()
-            feats[bb.key] = full
         return FeatureBatch(
             ids=[it.ref.id for it in items],
             paths=[it.ref.path for it in items],
@@ -348,7 +353,7 @@ class FeatureEngine:
             error=[it.error for it in items],
             width=[it.width for it in items],
             height=[it.height for it in items],
-            features=feats,
+            features=self.embed_views(batch.views, ok_pos, len(items)),
         )
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import pyarrow as pa
 
 from .backbones import Backbone, create_backbone, expand_presets
 from .decode import DEFAULT_MAX_PIXELS
 from .engine import FeatureBatch, FeatureEngine
+from .errors import ImgsentError
 from .features import (
     KIND,
-    concat_batches,
     describe_header_difference,
     feature_table,
     slice_batch,
@@ -31,6 +31,32 @@ def load_backbones(specs: Sequence[str], *, random_weights: bool = False) -> lis
     return [create_backbone(s, random_weights=random_weights) for s in expand_presets(list(specs))]
 
 
+ENGINES = ("local", "ray")
+
+
+def build_engine(
+    models: Sequence[Backbone],
+    *,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    gpus_per_worker: float = 0.0,
+    **kwargs,
+):
+    """The distributor of the shard work: the local :class:`FeatureEngine`, or Ray Data.
+
+    ``kwargs`` are the engine settings (device, precision, batch_size, workers, compile, tta,
+    max_pixels); the Ray engine imports Ray only when asked for."""
+    if engine == "local":
+        return FeatureEngine(models, **kwargs)
+    if engine == "ray":
+        from .distributed import RayEngine
+
+        kwargs.pop("workers", None)  # Ray schedules the decoding tasks itself
+        return RayEngine(models, address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker, **kwargs)
+    raise ImgsentError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+
+
 def resolve_inputs(
     inputs: Sequence[str], *, null: bool, include_hidden: bool, stdin, shard: str | tuple[int, int] | None
 ) -> tuple[list[ImageRef], tuple[int, int] | None]:
@@ -39,22 +65,45 @@ def resolve_inputs(
     return select_shard(find_images(inputs, null=null, include_hidden=include_hidden, stdin=stdin), shard_t), shard_t
 
 
-def chunked(batches: Iterator[FeatureBatch], chunks: Sequence[Chunk]) -> Iterator[tuple[Chunk, FeatureBatch]]:
-    """Regroup a stream of batches (covering ``chunks`` back to back) into one batch per chunk."""
-    pending: list[FeatureBatch] = []
-    have = 0
-    it = iter(chunks)
-    chunk = next(it, None)
-    for batch in batches:
-        pending.append(batch)
-        have += len(batch)
-        while chunk is not None and have >= chunk.stop - chunk.start:
-            merged = concat_batches(pending)
-            size = chunk.stop - chunk.start
-            yield chunk, slice_batch(merged, 0, size)
-            rest = slice_batch(merged, size, len(merged))
-            pending, have = ([rest], len(rest)) if len(rest) else ([], 0)
-            chunk = next(it, None)
+class _ShardSinks:
+    """Routes a stream of batches into the shards of ``chunks``, in order: each batch's rows are
+    appended to every writer that lacks the current chunk, which is committed once full."""
+
+    def __init__(self, outputs, pending_by_writer, chunks: Sequence[Chunk]):
+        self.outputs, self.pending = outputs, pending_by_writer
+        self.chunks = iter(chunks)
+        self.chunk = next(self.chunks, None)
+        self.files: list = []
+        self.filled = self.errors = 0
+
+    def __enter__(self) -> _ShardSinks:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        for f, _ in self.files:  # an unfinished shard never becomes visible
+            f.abort()
+
+    def add(self, batch: FeatureBatch, n_err: int) -> None:
+        start = 0
+        while start < len(batch):
+            if self.chunk is None:
+                raise RuntimeError("the engine returned more rows than were planned")
+            size = self.chunk.stop - self.chunk.start
+            take = min(len(batch) - start, size - self.filled)
+            part = batch if take == len(batch) else slice_batch(batch, start, start + take)
+            if not self.files:
+                self.files = [(w.open_shard(self.chunk), to_table)
+                              for (w, to_table), p in zip(self.outputs, self.pending) if self.chunk.index in p]  # fmt: skip
+            for f, to_table in self.files:
+                f.append(to_table(part))
+            self.errors += n_err if take == len(batch) else int((~part.ok_mask).sum())
+            self.filled += take
+            start += take
+            if self.filled == size:
+                for f, _ in self.files:
+                    f.commit(errors=self.errors)
+                self.files, self.filled, self.errors = [], 0, 0
+                self.chunk = next(self.chunks, None)
 
 
 def run_sharded(
@@ -93,25 +142,19 @@ def run_sharded(
         )
         summary.resumed = sum(c.stop - c.start for c in chunks if c.index not in todo_set)
         summary.errors = skipped_errors
-
-        def tap(batches: Iterator[FeatureBatch]) -> Iterator[FeatureBatch]:
-            for b in batches:
-                if stream is not None:
-                    stream(b)
-                n_err = int((~b.ok_mask).sum())
-                summary.errors += n_err
-                bar.advance(len(b), n_err)
-                yield b
+        sinks = stack.enter_context(_ShardSinks(outputs, pending_by_writer, todo))
 
         with RunProgress(len(refs), description, enabled=progress) as bar:
             bar.advance(summary.resumed, skipped_errors)
             todo_refs = [r for c in todo for r in refs[c.start : c.stop]]
-            batches = tap(engine.run(todo_refs, groups=[c.stop - c.start for c in todo]))
-            for chunk, batch in chunked(batches, todo):
+            batches = engine.run(todo_refs, groups=[c.stop - c.start for c in todo])
+            for batch in batches:
+                if stream is not None:
+                    stream(batch)
                 n_err = int((~batch.ok_mask).sum())
-                for (writer, to_table), pending in zip(outputs, pending_by_writer):
-                    if chunk.index in pending:
-                        writer.write(chunk, to_table(batch), errors=n_err)
+                summary.errors += n_err
+                sinks.add(batch, n_err)
+                bar.advance(len(batch), n_err)
         for writer, _ in outputs:
             writer.finish()
     summary.ok = summary.total - summary.errors
@@ -140,6 +183,10 @@ def extract(
     compile: bool = False,
     progress: bool = False,
     stdin=None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    gpus_per_worker: float = 0.0,
 ) -> RunSummary:
     """Extract features of every image named by ``inputs`` into the feature store ``out``.
 
@@ -147,12 +194,17 @@ def extract(
     :func:`imgsent.inputs.find_images`. ``backbones``: spec strings or presets (see
     :mod:`imgsent.backbones`). Re-running on an interrupted store resumes it. Returns a
     :class:`~imgsent.report.RunSummary`. Raises :class:`~imgsent.errors.ImgsentError` for bad
-    arguments; bad images become error rows.
+    arguments; bad images become error rows. ``engine="ray"`` runs the same work on Ray Data
+    (``ray_address``, ``ray_workers`` actors, ``gpus_per_worker``); the store is the same.
     """
     refs, shard_t = resolve_inputs(inputs, null=null, include_hidden=include_hidden, stdin=stdin, shard=shard)
     models = load_backbones(backbones, random_weights=random_weights)
-    engine = FeatureEngine(
+    engine = build_engine(
         models,
+        engine=engine,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
+        gpus_per_worker=gpus_per_worker,
         device=device,
         precision=precision,
         batch_size=batch_size,

@@ -80,19 +80,6 @@ def feature_table(batch: FeatureBatch, dtype: str = "float32") -> pa.Table:
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def concat_batches(batches: Sequence[FeatureBatch]) -> FeatureBatch:
-    keys = list(batches[0].features)
-    return FeatureBatch(
-        ids=[i for b in batches for i in b.ids],
-        paths=[p for b in batches for p in b.paths],
-        status=[s for b in batches for s in b.status],
-        error=[e for b in batches for e in b.error],
-        width=[w for b in batches for w in b.width],
-        height=[h for b in batches for h in b.height],
-        features={k: np.concatenate([b.features[k] for b in batches]) for k in keys},
-    )
-
-
 def slice_batch(batch: FeatureBatch, start: int, stop: int) -> FeatureBatch:
     return FeatureBatch(
         ids=batch.ids[start:stop],

@@ -22,9 +22,9 @@ import pyarrow as pa
 
 from .backbones import Backbone, BackboneSpec, create_backbone, fingerprints_match
 from .decode import DEFAULT_MAX_PIXELS
-from .engine import FeatureBatch, FeatureEngine
+from .engine import FeatureBatch
 from .errors import ImgsentError
-from .extraction import DEFAULT_ROWS_PER_SHARD, resolve_inputs, run_sharded
+from .extraction import DEFAULT_ROWS_PER_SHARD, build_engine, resolve_inputs, run_sharded
 from .features import KIND as FEATURES_KIND
 from .features import base_arrays, describe_header_difference, feature_table, load, store_header
 from .inputs import display_path
@@ -255,6 +255,10 @@ def score(
     compile: bool = False,
     progress: bool = False,
     stdin=None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    gpus_per_worker: float = 0.0,
 ) -> RunSummary:
     """Score images named by ``inputs`` (or an existing feature store ``features``) with ``model``
     (default: the packaged polarity model). ``out``: a file (.parquet/.csv/.jsonl), ``-`` for
@@ -269,8 +273,9 @@ def score(
     refs, shard_t = resolve_inputs(inputs, null=null, include_hidden=include_hidden, stdin=stdin, shard=shard)
     backbones = model_backbones(sentiment, weights)
     tta = sentiment.feature_header.get("tta", "none")
-    engine = FeatureEngine(backbones, device=device, precision=precision, batch_size=batch_size, workers=workers,
-                           compile=compile, tta=tta, max_pixels=max_pixels)  # fmt: skip
+    engine = build_engine(backbones, engine=engine, ray_address=ray_address, ray_workers=ray_workers,
+                          gpus_per_worker=gpus_per_worker, device=device, precision=precision, batch_size=batch_size,
+                          workers=workers, compile=compile, tta=tta, max_pixels=max_pixels)  # fmt: skip
     outputs = []
     if keep_features:
         feature_writer = ShardedWriter(

@@ -80,23 +80,76 @@ def write_json_atomic(path: str, obj: dict) -> None:
         raise
 
 
-def write_parquet_atomic(table: pa.Table, path: str) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".tmp-{os.path.basename(path)}.")
-    os.close(fd)
-    try:
-        # Text columns compress well; float features barely do and would cost a decode on every read.
-        text = [f.name for f in table.schema if not pa.types.is_fixed_size_list(f.type)]
-        compression = {f.name: ("zstd" if f.name in text else "none") for f in table.schema}
-        pq.write_table(table, tmp, compression=compression, use_dictionary=text)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def parquet_options(schema: pa.Schema) -> dict:
+    """Text columns compress well; float features barely do and would cost a decode on every read."""
+    text = [f.name for f in schema if not pa.types.is_fixed_size_list(f.type)]
+    return {
+        "compression": {f.name: ("zstd" if f.name in text else "none") for f in schema},
+        "use_dictionary": text,
+    }
+
+
+def _commit_file(tmp: str, path: str) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.chmod(tmp, umask_mode())
+    os.replace(tmp, path)
+
+
+class ShardFile:
+    """One shard being written: tables are appended to a temporary file (so a shard never has to
+    sit in memory whole); :meth:`commit` renames it into place and lists it in the manifest."""
+
+    def __init__(self, writer: ShardedWriter, chunk: Chunk):
+        self.writer, self.chunk = writer, chunk
+        self.name = part_name(writer.shard, chunk.index)
+        self.path = os.path.join(writer.directory, self.name)
+        fd, self.tmp = tempfile.mkstemp(dir=writer.directory, prefix=f".tmp-{self.name}.")
+        os.close(fd)
+        self._pq: pq.ParquetWriter | None = None
+        self._digest = hashlib.sha256()
+        self.rows = 0
+
+    def append(self, table: pa.Table) -> None:
+        try:
+            if self._pq is None:
+                self._pq = pq.ParquetWriter(self.tmp, table.schema, **parquet_options(table.schema))
+            self._pq.write_table(table)
+        except OSError as exc:
+            self.abort()
+            raise self.writer.write_error(self.name, exc) from None
+        for i in table.column("id").to_pylist():
+            self._digest.update(i.encode("utf-8", errors="surrogateescape"))
+            self._digest.update(b"\0")
+        self.rows += table.num_rows
+
+    def commit(self, **extra: int) -> None:
+        """Finish the file and enter it in the manifest; ``extra`` counts (errors=...) go there too."""
+        try:
+            if self._pq is not None:
+                self._pq.close()
+                self._pq = None
+            _commit_file(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise self.writer.write_error(self.name, exc) from None
+        entry = {
+            "index": self.chunk.index,
+            "file": self.name,
+            "rows": self.rows,
+            "ids_sha256": self._digest.hexdigest(),
+        }
+        self.writer.record(self.chunk.index, {**entry, **extra})
+
+    def abort(self) -> None:
+        try:
+            if self._pq is not None:
+                self._pq.close()
+        except Exception:
+            pass
+        self._pq = None
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -291,25 +344,28 @@ class ShardedWriter:
         pending = [c for c in chunks if c.index not in valid]
         return pending, sum(e["rows"] for e in valid.values())
 
+    def open_shard(self, chunk: Chunk) -> ShardFile:
+        """Start the shard of ``chunk``; append tables to it, then commit."""
+        return ShardFile(self, chunk)
+
     def write(self, chunk: Chunk, table: pa.Table, **extra: int) -> None:
-        """Write ``table`` as the shard of ``chunk``; ``extra`` counts (errors=...) go in the manifest."""
-        ids = table.column("id").to_pylist()
-        fname = part_name(self.shard, chunk.index)
+        """Write ``table`` as the whole shard of ``chunk``."""
+        f = self.open_shard(chunk)
+        f.append(table)
+        f.commit(**extra)
+
+    def record(self, index: int, entry: dict) -> None:
+        self.done[index] = entry
         try:
-            write_parquet_atomic(table, os.path.join(self.directory, fname))
-            self.done[chunk.index] = {
-                "index": chunk.index,
-                "file": fname,
-                "rows": len(ids),
-                "ids_sha256": ids_digest(ids),
-                **extra,
-            }
             self._write_manifest(complete=False)
         except OSError as exc:
-            raise ImgsentError(
-                f"cannot write {fname} in {self.directory}: {exc.strerror or exc}; finished shards are kept, "
-                f"rerun the same command to resume"
-            ) from None
+            raise self.write_error("manifest.json", exc) from None
+
+    def write_error(self, name: str, exc: OSError) -> ImgsentError:
+        return ImgsentError(
+            f"cannot write {name} in {self.directory}: {exc.strerror or exc}; finished shards are kept, "
+            f"rerun the same command to resume"
+        )
 
     def finish(self) -> None:
         for stale in glob.glob(os.path.join(glob.escape(self.directory), _part_glob(self.shard))):

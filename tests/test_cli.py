@@ -35,6 +35,7 @@ def imgs(tmp_path):
         (["extract", "IMGS", "--out", "OUT", "-B", TINY, "--random-weights", "--shard", "2/2"], "--shard"),
         (["extract", "IMGS", "--out", "OUT", "-B", TINY, "--random-weights", "--tta", "rotate"], "--tta"),
         (["extract", "IMGS", "--out", "OUT", "-B", TINY, "--random-weights", "--dtype", "int8"], "--dtype"),
+        (["extract", "IMGS", "--out", "OUT", "-B", TINY, "--random-weights", "--engine", "spark"], "--engine"),
         (["extract", "@missing.txt", "--out", "OUT", "-B", TINY, "--random-weights"], "cannot read input list"),
         (["extract", "IMGS", "--out", "OUT", "-B", "torchvision:mobilenet_v2@/no/such.safetensors"], "not found"),
         (["train", "OUT", "--labels", "x.txt", "--out", "M"], "not a directory"),

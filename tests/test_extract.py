@@ -87,21 +87,21 @@ def test_other_backbones_refused_unless_overwrite(images, tmp_path):
 def test_resume_after_interruption_equals_uninterrupted(images, tmp_path, monkeypatch):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     extract([str(images)], full, rows_per_shard=3, **KW)
-    real_write = imgsent.shards.ShardedWriter.write
+    real_write = imgsent.shards.ShardFile.commit
     calls = {"n": 0}
 
-    def dying_write(self, chunk, table, **extra):
+    def dying_write(self, **extra):
         if calls["n"] == 2:
             raise KeyboardInterrupt("simulated kill")
         calls["n"] += 1
-        return real_write(self, chunk, table, **extra)
+        return real_write(self, **extra)
 
-    monkeypatch.setattr(imgsent.shards.ShardedWriter, "write", dying_write)
+    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", dying_write)
     with pytest.raises(KeyboardInterrupt):
         extract([str(images)], part, rows_per_shard=3, **KW)
     m = json.loads(open(os.path.join(part, "manifest.json")).read())
     assert not m["complete"] and len(m["shards"]) == 2
-    monkeypatch.setattr(imgsent.shards.ShardedWriter, "write", real_write)
+    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", real_write)
     s = extract([str(images)], part, rows_per_shard=3, **KW)
     assert s.resumed == 6 and s.errors == 2
     a, b = load(full, only_ok=False), load(part, only_ok=False)

@@ -135,20 +135,21 @@ def test_disk_full_is_one_clear_error_and_rerun_resumes(tmp_path, monkeypatch):
     for i in range(6):
         (d / f"{i}.jpg").write_bytes(jpeg_bytes(rgb_array(30, 30, seed=i)))
     out = str(tmp_path / "s")
-    real = imgsent.shards.write_parquet_atomic
+    real = imgsent.shards.ShardFile.append
     calls = {"n": 0}
 
-    def full_disk(table, path):
+    def full_disk(self, table):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(table, path)
+        if calls["n"] == 2:  # the second shard hits a full disk
+            self.abort()
+            raise self.writer.write_error(self.name, OSError(errno.ENOSPC, "No space left on device"))
+        return real(self, table)
 
-    monkeypatch.setattr(imgsent.shards, "write_parquet_atomic", full_disk)
+    monkeypatch.setattr(imgsent.shards.ShardFile, "append", full_disk)
     with pytest.raises(ImgsentError, match="No space left"):
         imgsent.extract([str(d)], out, rows_per_shard=2, **KW)
-    assert sorted(f for f in os.listdir(out) if f.endswith(".parquet")) == ["part-00000.parquet"]
-    monkeypatch.setattr(imgsent.shards, "write_parquet_atomic", real)
+    assert sorted(os.listdir(out)) == ["manifest.json", "part-00000.parquet"]  # no lock, no partial file
+    monkeypatch.setattr(imgsent.shards.ShardFile, "append", real)
     s = imgsent.extract([str(d)], out, rows_per_shard=2, **KW)
     assert s.resumed == 2 and len(imgsent.features.load(out)) == 6
 

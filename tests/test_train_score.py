@@ -117,19 +117,19 @@ def test_score_formats_and_threshold(tiny_dataset, model_dir, tmp_path):
 def test_score_directory_output_resumes_exactly(tiny_dataset, model_dir, tmp_path, monkeypatch):
     full, part = str(tmp_path / "full") + "/", str(tmp_path / "part") + "/"
     imgsent.score([str(tiny_dataset)], full, model=model_dir, workers=0, batch_size=8, rows_per_shard=10)
-    real = imgsent.shards.ShardedWriter.write
+    real = imgsent.shards.ShardFile.commit
     n = {"calls": 0}
 
-    def dying(self, chunk, table, **extra):
+    def dying(self, **extra):
         if n["calls"] == 2:
             raise KeyboardInterrupt
         n["calls"] += 1
-        return real(self, chunk, table, **extra)
+        return real(self, **extra)
 
-    monkeypatch.setattr(imgsent.shards.ShardedWriter, "write", dying)
+    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", dying)
     with pytest.raises(KeyboardInterrupt):
         imgsent.score([str(tiny_dataset)], part, model=model_dir, workers=0, batch_size=8, rows_per_shard=10)
-    monkeypatch.setattr(imgsent.shards.ShardedWriter, "write", real)
+    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", real)
     s = imgsent.score([str(tiny_dataset)], part, model=model_dir, workers=0, batch_size=8, rows_per_shard=10)
     assert s.resumed == 20
     a = pl.read_parquet(full + "part-*.parquet")

@@ -1,0 +1,91 @@
+"""The Ray distributor gives the same rows as the local engine (CI installs the `ray` extra and runs a
+local Ray instance on loopback: num_cpus=2, no dashboard)."""
+
+import builtins
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import TINY, write_images
+
+import imgsent
+import imgsent.shards
+from imgsent.errors import ImgsentError
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'imgsent[ray]'")
+
+KW = dict(backbones=[TINY], random_weights=True, batch_size=4, rows_per_shard=4)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ray") / "imgs"
+    write_images(d, 9)
+    (d / "broken.jpg").write_text("not an image")
+    return d
+
+
+def _frame(directory):
+    return pl.read_parquet(f"{directory}/part-*.parquet").sort("id")
+
+
+def test_extract_on_ray_equals_local(cluster, images, tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    imgsent.extract([str(images)], str(local), workers=0, **KW)
+    s = imgsent.extract([str(images)], str(remote), engine="ray", **KW)
+    assert (s.total, s.errors) == (10, 1)
+    a, b = _frame(local), _frame(remote)
+    assert a.drop(TINY).equals(b.drop(TINY))  # ids, paths, status, errors, sizes
+    fa, fb = imgsent.features.load(str(local), only_ok=False), imgsent.features.load(str(remote), only_ok=False)
+    np.testing.assert_allclose(fa.X, fb.X, rtol=1e-5, atol=1e-6)
+    manifest_a = (local / "manifest.json").read_text()
+    assert "shards" in manifest_a and (remote / "manifest.json").is_file()
+
+
+def test_score_on_ray_equals_local_and_resumes(cluster, images, tmp_path, monkeypatch):
+    store = str(tmp_path / "store")
+    imgsent.extract([str(images)], store, workers=0, **KW)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"img{i:03d}.jpg {i % 2}\n" for i in range(9)))
+    imgsent.train(store, labels=str(labels), head="nn", epochs=2, out=str(tmp_path / "model"))
+    common = dict(model=str(tmp_path / "model"), batch_size=4, rows_per_shard=4)
+    imgsent.score([str(images)], str(tmp_path / "local") + "/", workers=0, **common)
+
+    real = imgsent.shards.ShardFile.commit
+    calls = {"n": 0}
+
+    def dying(self, **extra):
+        if calls["n"] == 1:
+            raise RuntimeError("simulated failure of the Ray job")
+        calls["n"] += 1
+        return real(self, **extra)
+
+    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", dying)
+    with pytest.raises(RuntimeError):
+        imgsent.score([str(images)], str(tmp_path / "ray") + "/", engine="ray", **common)
+    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", real)
+    s = imgsent.score([str(images)], str(tmp_path / "ray") + "/", engine="ray", **common)
+    assert s.resumed == 4  # the finished shard was not redone
+    a, b = _frame(tmp_path / "local"), _frame(tmp_path / "ray")
+    assert a.drop("p_negative", "p_positive", "score").equals(b.drop("p_negative", "p_positive", "score"))
+    np.testing.assert_allclose(a["p_positive"].to_numpy(), b["p_positive"].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_missing_ray_extra_is_one_clear_line(monkeypatch, images, tmp_path):
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(ImgsentError, match=r"pip install 'imgsent\[ray\]'"):
+        imgsent.extract([str(images)], str(tmp_path / "s"), engine="ray", **KW)
