@@ -88,6 +88,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="imgsent-bench-"))
     try:
         paths = twitter_images(args.images, tmp / "images")
+        for p in paths:  # warm the page cache so that no contender pays for cold reads
+            p.read_bytes()
         refs = find_images([str(tmp / "images")])
         workers = default_workers() if args.workers is None else args.workers
         print(f"{args.images} Twitter I images, {torch.get_num_threads()} torch threads, {workers} decode workers")
