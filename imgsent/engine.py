@@ -319,13 +319,17 @@ class FeatureEngine:
         done = 0
         with torch.inference_mode():
             while done < len(batches):
+                loader = iter(self._loader(dataset, batches[done:]))
                 try:
-                    for batch in self._loader(dataset, batches[done:]):
+                    for batch in loader:
                         yield self._features(batch)
                         done += 1
                 except RuntimeError as exc:
                     if self.workers == 0 or "DataLoader worker" not in str(exc):
                         raise
+                    # Unregister the dead loader's workers first: torch's SIGCHLD handler would
+                    # otherwise raise again, anywhere, when the next child process exits.
+                    getattr(loader, "_shutdown_workers", lambda: None)()
                     in_flight = batches[done : done + self.workers * PREFETCH + 1]
                     for indices in in_flight:
                         yield self._features(_collate(_isolated_decode(dataset, indices)))

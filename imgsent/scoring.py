@@ -334,16 +334,16 @@ def _count_labels(writer: ShardedWriter) -> dict[str, int]:
 def _score_store(store: str, out: str, model: SentimentModel, builder: ScoreTableBuilder, fmt: str | None,
                  progress: bool) -> RunSummary:  # fmt: skip
     start = time.perf_counter()
-    fs = load(store, only_ok=False)
-    model.check_recipe(fs.header, what=f"store {store}")
-    ok = fs.ok
-    from .training import select_blocks
-
-    X = select_blocks(fs, [k for k, _ in model.blocks])
-    table = builder.table(fs.ids, fs.paths, fs.status, fs.error, X if ok.all() else X[ok], ok)
-    summary = RunSummary(output=out, total=len(fs.ids), errors=int((~ok).sum()))
     if _is_dir_output(out):
         raise ImgsentError("scoring a store writes one file (or stdout); give --out FILE.parquet|.csv|.jsonl or -")
+    from .shards import list_store
+
+    model.check_recipe(list_store(store, kind=FEATURES_KIND).header, what=f"store {store}")
+    fs = load(store, backbones=[k for k, _ in model.blocks], only_ok=False)  # only the blocks the head reads
+    ok = fs.ok
+    X = fs.X
+    table = builder.table(fs.ids, fs.paths, fs.status, fs.error, X if ok.all() else X[ok], ok)
+    summary = RunSummary(output=out, total=len(fs.ids), errors=int((~ok).sum()))
     sink = FileSink(out, _format_of(out, fmt))
     try:
         sink.write(table)
