@@ -329,6 +329,13 @@ def list_backbones() -> None:
 
 def main() -> None:
     """Entry point: one clear line and exit code 2 for user errors, never a traceback."""
+    import os
+    import warnings
+
+    if not os.environ.get("IMGSENT_DEBUG"):  # torch's deprecation chatter is not the user's business
+        for module in ("torch", "torchvision", "timm"):
+            warnings.filterwarnings("ignore", category=UserWarning, module=module)
+            warnings.filterwarnings("ignore", category=FutureWarning, module=module)
     try:
         app()
     except ImgsentError as exc:
