@@ -62,7 +62,7 @@ def _decode_batch(batch: dict, preprocesses: list[dict], tta: str, max_pixels: i
 class _EmbedActor:
     """Ray actor: builds the backbones once, then embeds decoded batches."""
 
-    def __init__(self, specs: list[tuple[str, bool, dict]], engine_kwargs: dict):
+    def __init__(self, specs: list[tuple[str, bool, dict]], engine_kwargs: dict, head_path: str | None = None):
         backbones = []
         for spec, random_weights, fingerprint in specs:
             bb = create_backbone(spec, random_weights=random_weights)
@@ -71,6 +71,11 @@ class _EmbedActor:
             backbones.append(bb)
         self.engine = FeatureEngine(backbones, workers=0, **engine_kwargs)
         self.keys = list(dict.fromkeys(bb.preprocess.view_key for bb in backbones))
+        self.model = None
+        if head_path is not None:
+            from .training import load_model
+
+            self.model = load_model(head_path)
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -83,6 +88,12 @@ class _EmbedActor:
         out = {k: batch[k] for k in ("id", "path", "status", "error", "width", "height")}
         for j, key in enumerate(self.engine.keys):
             out[f"feat{j}"] = feats[key]
+        if self.model is not None:  # the head runs here too, next to the backbones
+            proba = np.full((len(batch["id"]), len(self.model.classes)), np.nan, dtype=np.float32)
+            if ok_pos:
+                X = np.concatenate([feats[k][ok_pos] for k, _ in self.model.blocks], axis=1)
+                proba[ok_pos] = self.model.predict_proba(X)
+            out["proba"] = proba
         return out
 
 
@@ -107,6 +118,7 @@ class RayEngine:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         compile: bool = False,
         num_cpus: int | None = None,
+        head_path: str | None = None,
     ):
         ray = require_ray()
         if not ray.is_initialized():
@@ -125,6 +137,7 @@ class RayEngine:
         self.max_pixels = max_pixels
         self.workers = workers or 1
         self.gpus_per_worker = gpus_per_worker
+        self.head_path = head_path
         self.specs = [(bb.recipe()["spec"], bool(bb.fingerprint.get("random")), bb.fingerprint) for bb in backbones]
         self.engine_kwargs = {"device": "cuda" if gpus_per_worker > 0 and device == "auto" else device,
                               "precision": precision, "batch_size": batch_size, "tta": tta, "compile": compile}  # fmt: skip
@@ -157,7 +170,11 @@ class RayEngine:
             batch_format="numpy",
             concurrency=self.workers,
             num_gpus=self.gpus_per_worker or None,
-            fn_constructor_kwargs={"specs": self.specs, "engine_kwargs": self.engine_kwargs},
+            fn_constructor_kwargs={
+                "specs": self.specs,
+                "engine_kwargs": self.engine_kwargs,
+                "head_path": self.head_path,
+            },
         )
         for batch in ds.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2):
             yield FeatureBatch(
@@ -168,4 +185,5 @@ class RayEngine:
                 width=[None if w < 0 else int(w) for w in batch["width"]],
                 height=[None if h < 0 else int(h) for h in batch["height"]],
                 features={key: np.asarray(batch[f"feat{j}"], dtype=np.float32) for j, key in enumerate(self.keys)},
+                proba=np.asarray(batch["proba"], dtype=np.float32) if "proba" in batch else None,
             )

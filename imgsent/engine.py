@@ -40,6 +40,7 @@ class FeatureBatch:
     width: list[int | None]
     height: list[int | None]
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    proba: np.ndarray | None = None  # class probabilities, when a head already ran (Ray actors)
 
     def __len__(self) -> int:
         return len(self.ids)

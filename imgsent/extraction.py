@@ -41,19 +41,28 @@ def build_engine(
     ray_address: str | None = None,
     ray_workers: int | None = None,
     gpus_per_worker: float = 0.0,
+    head_path: str | None = None,
     **kwargs,
 ):
     """The distributor of the shard work: the local :class:`FeatureEngine`, or Ray Data.
 
     ``kwargs`` are the engine settings (device, precision, batch_size, workers, compile, tta,
-    max_pixels); the Ray engine imports Ray only when asked for."""
+    max_pixels); the Ray engine imports Ray only when asked for, and also runs the model bundle at
+    ``head_path`` in its actors (scoring)."""
     if engine == "local":
         return FeatureEngine(models, **kwargs)
     if engine == "ray":
         from .distributed import RayEngine
 
         kwargs.pop("workers", None)  # Ray schedules the decoding tasks itself
-        return RayEngine(models, address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker, **kwargs)
+        return RayEngine(
+            models,
+            address=ray_address,
+            workers=ray_workers,
+            gpus_per_worker=gpus_per_worker,
+            head_path=head_path,
+            **kwargs,
+        )
     raise ImgsentError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
 
 

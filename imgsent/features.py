@@ -89,6 +89,7 @@ def slice_batch(batch: FeatureBatch, start: int, stop: int) -> FeatureBatch:
         width=batch.width[start:stop],
         height=batch.height[start:stop],
         features={k: v[start:stop] for k, v in batch.features.items()},
+        proba=None if batch.proba is None else batch.proba[start:stop],
     )
 
 

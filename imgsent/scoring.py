@@ -116,11 +116,13 @@ class ScoreTableBuilder:
         self.threshold = threshold
         self.pos = model.classes.index(model.positive_class) if model.positive_class else None
 
-    def table(self, ids, paths, status, error, X_ok: np.ndarray | None, ok: np.ndarray) -> pa.Table:
+    def table(self, ids, paths, status, error, X_ok: np.ndarray | None, ok: np.ndarray, proba=None) -> pa.Table:
+        """Score rows; ``proba`` (n, C) when the head already ran (Ray actors), else from ``X_ok``."""
         n, classes = len(ids), self.model.classes
-        proba = np.full((n, len(classes)), np.nan, dtype=np.float32)
-        if ok.any():
-            proba[ok] = self.model.predict_proba(X_ok)
+        if proba is None:
+            proba = np.full((n, len(classes)), np.nan, dtype=np.float32)
+            if ok.any():
+                proba[ok] = self.model.predict_proba(X_ok)
         if self.threshold is not None:
             other = 1 - (self.pos if self.pos is not None else 1)
             positive = self.pos if self.pos is not None else 1
@@ -145,8 +147,11 @@ class ScoreTableBuilder:
 
     def from_batch(self, batch: FeatureBatch) -> pa.Table:
         ok = batch.ok_mask
-        X = np.concatenate([batch.features[k] for k, _ in self.model.blocks], axis=1)[ok] if ok.any() else None
-        return self.table(batch.ids, [display_path(p) for p in batch.paths], batch.status, batch.error, X, ok)
+        X = None
+        if batch.proba is None and ok.any():
+            X = np.concatenate([batch.features[k] for k, _ in self.model.blocks], axis=1)[ok]
+        paths = [display_path(p) for p in batch.paths]
+        return self.table(batch.ids, paths, batch.status, batch.error, X, ok, proba=batch.proba)
 
 
 # --- sinks: where score rows go -------------------------------------------------------------------
@@ -273,8 +278,9 @@ def score(
     refs, shard_t = resolve_inputs(inputs, null=null, include_hidden=include_hidden, stdin=stdin, shard=shard)
     backbones = model_backbones(sentiment, weights)
     tta = sentiment.feature_header.get("tta", "none")
+    model_path = default_model_path() if model in (None, DEFAULT_MODEL) else model
     engine = build_engine(backbones, engine=engine, ray_address=ray_address, ray_workers=ray_workers,
-                          gpus_per_worker=gpus_per_worker, device=device, precision=precision, batch_size=batch_size,
+                          gpus_per_worker=gpus_per_worker, head_path=model_path, device=device, precision=precision, batch_size=batch_size,
                           workers=workers, compile=compile, tta=tta, max_pixels=max_pixels)  # fmt: skip
     outputs = []
     if keep_features:

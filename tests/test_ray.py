@@ -89,3 +89,23 @@ def test_missing_ray_extra_is_one_clear_line(monkeypatch, images, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(ImgsentError, match=r"pip install 'imgsent\[ray\]'"):
         imgsent.extract([str(images)], str(tmp_path / "s"), engine="ray", **KW)
+
+
+def test_heads_run_in_the_ray_actors(cluster, images, tmp_path):
+    from imgsent.distributed import RayEngine
+    from imgsent.scoring import model_backbones
+
+    store = str(tmp_path / "store")
+    imgsent.extract([str(images)], store, workers=0, **KW)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"img{i:03d}.jpg {i % 2}\n" for i in range(9)))
+    model = imgsent.train(store, labels=str(labels), head="moe", epochs=2, out=str(tmp_path / "model"))
+    engine = RayEngine(model_backbones(model), batch_size=4, head_path=str(tmp_path / "model"))
+    refs = imgsent.find_images([str(images)])
+    batches = list(engine.run(refs))
+    assert sum(len(b) for b in batches) == 10 and all(b.proba is not None for b in batches)
+    for b in batches:
+        ok = b.ok_mask
+        expected = model.predict_proba(np.concatenate([b.features[k] for k, _ in model.blocks], axis=1)[ok])
+        np.testing.assert_array_equal(b.proba[ok], expected)
+        assert np.isnan(b.proba[~ok]).all()
