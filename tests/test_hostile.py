@@ -182,3 +182,37 @@ def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(tmp_path):
         assert got["id"].n_unique() == got.height == 19
         mismatches += int(not got.drop("path").equals(expected.drop("path")))
     assert mismatches == 0
+
+
+def test_kill_9_during_score_then_rerun_equals_uninterrupted(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(18):
+        (src / f"{i:02d}.jpg").write_bytes(jpeg_bytes(rgb_array(60, 80, seed=i)))
+    (src / "bad.jpg").write_bytes(b"nope")
+    store = str(tmp_path / "store")
+    imgsent.extract([str(src)], store, **KW)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{i:02d}.jpg {i % 2}\n" for i in range(18)))
+    imgsent.train(store, labels=str(labels), head="nn", epochs=2, out=str(tmp_path / "model"))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+    def cmd(out):
+        return [sys.executable, "-m", "imgsent", "score", str(src), "--out", f"{out}/", "--model",
+                str(tmp_path / "model"), "--rows-per-shard", "3", "--batch-size", "1", "--workers", "1", "-q"]  # fmt: skip
+
+    subprocess.run(cmd(tmp_path / "ref"), check=True, env=env, timeout=300)
+    expected = pl.read_parquet(str(tmp_path / "ref" / "part-*.parquet")).sort("id")
+    rng = np.random.default_rng(1)
+    mismatches = 0
+    for k in range(3):
+        out = tmp_path / f"killed{k}"
+        proc = subprocess.Popen(cmd(out), env=env, start_new_session=True)
+        time.sleep(float(rng.uniform(2.0, 6.0)))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        subprocess.run(cmd(out), check=True, env=env, timeout=300)
+        got = pl.read_parquet(str(out / "part-*.parquet")).sort("id")
+        assert got["id"].n_unique() == got.height == 19
+        mismatches += int(not got.equals(expected))
+    assert mismatches == 0
