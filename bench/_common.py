@@ -42,7 +42,7 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def tree_rss_mb(pid: int) -> float:
+def tree_pss_mb(pid: int) -> float:
     """Memory of a process and all its descendants (MB): proportional set size from
     /proc/PID/smaps_rollup, so pages a forked decode worker shares with its parent count once."""
     total = 0

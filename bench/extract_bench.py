@@ -93,19 +93,19 @@ def main() -> None:
         refs = find_images([str(tmp / "images")])
         workers = default_workers() if args.workers is None else args.workers
         print(f"{args.images} Twitter I images, {torch.get_num_threads()} torch threads, {workers} decode workers")
-        rows = []
         for specs in ([MOBILENET], [MOBILENET, SECOND]):
             n = len(specs)
             t_naive = naive(paths, specs)
             with Timer() as t:
-                imgsent.extract([str(tmp / "images")], str(tmp / f"store{n}"), backbones=specs, random_weights=False
-                                if n == 1 else False, batch_size=args.batch_size, workers=workers, overwrite=True) \
-                    if n == 1 else _extract_mixed(tmp, specs, args.batch_size, workers)  # fmt: skip
+                if n == 1:  # the public entry point, real weights
+                    imgsent.extract([str(tmp / "images")], str(tmp / "store1"), backbones=specs,
+                                    batch_size=args.batch_size, workers=workers, overwrite=True)  # fmt: skip
+                else:  # the second backbone has random weights, which extract() would apply to both
+                    _extract_mixed(tmp, specs, args.batch_size, workers)
             t_model = model_alone(paths, specs, args.batch_size)
             t_decode = decode_alone(refs, specs, args.batch_size, workers)
             bound = args.images / (t_model + t_decode)
             rate = args.images / t.seconds
-            rows.append((n, args.images / t_naive, rate, args.images / t_model, args.images / t_decode, bound))
             print(f"\n{n} backbone(s): {', '.join(specs)}")
             print(f"  (a) naive loop        {args.images / t_naive:8.1f} images/s")
             print(f"  (b) imgsent extract   {rate:8.1f} images/s   = {rate * t_naive / args.images:.2f}x naive")

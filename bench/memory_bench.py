@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import MOBILENET, require_shared, tree_rss_mb, twitter_images
+from _common import MOBILENET, require_shared, tree_pss_mb, twitter_images
 
 
-def peak_rss(n: int, tmp: Path) -> tuple[float, float]:
+def peak_pss(n: int, tmp: Path) -> tuple[float, float]:
     images = tmp / f"images{n}"
     twitter_images(n, images)
     cmd = [
@@ -40,7 +40,7 @@ def peak_rss(n: int, tmp: Path) -> tuple[float, float]:
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     peak = 0.0
     while proc.poll() is None:
-        peak = max(peak, tree_rss_mb(proc.pid))
+        peak = max(peak, tree_pss_mb(proc.pid))
         time.sleep(0.1)
     if proc.returncode != 0:
         sys.exit(f"extract failed with {proc.returncode}")
@@ -56,7 +56,7 @@ def main() -> None:
     try:
         peaks = {}
         for n in [int(x) for x in args.sizes.split(",")]:
-            peak, secs = peak_rss(n, tmp)
+            peak, secs = peak_pss(n, tmp)
             peaks[n] = peak
             print(f"{n:6d} images: peak PSS (main + workers) {peak:7.0f} MB, {secs:.0f} s, {n / secs:.1f} images/s")
         lo, hi = min(peaks), max(peaks)

@@ -40,11 +40,6 @@ GpusPerWorker = Annotated[float, typer.Option("--gpus-per-worker", help="Ray: GP
 RowsPerShard = Annotated[int, typer.Option("--rows-per-shard", help="Rows per Parquet shard (resume granularity).")]
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"imgsent: error: {message}", err=True)
-    raise typer.Exit(2)
-
-
 @app.command()
 def extract(
     inputs: Inputs,

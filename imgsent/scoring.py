@@ -273,7 +273,7 @@ def score(
     sentiment = resolve_model(model)
     builder = ScoreTableBuilder(sentiment, *model_identity(sentiment, model), threshold)
     if features:
-        return _score_store(features, out, sentiment, builder, fmt, progress)
+        return _score_store(features, out, sentiment, builder, fmt)
 
     refs, shard_t = resolve_inputs(inputs, null=null, include_hidden=include_hidden, stdin=stdin, shard=shard)
     backbones = model_backbones(sentiment, weights)
@@ -337,8 +337,9 @@ def _count_labels(writer: ShardedWriter) -> dict[str, int]:
     return {str(r["label"]): int(r["len"]) for r in df.iter_rows(named=True) if r["label"] is not None}
 
 
-def _score_store(store: str, out: str, model: SentimentModel, builder: ScoreTableBuilder, fmt: str | None,
-                 progress: bool) -> RunSummary:  # fmt: skip
+def _score_store(
+    store: str, out: str, model: SentimentModel, builder: ScoreTableBuilder, fmt: str | None
+) -> RunSummary:
     start = time.perf_counter()
     if _is_dir_output(out):
         raise ImgsentError("scoring a store writes one file (or stdout); give --out FILE.parquet|.csv|.jsonl or -")

@@ -107,8 +107,7 @@ class ShardFile:
         fd, self.tmp = tempfile.mkstemp(dir=writer.directory, prefix=f".tmp-{self.name}.")
         os.close(fd)
         self._pq: pq.ParquetWriter | None = None
-        self._digest = hashlib.sha256()
-        self.rows = 0
+        self.ids: list[str] = []
 
     def append(self, table: pa.Table) -> None:
         try:
@@ -118,10 +117,7 @@ class ShardFile:
         except OSError as exc:
             self.abort()
             raise self.writer.write_error(self.name, exc) from None
-        for i in table.column("id").to_pylist():
-            self._digest.update(i.encode("utf-8", errors="surrogateescape"))
-            self._digest.update(b"\0")
-        self.rows += table.num_rows
+        self.ids.extend(table.column("id").to_pylist())
 
     def commit(self, **extra: int) -> None:
         """Finish the file and enter it in the manifest; ``extra`` counts (errors=...) go there too."""
@@ -136,8 +132,8 @@ class ShardFile:
         entry = {
             "index": self.chunk.index,
             "file": self.name,
-            "rows": self.rows,
-            "ids_sha256": self._digest.hexdigest(),
+            "rows": len(self.ids),
+            "ids_sha256": ids_digest(self.ids),
         }
         self.writer.record(self.chunk.index, {**entry, **extra})
 

@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -196,16 +197,10 @@ class SentimentModel:
     def save(self, path: str) -> None:
         """Write the bundle directory ``path`` (created if needed)."""
         os.makedirs(path, exist_ok=True)
-        atomic_save_safetensors(dict(self.head.state_dict()), _path(path, HEAD_FILE))
+        atomic_save_safetensors(dict(self.head.state_dict()), Path(path) / HEAD_FILE)
         from .shards import write_json_atomic
 
         write_json_atomic(os.path.join(path, MODEL_FILE), self.to_json())
-
-
-def _path(directory: str, name: str):
-    from pathlib import Path
-
-    return Path(directory) / name
 
 
 def _bad(path: str, why: str) -> ImgsentError:
