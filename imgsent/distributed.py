@@ -73,9 +73,10 @@ class _EmbedActor:
         self.keys = list(dict.fromkeys(bb.preprocess.view_key for bb in backbones))
         self.model = None
         if head_path is not None:
-            from .training import load_model
+            from .training import head_precision, load_model
 
             self.model = load_model(head_path)
+            self.head_precision = head_precision(engine_kwargs.get("precision", "auto"))
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -92,7 +93,7 @@ class _EmbedActor:
             proba = np.full((len(batch["id"]), len(self.model.classes)), np.nan, dtype=np.float32)
             if ok_pos:
                 X = np.concatenate([feats[k][ok_pos] for k, _ in self.model.blocks], axis=1)
-                proba[ok_pos] = self.model.predict_proba(X)
+                proba[ok_pos] = self.model.predict_proba(X, self.head_precision)
             out["proba"] = proba
         return out
 

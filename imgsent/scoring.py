@@ -14,11 +14,15 @@ import os
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import torch
 
 from .backbones import Backbone, BackboneSpec, create_backbone, fingerprints_match
 from .decode import DEFAULT_MAX_PIXELS
@@ -26,11 +30,11 @@ from .engine import FeatureBatch
 from .errors import ImgsentError
 from .extraction import DEFAULT_ROWS_PER_SHARD, build_engine, resolve_inputs, run_sharded
 from .features import KIND as FEATURES_KIND
-from .features import base_arrays, describe_header_difference, feature_table, load, store_header
+from .features import StoreReader, describe_header_difference, feature_table, store_header
 from .inputs import display_path
 from .report import RunSummary
-from .shards import ShardedWriter
-from .training import SentimentModel, load_model
+from .shards import ShardedWriter, list_store
+from .training import SentimentModel, head_precision, load_model
 
 FORMATS = ("parquet", "csv", "jsonl")
 SCORES_KIND = "scores"
@@ -105,7 +109,8 @@ def model_identity(model: SentimentModel, path: str | None) -> tuple[str, str]:
 class ScoreTableBuilder:
     """Turns features (or error rows) into score rows for one model."""
 
-    def __init__(self, model: SentimentModel, model_name: str, model_version: str, threshold: float | None):
+    def __init__(self, model: SentimentModel, model_name: str, model_version: str, threshold: float | None,
+                 precision: str = "fp32"):  # fmt: skip
         if threshold is not None:
             if len(model.classes) != 2:
                 raise ImgsentError("--threshold applies to two-class models only")
@@ -114,15 +119,19 @@ class ScoreTableBuilder:
         self.model = model
         self.name, self.version = model_name, model_version
         self.threshold = threshold
+        self.precision = precision
         self.pos = model.classes.index(model.positive_class) if model.positive_class else None
 
-    def table(self, ids, paths, status, error, X_ok: np.ndarray | None, ok: np.ndarray, proba=None) -> pa.Table:
-        """Score rows; ``proba`` (n, C) when the head already ran (Ray actors), else from ``X_ok``."""
-        n, classes = len(ids), self.model.classes
+    def table(self, ids, paths, status, error, X: np.ndarray | None, ok: np.ndarray, proba=None) -> pa.Table:
+        """Score rows. ``ids``...``error``: lists or Arrow string arrays; ``X``: features of every row
+        (whatever sits in rows that are not ``ok`` is ignored), or ``proba`` (n, C) when the head
+        already ran (Ray actors)."""
+        n, classes = len(ok), self.model.classes
         if proba is None:
             proba = np.full((n, len(classes)), np.nan, dtype=np.float32)
             if ok.any():
-                proba[ok] = self.model.predict_proba(X_ok)
+                proba = self.model.predict_proba(X, self.precision)
+                proba[~ok] = np.nan
         if self.threshold is not None:
             other = 1 - (self.pos if self.pos is not None else 1)
             positive = self.pos if self.pos is not None else 1
@@ -130,18 +139,17 @@ class ScoreTableBuilder:
         else:
             pred = np.nan_to_num(proba, nan=-1).argmax(1)
         score = proba[:, self.pos] if self.pos is not None else proba[np.arange(n), pred]
-        labels = np.asarray(classes, dtype=object)[pred]
         mask = ~ok
-        arrays = base_arrays(ids, paths, status, error, [None] * n, [None] * n)[:4]
+        arrays = [c if isinstance(c, pa.Array) else pa.array(c, pa.string()) for c in (ids, paths, status, error)]
         names = ["id", "path", "status", "error", "label", "score"]
         arrays += [
-            pa.array(labels, pa.string(), mask=mask),
+            pc.take(pa.array(classes, pa.string()), pa.array(pred, pa.int32(), mask=mask)),
             pa.array(score, pa.float32(), mask=mask),
         ]
         for c, name in enumerate(classes):
             arrays.append(pa.array(proba[:, c], pa.float32(), mask=mask))
             names.append(f"p_{name}")
-        arrays += [pa.array([self.name] * n, pa.string()), pa.array([self.version] * n, pa.string())]
+        arrays += [pa.repeat(pa.scalar(self.name, pa.string()), n), pa.repeat(pa.scalar(self.version, pa.string()), n)]
         names += ["model", "model_version"]
         return pa.Table.from_arrays(arrays, names=names)
 
@@ -149,7 +157,7 @@ class ScoreTableBuilder:
         ok = batch.ok_mask
         X = None
         if batch.proba is None and ok.any():
-            X = np.concatenate([batch.features[k] for k, _ in self.model.blocks], axis=1)[ok]
+            X = np.concatenate([batch.features[k] for k, _ in self.model.blocks], axis=1)
         paths = [display_path(p) for p in batch.paths]
         return self.table(batch.ids, paths, batch.status, batch.error, X, ok, proba=batch.proba)
 
@@ -271,7 +279,7 @@ def score(
     if bool(inputs) == bool(features):
         raise ImgsentError("give either images to score or --features STORE, not both (and not neither)")
     sentiment = resolve_model(model)
-    builder = ScoreTableBuilder(sentiment, *model_identity(sentiment, model), threshold)
+    builder = ScoreTableBuilder(sentiment, *model_identity(sentiment, model), threshold, head_precision(precision))
     if features:
         return _score_store(features, out, sentiment, builder, fmt)
 
@@ -322,9 +330,8 @@ def score(
 
 
 def _add_counts(counts: dict[str, int], table: pa.Table) -> None:
-    for label in table.column("label").to_pylist():
-        if label is not None:
-            counts[label] = counts.get(label, 0) + 1
+    for entry in pc.value_counts(table.column("label").drop_null()).to_pylist():
+        counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
 
 
 def _count_labels(writer: ShardedWriter) -> dict[str, int]:
@@ -340,25 +347,58 @@ def _count_labels(writer: ShardedWriter) -> dict[str, int]:
 def _score_store(
     store: str, out: str, model: SentimentModel, builder: ScoreTableBuilder, fmt: str | None
 ) -> RunSummary:
+    """Stream a store through the head, one row group at a time on every core (each thread reads
+    a part and scores it), reading only the blocks the head needs. Rows come out sorted by id: as read for a
+    one-job store; a job array's interleaved shards are sorted at the end (score rows only)."""
     start = time.perf_counter()
     if _is_dir_output(out):
         raise ImgsentError("scoring a store writes one file (or stdout); give --out FILE.parquet|.csv|.jsonl or -")
-    from .shards import list_store
-
     model.check_recipe(list_store(store, kind=FEATURES_KIND).header, what=f"store {store}")
-    fs = load(store, backbones=[k for k, _ in model.blocks], only_ok=False)  # only the blocks the head reads
-    ok = fs.ok
-    X = fs.X
-    table = builder.table(fs.ids, fs.paths, fs.status, fs.error, X if ok.all() else X[ok], ok)
-    summary = RunSummary(output=out, total=len(fs.ids), errors=int((~ok).sum()))
+    reader = StoreReader(store, [k for k, _ in model.blocks])
+    summary = RunSummary(output=out)
     sink = FileSink(out, _format_of(out, fmt))
+    held: list[pa.Table] = []
+
+    def score_part(part) -> tuple[pa.Table, int]:
+        chunk = reader.read(part)
+        c = chunk.columns
+        return builder.table(c["id"], c["path"], c["status"], c["error"], chunk.X, chunk.ok), int((~chunk.ok).sum())
+
     try:
-        sink.write(table)
+        for table, errors in parallel_map(score_part, reader.parts):
+            summary.total += table.num_rows
+            summary.errors += errors
+            _add_counts(summary.labels, table)
+            if reader.in_id_order:
+                sink.write(table)
+            else:
+                held.append(table)
+        if held:
+            sink.write(pa.concat_tables(held).sort_by("id"))
     except BaseException:
         sink.close(ok=False)
         raise
     sink.close(ok=True)
-    _add_counts(summary.labels, table)
     summary.ok = summary.total - summary.errors
     summary.elapsed_s = time.perf_counter() - start
     return summary
+
+
+def parallel_map(fn, items, workers: int | None = None):
+    """``map(fn, items)`` in order, on one thread per core with torch's own threading off: the
+    head's small matrix products scale better side by side than split across cores, and a core
+    never idles while another reads."""
+    workers = workers or max(1, torch.get_num_threads())
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="imgsent-head") as pool:
+            pending = deque()
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        torch.set_num_threads(before)

@@ -80,6 +80,9 @@ def write_json_atomic(path: str, obj: dict) -> None:
         raise
 
 
+ROW_GROUP_ROWS = 1024  # rows per Parquet row group in every shard: the unit readers work in
+
+
 def parquet_options(schema: pa.Schema) -> dict:
     """Text columns compress well; float features barely do and would cost a decode on every read."""
     text = [f.name for f in schema if not pa.types.is_fixed_size_list(f.type)]
@@ -107,20 +110,34 @@ class ShardFile:
         fd, self.tmp = tempfile.mkstemp(dir=writer.directory, prefix=f".tmp-{self.name}.")
         os.close(fd)
         self._pq: pq.ParquetWriter | None = None
+        self._held: list[pa.Table] = []  # rows waiting for a full row group
         self.ids: list[str] = []
 
     def append(self, table: pa.Table) -> None:
+        """Add rows; they reach the file in row groups of :data:`ROW_GROUP_ROWS` (the last one
+        shorter), whatever the sizes appended, so readers can split a shard into equal parts."""
+        self.ids.extend(table.column("id").to_pylist())
+        self._held.append(table)
+        if sum(t.num_rows for t in self._held) >= ROW_GROUP_ROWS:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        rows = pa.concat_tables(self._held) if len(self._held) > 1 else self._held[0]
+        full = rows.num_rows if final else rows.num_rows - rows.num_rows % ROW_GROUP_ROWS
         try:
             if self._pq is None:
-                self._pq = pq.ParquetWriter(self.tmp, table.schema, **parquet_options(table.schema))
-            self._pq.write_table(table)
+                self._pq = pq.ParquetWriter(self.tmp, rows.schema, **parquet_options(rows.schema))
+            if full:
+                self._pq.write_table(rows.slice(0, full), row_group_size=ROW_GROUP_ROWS)
         except OSError as exc:
             self.abort()
             raise self.writer.write_error(self.name, exc) from None
-        self.ids.extend(table.column("id").to_pylist())
+        self._held = [rows.slice(full)] if full < rows.num_rows else []
 
     def commit(self, **extra: int) -> None:
         """Finish the file and enter it in the manifest; ``extra`` counts (errors=...) go there too."""
+        if self._held:
+            self._flush(final=True)
         try:
             if self._pq is not None:
                 self._pq.close()
@@ -144,6 +161,7 @@ class ShardFile:
         except Exception:
             pass
         self._pq = None
+        self._held = []
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
 
@@ -429,6 +447,7 @@ class StoreListing:
     files: list[str]
     complete: bool
     rows: int
+    jobs: int = 1  # manifests (``--shard I/N`` jobs) whose shards are listed
 
 
 def list_store(directory: str, kind: str | None = None) -> StoreListing:
@@ -458,4 +477,5 @@ def list_store(directory: str, kind: str | None = None) -> StoreListing:
         files=files,
         complete=all(bool(m.get("complete")) for m in manifests),
         rows=sum(int(e["rows"]) for m in manifests for e in m["shards"]),
+        jobs=sum(1 for m in manifests if m["shards"]),
     )

@@ -8,10 +8,10 @@ Loading reads JSON and safetensors only: nothing is unpickled.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,6 +28,8 @@ from .labels import LabelJoin, join_labels, labels_from_folders, map_labels, rea
 from .weights import atomic_save_safetensors
 
 MODEL_FORMAT = "imgsent-model"
+HEAD_ROWS = 1024  # the head always sees blocks of exactly this many rows (see SentimentModel.predict_proba)
+HEAD_PRECISIONS = ("fp32", "bf16")
 MODEL_FORMAT_VERSION = 1
 HEAD_FILE = "head.safetensors"
 MODEL_FILE = "model.json"
@@ -92,6 +94,12 @@ class TrainConfig:
         return "nn" if self.head == "nn" else f"moe{self.schedule}"
 
 
+def head_precision(precision: str) -> str:
+    """The head's precision for a run's ``--precision``: bf16 when asked for, float32 otherwise
+    (the head is tiny next to the backbones; fp16 autocast has no fast CPU kernels)."""
+    return "bf16" if precision == "bf16" else "fp32"
+
+
 class SentimentModel:
     """A trained head plus everything needed to apply it: classes, feature blocks and recipes.
 
@@ -109,7 +117,6 @@ class SentimentModel:
         self.feature_header = {k: v for k, v in (feature_header or {}).items() if k in ("tta",)}
         self.training = training or {}
         self.norm = BlockNorm([d for _, d in self.blocks]) if config.normalize_blocks else None
-        self._head64: torch.nn.Module | None = None
 
     @property
     def in_dim(self) -> int:
@@ -128,22 +135,33 @@ class SentimentModel:
         return X
 
     @torch.inference_mode()
-    def predict_proba(self, X, batch_size: int = 16384) -> np.ndarray:
+    def predict_proba(self, X, precision: str = "fp32") -> np.ndarray:
         """Class probabilities (N, C), float32.
 
-        Computed in float64 and rounded, so a row's result does not depend on which other rows
-        share its batch (float32 matrix kernels round differently for different batch shapes):
-        scoring images batch by batch and scoring their store at once give identical numbers.
+        The head always runs on blocks of exactly :data:`HEAD_ROWS` rows (the last one padded with
+        zeros): float32 matrix kernels pick their blocking by the batch's shape, and one fixed shape
+        makes a row's result independent of the rows around it, so scoring images batch by batch
+        and scoring their store at once give identical numbers (tested).
+        ``precision="bf16"`` runs the head under CPU autocast (bfloat16 inputs, float32
+        accumulation): about twice as fast on CPUs with native bfloat16 (AVX512-BF16, AMX);
+        probabilities move by about 1e-3.
         """
+        if precision not in HEAD_PRECISIONS:
+            raise ImgsentError(f"head precision must be one of {', '.join(HEAD_PRECISIONS)}, got {precision!r}")
         X = self._matrix(X)
-        if self._head64 is None:
-            self._head64 = copy.deepcopy(self.head).double().eval()
-        out = np.empty((len(X), len(self.classes)), dtype=np.float32)
-        for s in range(0, len(X), batch_size):
-            x = torch.from_numpy(np.asarray(X[s : s + batch_size], dtype=np.float64))
-            if self.norm is not None:
-                x = self.norm(x)
-            out[s : s + batch_size] = self._head64.proba(self._head64(x)).numpy()
+        n, d = X.shape
+        out = np.empty((n, len(self.classes)), dtype=np.float32)
+        with warnings.catch_warnings(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for s in range(0, n, HEAD_ROWS):
+                block = X[s : s + HEAD_ROWS]
+                m = len(block)
+                if m < HEAD_ROWS:
+                    block = np.concatenate([block, np.zeros((HEAD_ROWS - m, d), dtype=np.float32)])
+                x = torch.from_numpy(block)
+                if self.norm is not None:
+                    x = self.norm(x)
+                out[s : s + m] = self.head.proba(self.head(x)).float()[:m].numpy()
         return out
 
     def predict(self, X) -> list[str]:

@@ -189,3 +189,15 @@ def test_a_dying_decoder_process_is_survived(images, tmp_path, monkeypatch):
     reasons = dict(zip(fs.ids, fs.error))
     assert "died" in reasons["img004.jpg"]
     assert sum(st == "ok" for st in fs.status) == 8
+
+
+def test_shards_are_written_in_fixed_row_groups(images, tmp_path, monkeypatch):
+    """Readers split shards by row group, so every shard has equal groups whatever the batch size."""
+    monkeypatch.setattr(imgsent.shards, "ROW_GROUP_ROWS", 3)
+    out = str(tmp_path / "s")
+    extract([str(images)], out, rows_per_shard=7, **KW)  # batches of 4, shards of 7 rows
+    files = sorted(f for f in os.listdir(out) if f.startswith("part-"))
+    sizes = [[pq.ParquetFile(os.path.join(out, f)).metadata.row_group(g).num_rows
+              for g in range(pq.ParquetFile(os.path.join(out, f)).num_row_groups)] for f in files]  # fmt: skip
+    assert sizes == [[3, 3, 1], [3, 1]]
+    assert load(out, only_ok=False).ids == sorted(os.listdir(images))

@@ -124,3 +124,26 @@ def test_bundle_round_trip_and_tamper_detection(tmp_path):
         load_model(str(tmp_path / "m"))
     with pytest.raises(ImgsentError, match="not a model directory"):
         load_model(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("head", ["nn", "moe1"])
+def test_a_rows_probabilities_do_not_depend_on_its_batch(head):
+    """Scoring images batch by batch and their store at once must give identical numbers."""
+    rng = np.random.default_rng(3)
+    X = np.abs(rng.normal(size=(2500, 16))).astype(np.float32)
+    y = (X[:, 0] > X[:, 1]).astype(np.int64)
+    m = fit(X, y, ["negative", "positive"], [("a", 8), ("b", 8)], TrainConfig.named(head, epochs=1))
+    whole = m.predict_proba(X)
+    cuts = [0, 1, 8, 700, 1023, 1024, 2049, 2500]
+    pieces = np.concatenate([m.predict_proba(X[a:b]) for a, b in zip(cuts, cuts[1:])])
+    assert np.array_equal(whole, pieces)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert np.array_equal(m.predict_proba(X), whole)
+    finally:
+        torch.set_num_threads(before)
+    bf16 = m.predict_proba(X, "bf16")
+    np.testing.assert_allclose(bf16, whole, atol=0.03)
+    with pytest.raises(ImgsentError, match="precision"):
+        m.predict_proba(X, "fp8")
