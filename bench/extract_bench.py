@@ -6,7 +6,7 @@ Times, on the same Twitter I images in one run:
   (a) a naive loop: PIL open, torchvision transforms, model, one image and one backbone at a time
       (with two backbones it decodes every image twice);
   (b) imgsent's engine (imgsent.extract), one and two backbones;
-  (c) the model alone on ready tensors (batched, all cores);
+  (c) the model alone on ready tensors (batched, all cores, the engine's lanes);
   (d) decoding alone (imgsent's decoder in worker processes on all cores, no model).
 On a CPU-only machine decode and model share the cores, so the bound is 1 / (decode + model time)
 per image, each measured alone on all cores. Backbones: the real MobileNetV2 from ../shared, and a
@@ -27,7 +27,7 @@ from PIL import Image
 
 import imgsent
 from imgsent.backbones import create_backbone
-from imgsent.engine import FeatureEngine, default_workers
+from imgsent.engine import FeatureEngine, default_workers, in_lanes
 from imgsent.inputs import find_images
 
 SECOND = "torchvision:efficientnet_b0"  # --second: any spec; random weights (same cost as real ones)
@@ -49,15 +49,22 @@ def naive(paths, specs) -> float:
 
 
 def model_alone(paths, specs, batch_size) -> float:
-    """imgsent's model step (normalise + optimised forward) on ready uint8 tensors, all cores."""
+    """imgsent's model step (normalise + optimised forward) on ready uint8 tensors, all cores, run
+    the engine's fastest way (its lanes: one batch per core side by side)."""
     models = [create_backbone(s, random_weights=(s == SECOND)) for s in specs]
     engine = FeatureEngine(models, device="cpu", batch_size=batch_size, workers=0)
     n = len(paths)
     x = torch.randint(0, 256, (batch_size, 1, 3, 224, 224), dtype=torch.uint8)
-    with Timer() as t, torch.inference_mode():
-        for i in range(len(models)):
-            for s in range(0, n, batch_size):
-                engine._embed(i, x[: min(batch_size, n - s)])
+
+    def embed(rows: int) -> None:
+        with torch.inference_mode():
+            for i in range(len(models)):
+                engine._embed(i, x[:rows])
+
+    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    with Timer() as t:
+        for _ in in_lanes(embed, sizes, engine.lanes):
+            pass
     return t.seconds
 
 

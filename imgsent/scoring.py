@@ -14,9 +14,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
@@ -26,7 +24,7 @@ import torch
 
 from .backbones import Backbone, BackboneSpec, create_backbone, fingerprints_match
 from .decode import DEFAULT_MAX_PIXELS
-from .engine import FeatureBatch
+from .engine import FeatureBatch, in_lanes
 from .errors import ImgsentError
 from .extraction import DEFAULT_ROWS_PER_SHARD, build_engine, resolve_inputs, run_sharded
 from .features import KIND as FEATURES_KIND
@@ -365,7 +363,7 @@ def _score_store(
         return builder.table(c["id"], c["path"], c["status"], c["error"], chunk.X, chunk.ok), int((~chunk.ok).sum())
 
     try:
-        for table, errors in parallel_map(score_part, reader.parts):
+        for table, errors in in_lanes(score_part, reader.parts, torch.get_num_threads()):
             summary.total += table.num_rows
             summary.errors += errors
             _add_counts(summary.labels, table)
@@ -382,23 +380,3 @@ def _score_store(
     summary.ok = summary.total - summary.errors
     summary.elapsed_s = time.perf_counter() - start
     return summary
-
-
-def parallel_map(fn, items, workers: int | None = None):
-    """``map(fn, items)`` in order, on one thread per core with torch's own threading off: the
-    head's small matrix products scale better side by side than split across cores, and a core
-    never idles while another reads."""
-    workers = workers or max(1, torch.get_num_threads())
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="imgsent-head") as pool:
-            pending = deque()
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) > workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-    finally:
-        torch.set_num_threads(before)
