@@ -53,6 +53,7 @@ def model_alone(paths, specs, batch_size) -> float:
     the engine's fastest way (its lanes: one batch per core side by side)."""
     models = [create_backbone(s, random_weights=(s == SECOND)) for s in specs]
     engine = FeatureEngine(models, device="cpu", batch_size=batch_size, workers=0)
+    engine.prepare()
     n = len(paths)
     x = torch.randint(0, 256, (batch_size, 1, 3, 224, 224), dtype=torch.uint8)
 

@@ -248,24 +248,36 @@ class FeatureEngine:
         self.backbones = list(backbones)
         self._devices: list[torch.device] = []
         self._norms: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._fixed_shape: list[bool] = []  # frozen modules always get exactly model_batch images
+        self._fixed_shape = [False] * len(self.backbones)  # frozen modules get exactly model_batch images
+        self._compile, self._optimize = compile, optimize
+        self._prepared = False
+        self._prepare_lock = threading.Lock()
         for bb in self.backbones:
             dev = torch.device("cpu") if bb.cpu_only else self.device
-            module = bb.module.to(dev)
-            if self.channels_last and not isinstance(module, torch.jit.ScriptModule):
-                module = module.to(memory_format=torch.channels_last)
-            scripted = isinstance(module, torch.jit.ScriptModule)
-            frozen = False
-            if compile and not scripted:
-                module = torch.compile(module)
-            elif not scripted and (optimize == "jit" or (optimize == "auto" and dev.type == "cpu")):
-                module, frozen = _freeze(bb, module, dev, self.channels_last, self.model_batch)
-            bb.module = module
-            self._fixed_shape.append(frozen)
             self._devices.append(dev)
             mean = torch.tensor(bb.preprocess.mean, device=dev).view(1, 3, 1, 1) * 255.0
             std = torch.tensor(bb.preprocess.std, device=dev).view(1, 3, 1, 1) * 255.0
             self._norms.append((mean, std))
+
+    def prepare(self) -> None:
+        """Move the backbones to their device and optimise them (trace, freeze, fuse on CPU; or
+        ``torch.compile``). Done once, on first use: :meth:`run` starts its decoding processes
+        first, so they decode the first batches while this runs."""
+        with self._prepare_lock:
+            if self._prepared:
+                return
+            for i, bb in enumerate(self.backbones):
+                dev = self._devices[i]
+                module = bb.module.to(dev)
+                if self.channels_last and not isinstance(module, torch.jit.ScriptModule):
+                    module = module.to(memory_format=torch.channels_last)
+                scripted = isinstance(module, torch.jit.ScriptModule)
+                if self._compile and not scripted:
+                    module = torch.compile(module)
+                elif not scripted and (self._optimize == "jit" or (self._optimize == "auto" and dev.type == "cpu")):
+                    module, self._fixed_shape[i] = _freeze(bb, module, dev, self.channels_last, self.model_batch)
+                bb.module = module
+            self._prepared = True
 
     @property
     def keys(self) -> list[str]:
@@ -342,7 +354,8 @@ class FeatureEngine:
     def _decoded(self, dataset: _ImageDataset, batches: list[list[int]]) -> Iterator[_CollatedBatch]:
         received = 0
         while received < len(batches):
-            loader = iter(self._loader(dataset, batches[received:]))
+            loader = iter(self._loader(dataset, batches[received:]))  # decoding processes start
+            self.prepare()
             try:
                 for batch in loader:
                     received += 1
@@ -361,6 +374,7 @@ class FeatureEngine:
     def embed_views(self, views: dict[tuple, torch.Tensor], ok_pos: list[int], n: int) -> dict[str, np.ndarray]:
         """Features of every backbone for ``n`` rows: uint8 views (of the ``ok_pos`` rows, in order)
         in, float32 (n, D) per backbone key out, NaN on the other rows."""
+        self.prepare()
         feats: dict[str, np.ndarray] = {}
         with torch.inference_mode():
             for idx, bb in enumerate(self.backbones):
