@@ -68,7 +68,7 @@ complete -c imgsent -n '__fish_seen_subcommand_from score' -l format -r -F -d 'p
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l threshold -r -F -d 'Two-class models - predict positive when p_positive >= this (default - argmax)'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l keep-features -r -F -d 'Also write the computed features to this store'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l device -r -F -d 'auto (cuda, then mps, then cpu), cpu, cuda, cuda -N, mps'
-complete -c imgsent -n '__fish_seen_subcommand_from score' -l precision -r -F -d 'auto (AMP on CUDA, fp32 elsewhere), fp32, bf16, fp16'
+complete -c imgsent -n '__fish_seen_subcommand_from score' -l precision -r -F -d 'auto (AMP on CUDA, fp32 elsewhere), fp32, bf16 (the head too), fp16'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l batch-size -s b -r -F -d 'Images per batch'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l workers -r -F -d 'Decoding processes (default - cores - 1; 0 = in-process)'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l shard -r -F -d 'Process only part I of N of the inputs (I/N), for job arrays'

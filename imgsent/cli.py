@@ -24,6 +24,9 @@ Null = Annotated[bool, typer.Option("--null", "-0", help="Paths in lists/stdin a
 Hidden = Annotated[bool, typer.Option("--hidden", help="Include hidden files and directories.")]
 Device = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
 Precision = Annotated[str, typer.Option(help="auto (AMP on CUDA, fp32 elsewhere), fp32, bf16, fp16.")]
+ScorePrecision = Annotated[
+    str, typer.Option(help="auto (AMP on CUDA, fp32 elsewhere), fp32, bf16 (the head too), fp16.")
+]
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")]
 Workers = Annotated[int | None, typer.Option(help="Decoding processes (default: cores - 1; 0 = in-process).")]
 Shard = Annotated[str | None, typer.Option(help="Process only part I of N of the inputs (I/N), for job arrays.")]
@@ -239,7 +242,7 @@ def score(
         str | None, typer.Option("--keep-features", help="Also write the computed features to this store.")
     ] = None,
     device: Device = "auto",
-    precision: Precision = "auto",
+    precision: ScorePrecision = "auto",
     batch_size: BatchSize = 64,
     workers: Workers = None,
     shard: Shard = None,
