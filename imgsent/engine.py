@@ -182,9 +182,14 @@ def select_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ImgsentError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    check_precision(precision)
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "auto":
@@ -330,7 +335,7 @@ class FeatureEngine:
             part = x[s : s + step]
             m = len(part)
             if m < step and self._fixed_shape[index]:
-                pad = part.new_zeros((step - m, *part.shape[1:])).contiguous(memory_format=part_format(part))
+                pad = part.new_zeros((step - m, *part.shape[1:]))
                 part = torch.cat([part, pad]).contiguous(memory_format=part_format(part))
             outs.append(bb(part)[:m].float())
         return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -125,11 +125,11 @@ class ScoreTableBuilder:
         (whatever sits in rows that are not ``ok`` is ignored), or ``proba`` (n, C) when the head
         already ran (Ray actors)."""
         n, classes = len(ok), self.model.classes
-        if proba is None:
+        if proba is None and ok.any():
+            proba = self.model.predict_proba(X, self.precision)
+            proba[~ok] = np.nan
+        elif proba is None:
             proba = np.full((n, len(classes)), np.nan, dtype=np.float32)
-            if ok.any():
-                proba = self.model.predict_proba(X, self.precision)
-                proba[~ok] = np.nan
         if self.threshold is not None:
             other = 1 - (self.pos if self.pos is not None else 1)
             positive = self.pos if self.pos is not None else 1
@@ -351,7 +351,9 @@ def _score_store(
     start = time.perf_counter()
     if _is_dir_output(out):
         raise ImgsentError("scoring a store writes one file (or stdout); give --out FILE.parquet|.csv|.jsonl or -")
-    model.check_recipe(list_store(store, kind=FEATURES_KIND).header, what=f"store {store}")
+    model.check_recipe(
+        list_store(store, kind=FEATURES_KIND).header, what=f"store {store}"
+    )  # before any block is looked up
     reader = StoreReader(store, [k for k, _ in model.blocks])
     summary = RunSummary(output=out)
     sink = FileSink(out, _format_of(out, fmt))

@@ -21,6 +21,7 @@ import torch
 
 from . import __version__
 from .backbones import fingerprints_match
+from .engine import check_precision
 from .errors import ImgsentError
 from .features import FeatureSet, load
 from .heads import HEADS, BlockNorm, create_head
@@ -97,7 +98,7 @@ class TrainConfig:
 def head_precision(precision: str) -> str:
     """The head's precision for a run's ``--precision``: bf16 when asked for, float32 otherwise
     (the head is tiny next to the backbones; fp16 autocast has no fast CPU kernels)."""
-    return "bf16" if precision == "bf16" else "fp32"
+    return "bf16" if check_precision(precision) == "bf16" else "fp32"
 
 
 class SentimentModel:

@@ -189,3 +189,9 @@ def test_cli_pipeline_stdin_to_stdout(tiny_dataset, model_dir, tmp_path):
                        f"--batch-size 2 -q | head -n 1", shell=True, capture_output=True, env=env, timeout=300)  # fmt: skip
     assert len(r.stdout.decode().splitlines()) == 1
     assert b"Traceback" not in r.stderr, r.stderr.decode()
+
+
+def test_bad_precision_refused_when_scoring_a_store(store, model_dir, tmp_path):
+    with pytest.raises(ImgsentError, match="--precision"):
+        imgsent.score(features=store, out=str(tmp_path / "x.parquet"), model=model_dir, precision="fp8")
+    assert not (tmp_path / "x.parquet").exists()
