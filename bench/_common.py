@@ -21,7 +21,8 @@ def require_shared() -> None:
 
 
 def twitter_images(n: int, directory: Path) -> list[Path]:
-    """n Twitter I images (cycling through the 1269 with new names if n is larger), as symlinks."""
+    """n Twitter I images (cycling through the 1269 with new names if n is larger), as symlinks,
+    with the page cache warmed (:func:`warm_page_cache`)."""
     directory.mkdir(parents=True, exist_ok=True)
     src = sorted(TWITTER.glob("*.jpg"))
     out = []
@@ -30,7 +31,31 @@ def twitter_images(n: int, directory: Path) -> list[Path]:
         if not link.exists():
             link.symlink_to(src[i % len(src)])
         out.append(link)
+    warm_page_cache(out)
     return out
+
+
+def warm_page_cache(paths) -> None:
+    """Read every file once, so that no contender in a benchmark pays for cold disk reads."""
+    for p in paths:
+        Path(p).read_bytes()
+
+
+def naive_loop(paths, backbones, transforms, head=None) -> None:
+    """The way a first script would do it: for each backbone, for each image, PIL open, the
+    torchvision transform, the model on a batch of one; then the head (if any) on each image's
+    features. With two backbones every image is decoded twice. ``backbones``: imgsent
+    :class:`~imgsent.backbones.Backbone` objects (eager modules), ``transforms`` one per backbone."""
+    import torch
+    from PIL import Image
+
+    with torch.inference_mode():
+        for bb, tf in zip(backbones, transforms):
+            for p in paths:
+                with Image.open(p) as im:
+                    feats = bb(tf(im.convert("RGB"))[None])
+                if head is not None:
+                    head.predict_proba(feats.numpy())
 
 
 class Timer:

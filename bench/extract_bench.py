@@ -22,29 +22,26 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import MOBILENET, Timer, require_shared, twitter_images
-from PIL import Image
+from _common import MOBILENET, Timer, naive_loop, require_shared, twitter_images
 
 import imgsent
 from imgsent.backbones import create_backbone
-from imgsent.engine import FeatureEngine, default_workers, in_lanes
+from imgsent.engine import FeatureEngine, default_workers
 from imgsent.inputs import find_images
+from imgsent.lanes import in_lanes
+from imgsent.options import RunOptions
 
 SECOND = "torchvision:efficientnet_b0"  # --second: any spec; random weights (same cost as real ones)
 
 
 def naive(paths, specs) -> float:
-    """One image, one backbone at a time; the way a first script would do it."""
+    """One image, one backbone at a time (``_common.naive_loop``); model set-up included."""
     from torchvision.models import get_model_weights
 
-    with Timer() as t, torch.inference_mode():
+    with Timer() as t:
         models = [create_backbone(s, random_weights=(s == SECOND)) for s in specs]
         tfs = [get_model_weights("mobilenet_v2").IMAGENET1K_V1.transforms() for _ in specs]
-        for m, tf in zip(models, tfs):
-            for p in paths:
-                with Image.open(p) as im:
-                    x = tf(im.convert("RGB"))[None]
-                m(x)
+        naive_loop(paths, models, tfs)
     return t.seconds
 
 
@@ -58,9 +55,8 @@ def model_alone(paths, specs, batch_size) -> float:
     x = torch.randint(0, 256, (batch_size, 1, 3, 224, 224), dtype=torch.uint8)
 
     def embed(rows: int) -> None:
-        with torch.inference_mode():
-            for i in range(len(models)):
-                engine._embed(i, x[:rows])
+        for i in range(len(models)):
+            engine.embed(i, x[:rows])
 
     sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
     with Timer() as t:
@@ -75,7 +71,7 @@ def decode_alone(refs, specs, batch_size, workers) -> float:
     engine = FeatureEngine(models, device="cpu", batch_size=batch_size, workers=max(workers, 2))
     with Timer() as t:
         batches = [list(range(s, min(s + batch_size, len(refs)))) for s in range(0, len(refs), batch_size)]
-        for _ in engine._loader(engine._dataset(refs), batches):
+        for _ in engine.loader(engine.dataset(refs), batches):
             pass
     return t.seconds
 
@@ -95,9 +91,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="imgsent-bench-"))
     try:
-        paths = twitter_images(args.images, tmp / "images")
-        for p in paths:  # warm the page cache so that no contender pays for cold reads
-            p.read_bytes()
+        paths = twitter_images(args.images, tmp / "images")  # page cache warmed
         refs = find_images([str(tmp / "images")])
         workers = default_workers() if args.workers is None else args.workers
         print(f"{args.images} Twitter I images, {torch.get_num_threads()} torch threads, {workers} decode workers")
@@ -106,8 +100,14 @@ def main() -> None:
             t_naive = naive(paths, specs)
             with Timer() as t:
                 if n == 1:  # the public entry point, real weights
-                    imgsent.extract([str(tmp / "images")], str(tmp / "store1"), backbones=specs,
-                                    batch_size=args.batch_size, workers=workers, overwrite=True)  # fmt: skip
+                    imgsent.extract(
+                        [str(tmp / "images")],
+                        str(tmp / "store1"),
+                        backbones=specs,
+                        batch_size=args.batch_size,
+                        workers=workers,
+                        overwrite=True,
+                    )
                 else:  # the second backbone has random weights, which extract() would apply to both
                     _extract_mixed(tmp, specs, args.batch_size, workers)
             t_model = model_alone(paths, specs, args.batch_size)
@@ -125,18 +125,20 @@ def main() -> None:
 
 
 def _extract_mixed(tmp, specs, batch_size, workers):
-    """Two backbones; the second (ResNet-18) has random weights, the first real ones."""
-    from imgsent.extraction import run_sharded
+    """``imgsent.extract`` with two backbones, the first with real weights and the second
+    (``SECOND``) random ones: the same stages (engine, sharded writer), built by hand."""
+    from imgsent.extraction import build_engine, run_sharded
     from imgsent.features import KIND, feature_table, store_header
     from imgsent.shards import ShardedWriter
 
+    options = RunOptions(device="cpu", batch_size=batch_size, workers=workers, overwrite=True)
     models = [create_backbone(s, random_weights=(s == SECOND)) for s in specs]
-    engine = FeatureEngine(models, device="cpu", batch_size=batch_size, workers=workers)
+    engine = build_engine(models, options)
     refs = find_images([str(tmp / "images")])
     out = str(tmp / "store2")
-    writer = ShardedWriter(out, kind=KIND, header=store_header([m.recipe() for m in models], "float32", "none"),
-                           overwrite=True)  # fmt: skip
-    return run_sharded(engine, refs, [(writer, feature_table)], progress=False, description="x", output_name=out)
+    header = store_header([m.recipe() for m in models], "float32", "none")
+    writer = ShardedWriter(out, kind=KIND, header=header, overwrite=True)
+    return run_sharded(engine, refs, [(writer, feature_table)], options, "extract", out)
 
 
 if __name__ == "__main__":

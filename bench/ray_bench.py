@@ -36,12 +36,19 @@ def main() -> None:
         with Timer() as start:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
         with Timer() as remote:
-            imgsent.extract([str(tmp / "images")], str(tmp / "ray"), backbones=[MOBILENET], engine="ray",
-                            ray_workers=args.ray_workers)  # fmt: skip
+            imgsent.extract(
+                [str(tmp / "images")],
+                str(tmp / "ray"),
+                backbones=[MOBILENET],
+                engine="ray",
+                ray_workers=args.ray_workers,
+            )
         n = args.images
         print(f"local engine: {local.seconds:6.1f} s ({n / local.seconds:.1f} images/s)")
-        print(f"ray engine:   {remote.seconds:6.1f} s ({n / remote.seconds:.1f} images/s) "
-              f"+ {start.seconds:.1f} s to start the Ray instance; {remote.seconds / local.seconds:.2f}x local")  # fmt: skip
+        print(
+            f"ray engine:   {remote.seconds:6.1f} s ({n / remote.seconds:.1f} images/s) "
+            f"+ {start.seconds:.1f} s to start the Ray instance; {remote.seconds / local.seconds:.2f}x local"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

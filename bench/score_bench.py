@@ -20,17 +20,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import WEIGHTS, Timer, twitter_images
+from _common import WEIGHTS, Timer, naive_loop, twitter_images
 
 import imgsent
+from imgsent.batches import FeatureBatch
 from imgsent.features import feature_table
-from imgsent.scoring import default_model_path
+from imgsent.models import default_model_path
 from imgsent.shards import ShardedWriter
 
 
 def synthetic_store(path: str, rows: int, seed: int = 0) -> None:
-    from imgsent.engine import FeatureBatch
-
     meta = json.loads((Path(default_model_path()) / "model.json").read_text())
     recipe = meta["features"]["backbones"][0]
     header = {"backbones": [recipe], "dtype": "float32", "tta": "none"}
@@ -43,8 +42,9 @@ def synthetic_store(path: str, rows: int, seed: int = 0) -> None:
             feats = np.abs(rng.normal(0, 1, size=(n, recipe["dim"]))).astype(np.float32)
             ids = [f"img{i:08d}.jpg" for i in range(c.start, c.stop)]
             status = ["ok"] * n
-            batch = FeatureBatch(ids, [f"/data/{i}" for i in ids], status, [None] * n, [640] * n, [480] * n,
-                                 {recipe["key"]: feats})  # fmt: skip
+            batch = FeatureBatch(
+                ids, [f"/data/{i}" for i in ids], status, [None] * n, [640] * n, [480] * n, {recipe["key"]: feats}
+            )
             w.write(c, feature_table(batch))
         w.finish()
 
@@ -74,8 +74,7 @@ def main() -> None:
         if WEIGHTS.is_file() and args.images:
             os.environ["IMGSENT_WEIGHTS"] = str(WEIGHTS)
             images = tmp / "images"
-            for p in twitter_images(args.images, images):
-                p.read_bytes()  # warm the page cache for both contenders
+            twitter_images(args.images, images)  # page cache warmed for both contenders
             with Timer() as t:
                 imgsent.score([str(images)], str(tmp / "img_scores.parquet"))
             rate = args.images / t.seconds
@@ -90,20 +89,14 @@ def main() -> None:
 
 
 def _naive_score(paths) -> None:
-    import torch
-    from PIL import Image
+    """``_common.naive_loop`` with the default model's backbone and head."""
     from torchvision.models.quantization import MobileNet_V2_QuantizedWeights
 
     from imgsent.backbones import create_backbone
 
-    with torch.inference_mode():
-        model = imgsent.load_model(default_model_path())
-        bb = create_backbone(f"torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1@{WEIGHTS}")
-        tf = MobileNet_V2_QuantizedWeights.IMAGENET1K_QNNPACK_V1.transforms()
-        for p in paths:
-            with Image.open(p) as im:
-                feats = bb(tf(im.convert("RGB"))[None]).numpy()
-            model.predict_proba(feats)
+    model = imgsent.load_model(default_model_path())
+    bb = create_backbone(f"torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1@{WEIGHTS}")
+    naive_loop(paths, [bb], [MobileNet_V2_QuantizedWeights.IMAGENET1K_QNNPACK_V1.transforms()], head=model)
 
 
 if __name__ == "__main__":

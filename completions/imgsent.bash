@@ -4,17 +4,90 @@ _imgsent() {
     cur="${COMP_WORDS[COMP_CWORD]}"
     prev="${COMP_WORDS[COMP_CWORD-1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=( $(compgen -W "backbones evaluate extract models score train --help" -- "$cur") )
+        COMPREPLY=( $(compgen -W "backbones evaluate extract models score train version --help --version" -- "$cur") )
         return
     fi
     cmd="${COMP_WORDS[1]}"
+    case "$cmd:$prev" in
+        evaluate:--labels|evaluate:-l) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        evaluate:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
+        evaluate:--protocol) COMPREPLY=( $(compgen -W "random-splits kfold predefined train-val-test" -- "$cur") ); return ;;
+        evaluate:--heads) COMPREPLY=( $(compgen -W "nn moe moe1 moe2" -- "$cur") ); return ;;
+        evaluate:--blocks) COMPREPLY=(); return ;;
+        evaluate:--splits) COMPREPLY=(); return ;;
+        evaluate:--test-size) COMPREPLY=(); return ;;
+        evaluate:--folds) COMPREPLY=(); return ;;
+        evaluate:--split) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        evaluate:--report) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        evaluate:--epochs) COMPREPLY=(); return ;;
+        evaluate:--lr) COMPREPLY=(); return ;;
+        evaluate:--batch-size) COMPREPLY=(); return ;;
+        evaluate:--weight-decay) COMPREPLY=(); return ;;
+        evaluate:--dropout) COMPREPLY=(); return ;;
+        evaluate:--hidden-units) COMPREPLY=(); return ;;
+        evaluate:--experts) COMPREPLY=(); return ;;
+        evaluate:--seed) COMPREPLY=(); return ;;
+        evaluate:--id-column) COMPREPLY=(); return ;;
+        evaluate:--label-column) COMPREPLY=(); return ;;
+        extract:--out|extract:-o) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        extract:--backbones|extract:-B) COMPREPLY=(); return ;;
+        extract:--tta) COMPREPLY=( $(compgen -W "none flip crops flip+crops" -- "$cur") ); return ;;
+        extract:--dtype) COMPREPLY=( $(compgen -W "float32 float16" -- "$cur") ); return ;;
+        extract:--device) COMPREPLY=( $(compgen -W "auto cpu cuda mps cuda:0 cuda:1" -- "$cur") ); return ;;
+        extract:--precision) COMPREPLY=( $(compgen -W "auto fp32 bf16 fp16" -- "$cur") ); return ;;
+        extract:--batch-size|extract:-b) COMPREPLY=(); return ;;
+        extract:--workers) COMPREPLY=(); return ;;
+        extract:--shard) COMPREPLY=(); return ;;
+        extract:--rows-per-shard) COMPREPLY=(); return ;;
+        extract:--max-pixels) COMPREPLY=(); return ;;
+        extract:--engine) COMPREPLY=( $(compgen -W "local ray" -- "$cur") ); return ;;
+        extract:--ray-address) COMPREPLY=(); return ;;
+        extract:--ray-workers) COMPREPLY=(); return ;;
+        extract:--gpus-per-worker) COMPREPLY=(); return ;;
+        score:--out|score:-o) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        score:--model|score:-m) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        score:--features) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        score:--weights) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        score:--format) COMPREPLY=( $(compgen -W "parquet csv tsv jsonl" -- "$cur") ); return ;;
+        score:--threshold) COMPREPLY=(); return ;;
+        score:--keep-features) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        score:--device) COMPREPLY=( $(compgen -W "auto cpu cuda mps cuda:0 cuda:1" -- "$cur") ); return ;;
+        score:--precision) COMPREPLY=( $(compgen -W "auto fp32 bf16 fp16" -- "$cur") ); return ;;
+        score:--batch-size|score:-b) COMPREPLY=(); return ;;
+        score:--workers) COMPREPLY=(); return ;;
+        score:--shard) COMPREPLY=(); return ;;
+        score:--rows-per-shard) COMPREPLY=(); return ;;
+        score:--max-pixels) COMPREPLY=(); return ;;
+        score:--engine) COMPREPLY=( $(compgen -W "local ray" -- "$cur") ); return ;;
+        score:--ray-address) COMPREPLY=(); return ;;
+        score:--ray-workers) COMPREPLY=(); return ;;
+        score:--gpus-per-worker) COMPREPLY=(); return ;;
+        train:--out|train:-o) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        train:--labels|train:-l) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        train:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
+        train:--head) COMPREPLY=( $(compgen -W "nn moe moe1 moe2" -- "$cur") ); return ;;
+        train:--schedule) COMPREPLY=(); return ;;
+        train:--blocks) COMPREPLY=(); return ;;
+        train:--epochs) COMPREPLY=(); return ;;
+        train:--lr) COMPREPLY=(); return ;;
+        train:--batch-size) COMPREPLY=(); return ;;
+        train:--weight-decay) COMPREPLY=(); return ;;
+        train:--dropout) COMPREPLY=(); return ;;
+        train:--hidden-units) COMPREPLY=(); return ;;
+        train:--experts) COMPREPLY=(); return ;;
+        train:--cv) COMPREPLY=(); return ;;
+        train:--seed) COMPREPLY=(); return ;;
+        train:--id-column) COMPREPLY=(); return ;;
+        train:--label-column) COMPREPLY=(); return ;;
+    esac
     case "$cmd" in
         backbones) opts="--help" ;;
-        evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --features -f --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --epochs --lr --batch-size --weight-decay --dropout --hidden --experts --normalize-blocks --no-normalize-blocks --seed --id-column --label-column --quiet -q --help" ;;
+        evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --seed --id-column --label-column --quiet -q --help" ;;
         extract) opts="--out -o --backbones -B --random-weights --no-random-weights --tta --dtype --device --precision --batch-size -b --workers --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
         models) opts="--help" ;;
         score) opts="--out -o --model -m --features --weights --format --threshold --keep-features --device --precision --batch-size -b --workers --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
-        train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --features -f --epochs --lr --batch-size --weight-decay --dropout --hidden --experts --normalize-blocks --no-normalize-blocks --seed --id-column --label-column --quiet -q --help" ;;
+        train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --blocks --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --cv --seed --id-column --label-column --overwrite --no-overwrite --quiet -q --help" ;;
+        version) opts="--help" ;;
         *) opts="" ;;
     esac
     if [[ "$cur" == -* ]]; then

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _API = {
     "extract": ("extraction", "extract"),
@@ -26,14 +26,44 @@ _API = {
     "TrainConfig": ("training", "TrainConfig"),
     "evaluate": ("evaluation", "evaluate"),
     "score": ("scoring", "score"),
+    "RunOptions": ("options", "RunOptions"),
     "create_backbone": ("backbones", "create_backbone"),
     "find_images": ("inputs", "find_images"),
     "ImgsentError": ("errors", "ImgsentError"),
 }
-_MODULES = {"features", "inputs", "decode", "backbones", "engine", "shards", "heads", "training", "evaluation",
-            "protocols", "scoring", "labels", "weights", "extraction", "report", "errors"}  # fmt: skip
+_MODULES = {
+    "atomicio",
+    "backbones",
+    "batches",
+    "cli",
+    "decode",
+    "distributed",
+    "engine",
+    "errors",
+    "evaluation",
+    "extraction",
+    "features",
+    "heads",
+    "inputs",
+    "labels",
+    "lanes",
+    "models",
+    "options",
+    "precision",
+    "protocols",
+    "report",
+    "scoring",
+    "shards",
+    "sinks",
+    "training",
+    "weights",
+}
 
 __all__ = sorted(_API) + ["__version__"]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API) | _MODULES)
 
 
 def __getattr__(name: str):

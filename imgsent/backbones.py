@@ -123,15 +123,21 @@ class Backbone:
     fingerprint: dict = field(default_factory=dict)
     cpu_only: bool = False
     batchable: bool = True  # False for modules traced with a fixed batch of 1
+    weights_source: str = ""  # where the weights came from (a file, a hub, random), for summaries
 
     @property
     def key(self) -> str:
         return self.spec.key
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(self.module, x)
+
+    def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """This backbone's output for a normalised batch ``x``, computed by ``module`` (its own
+        module, or an engine's prepared copy of it): flattened features, or probabilities."""
         if not self.batchable and len(x) > 1:
-            return torch.cat([self(x[i : i + 1]) for i in range(len(x))])
-        out = self.module(x)
+            return torch.cat([self.run(module, x[i : i + 1]) for i in range(len(x))])
+        out = module(x)
         if isinstance(out, (tuple, list)):
             out = out[0]
         out = out.flatten(1)
@@ -150,11 +156,13 @@ class Backbone:
         }
 
 
-_SOURCES: dict[str, Callable[[BackboneSpec, bool], tuple[nn.Module, Preprocess, bool]]] = {}
+Loaded = tuple[nn.Module, Preprocess, bool, str]  # module, preprocessing, cpu_only, weights source
+_SOURCES: dict[str, Callable[[BackboneSpec, bool], Loaded]] = {}
 
 
 def register_source(name: str):
-    """Decorator: register a loader ``fn(spec, random_weights) -> (module, preprocess, cpu_only)``."""
+    """Decorator: register a loader ``fn(spec, random_weights) -> (module, preprocess, cpu_only,
+    weights_source)``."""
 
     def wrap(fn):
         _SOURCES[name] = fn
@@ -194,8 +202,6 @@ def _timm_pretrained_file_or_download(spec: BackboneSpec, random_weights: bool):
     pretrained = not random_weights and spec.weights is None
     try:
         model = timm.create_model(name, pretrained=pretrained)
-    except ImgsentError:
-        raise
     except Exception as exc:
         if pretrained:
             raise _offline_hint(spec, exc) from None
@@ -204,7 +210,7 @@ def _timm_pretrained_file_or_download(spec: BackboneSpec, random_weights: bool):
 
 
 @register_source("timm")
-def _load_timm(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Module, Preprocess, bool]:
+def _load_timm(spec: BackboneSpec, random_weights: bool) -> Loaded:
     import timm.data
 
     model = _timm_pretrained_file_or_download(spec, random_weights)
@@ -214,9 +220,7 @@ def _load_timm(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Module, Pre
         model.reset_classifier(0)
     cfg = timm.data.resolve_model_data_config(model)
     _, h, w = cfg["input_size"]
-    crop_pct = cfg.get("crop_pct", 0.875) or 0.875
-    if cfg.get("crop_mode", "center") not in ("center",):
-        crop_pct = crop_pct  # squash/border modes fall back to a centre crop of the same size
+    crop_pct = cfg.get("crop_pct", 0.875) or 0.875  # squash/border crop modes: a centre crop of the same size
     scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
     resize: int | tuple[int, int] = scale[0] if scale[0] == scale[1] else scale
     interp = cfg.get("interpolation", "bilinear")
@@ -227,7 +231,8 @@ def _load_timm(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Module, Pre
         mean=tuple(float(x) for x in cfg["mean"]),
         std=tuple(float(x) for x in cfg["std"]),
     )
-    return model, pp, False
+    source = spec.weights or ("random (seeded)" if random_weights else "timm pretrained (Hugging Face cache)")
+    return model, pp, False, source
 
 
 def _torchvision_weights_entry(spec: BackboneSpec):
@@ -302,7 +307,7 @@ def _replace_last_linear(model: nn.Module) -> None:
 
 
 @register_source("torchvision")
-def _load_torchvision(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Module, Preprocess, bool]:
+def _load_torchvision(spec: BackboneSpec, random_weights: bool) -> Loaded:
     import torchvision.models as tvm
 
     entry, quantized = _torchvision_weights_entry(spec)
@@ -326,11 +331,12 @@ def _load_torchvision(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Modu
         )
     if spec.output == "features":
         _replace_last_linear(model)
-    return model, pp, False
+    source = weights_file or ("random (seeded)" if random_weights else "torchvision pretrained (torch hub cache)")
+    return model, pp, False, source
 
 
 @register_source("torchscript")
-def _load_torchscript(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Module, Preprocess, bool]:
+def _load_torchscript(spec: BackboneSpec, random_weights: bool) -> Loaded:
     path = spec.name
     if not os.path.isfile(path):
         raise ImgsentError(f"TorchScript file not found: {path}")
@@ -348,7 +354,7 @@ def _load_torchscript(spec: BackboneSpec, random_weights: bool) -> tuple[nn.Modu
             raise ImgsentError(f"bad preprocessing file {sidecar}: {exc}") from None
     cpu_only = any(t.is_quantized for t in module.state_dict().values() if isinstance(t, torch.Tensor))
     cpu_only = cpu_only or any("quantized" in str(n.kind()) for n in module.inlined_graph.nodes())
-    return module, pp, cpu_only
+    return module, pp, cpu_only, path
 
 
 def probe_image(pp: Preprocess) -> torch.Tensor:
@@ -390,11 +396,11 @@ def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0) -
     """
     parsed = BackboneSpec.parse(spec)
     with _seeded(seed):
-        module, pp, cpu_only = _SOURCES[parsed.source](parsed, random_weights)
+        module, pp, cpu_only, source = _SOURCES[parsed.source](parsed, random_weights)
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    backbone = Backbone(spec=parsed, module=module, preprocess=pp, cpu_only=cpu_only)
+    backbone = Backbone(spec=parsed, module=module, preprocess=pp, cpu_only=cpu_only, weights_source=source)
     with torch.inference_mode():
         probe = backbone(probe_image(pp)).float()[0]
     backbone.dim = int(probe.numel())

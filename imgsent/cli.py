@@ -1,67 +1,179 @@
-"""The ``imgsent`` command line: a thin shell over the library API (one call per subcommand)."""
+"""The ``imgsent`` command line: a thin shell over the library API (one call per subcommand).
+
+Flags are parsed and checked here (choices, ranges) so that a bad value is refused before any
+model loads; each command then builds :class:`~imgsent.options.RunOptions` once and calls one
+library function. Output data goes to stdout or files; progress, summaries and messages to stderr.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
+from typer.core import TyperArgument
 
-from .errors import ImgsentError
+from . import __version__
+from .decode import DEFAULT_MAX_PIXELS
+from .errors import ImgsentError, OutputClosed
+from .options import DEFAULT_BATCH_SIZE, DEFAULT_ROWS_PER_SHARD, RunOptions
+
+
+def _plain_argument_help(self, ctx):  # "INPUT..." rather than "INPUT... <list[str]>"
+    return None if self.metavar else TyperArgument.display_type(self, ctx)
+
+
+TyperArgument.display_type_rich = _plain_argument_help
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"imgsent {__version__}")
+        raise typer.Exit()
+
 
 app = typer.Typer(
     name="imgsent",
     help="Score the sentiment (positive / negative) of images in bulk.",
     no_args_is_help=True,
-    add_completion=True,
+    add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
 
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool, typer.Option("--version", "-V", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Score the sentiment (positive / negative) of images in bulk."""
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(f"imgsent {__version__}")
+
+
+# --- choices: the values each choice flag takes (help, completion and validation read them) -------
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _complete_device(incomplete: str) -> list[str]:
+    return [d for d in (*DEVICE_CHOICES, "cuda:0", "cuda:1") if d.startswith(incomplete)]
+
+
+def _check_device(value: str) -> str:
+    base, _, index = value.partition(":")
+    if base not in DEVICE_CHOICES or (index and (base != "cuda" or not index.isdigit())):
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(DEVICE_CHOICES)}, cuda:N")
+    return value
+
+
+def _check_shard(value: str | None) -> str | None:
+    from .options import parse_shard
+
+    try:
+        parse_shard(value)
+    except ImgsentError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+HEAD_NAMES = ("nn", "moe", "moe1", "moe2")
+
+
+def _check_heads(value: str) -> str:
+    bad = [h for h in value.split(",") if h.strip() and h.strip() not in HEAD_NAMES]
+    if bad or not value.strip(","):
+        raise typer.BadParameter(f"{bad[0] if bad else value!r} is not one of {', '.join(HEAD_NAMES)}")
+    return value
+
+
+def _complete_heads(incomplete: str) -> list[str]:
+    done, _, last = incomplete.rpartition(",")
+    return [f"{done},{h}" if done else h for h in HEAD_NAMES if h.startswith(last)]
+
+
 # --- options shared by extract and score ---------------------------------------------------------
-Inputs = Annotated[list[str], typer.Argument(help="Directories, image files, @list.txt, or - for paths on stdin.")]
+Inputs = Annotated[
+    list[str], typer.Argument(metavar="INPUT...", help="Directories, image files, @list.txt, or - for paths on stdin.")
+]
 Null = Annotated[bool, typer.Option("--null", "-0", help="Paths in lists/stdin are NUL-separated (find -print0).")]
 Hidden = Annotated[bool, typer.Option("--hidden", help="Include hidden files and directories.")]
-Device = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")]
-Precision = Annotated[str, typer.Option(help="auto (AMP on CUDA, fp32 elsewhere), fp32, bf16, fp16.")]
+Device = Annotated[
+    str,
+    typer.Option(
+        metavar="auto|cpu|cuda|cuda:N|mps",
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.",
+        callback=_check_device,
+        autocompletion=_complete_device,
+    ),
+]
+Precision = Annotated[
+    Literal["auto", "fp32", "bf16", "fp16"], typer.Option(help="auto (AMP on CUDA, fp32 elsewhere), fp32, bf16, fp16.")
+]
 ScorePrecision = Annotated[
-    str, typer.Option(help="auto (AMP on CUDA, fp32 elsewhere), fp32, bf16 (the head too), fp16.")
+    Literal["auto", "fp32", "bf16", "fp16"],
+    typer.Option(help="auto (AMP on CUDA, fp32 elsewhere), fp32, bf16 (the head too), fp16."),
 ]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")]
-Workers = Annotated[int | None, typer.Option(help="Decoding processes (default: cores - 1; 0 = in-process).")]
-Shard = Annotated[str | None, typer.Option(help="Process only part I of N of the inputs (I/N), for job arrays.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", metavar="N", min=1, help="Images per batch.")]
+Workers = Annotated[
+    int | None, typer.Option(metavar="N", min=0, help="Decoding processes (default: cores - 1; 0 = in-process).")
+]
+Shard = Annotated[
+    str | None,
+    typer.Option(metavar="I/N", callback=_check_shard, help="Process only part I of N of the inputs, for job arrays."),
+]
 Overwrite = Annotated[bool, typer.Option(help="Replace an existing output made with other settings.")]
-MaxPixels = Annotated[int, typer.Option("--max-pixels", help="Refuse images with more pixels (bomb guard).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the backbones (slow start, faster long runs).")]
-Engine = Annotated[str, typer.Option(help="local (this machine) or ray (Ray Data; pip install 'imgsent[ray]').")]
-RayAddress = Annotated[
-    str | None, typer.Option("--ray-address", help="Ray cluster to join (default: start a local one).")
+MaxPixels = Annotated[
+    int, typer.Option("--max-pixels", metavar="N", min=1, help="Refuse images with more pixels (bomb guard).")
 ]
-RayWorkers = Annotated[int | None, typer.Option("--ray-workers", help="Ray: backbone actors in the pool (default 1).")]
-GpusPerWorker = Annotated[float, typer.Option("--gpus-per-worker", help="Ray: GPUs per backbone actor (0 = CPU).")]
-RowsPerShard = Annotated[int, typer.Option("--rows-per-shard", help="Rows per Parquet shard (resume granularity).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, summary or Ray logging.")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the backbones (slow start, faster long runs).")]
+Engine = Annotated[
+    Literal["local", "ray"], typer.Option(help="local (this machine) or ray (Ray Data; pip install 'imgsent[ray]').")
+]
+RayAddress = Annotated[
+    str | None, typer.Option("--ray-address", metavar="ADDRESS", help="Ray cluster to join (default: start one).")
+]
+RayWorkers = Annotated[
+    int | None, typer.Option("--ray-workers", metavar="N", min=1, help="Ray: backbone actors in the pool (default 1).")
+]
+GpusPerWorker = Annotated[
+    float, typer.Option("--gpus-per-worker", metavar="G", min=0, help="Ray: GPUs per backbone actor (0 = CPU).")
+]
+RowsPerShard = Annotated[
+    int, typer.Option("--rows-per-shard", metavar="N", min=1, help="Rows per Parquet shard (resume granularity).")
+]
 
 
 @app.command()
 def extract(
     inputs: Inputs,
-    out: Annotated[str, typer.Option("--out", "-o", help="Feature store directory to write (or resume).")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="DIR", help="Feature store directory to write (or resume).")
+    ],
     backbones: Annotated[
         list[str],
-        typer.Option("--backbones", "-B", help="Backbone specs or presets (repeat or comma-separate)."),
+        typer.Option("--backbones", "-B", metavar="SPEC", help="Backbone specs or presets (repeat or comma-separate)."),
     ] = ["default"],  # noqa: B006 (typer reads the default, never mutates it)
     random_weights: Annotated[bool, typer.Option(help="Random (seeded) weights, for testing only.")] = False,
-    tta: Annotated[str, typer.Option(help="Test-time augmentation: none, flip, crops, flip+crops.")] = "none",
-    dtype: Annotated[str, typer.Option(help="Stored feature type: float32 or float16.")] = "float32",
+    tta: Annotated[
+        Literal["none", "flip", "crops", "flip+crops"], typer.Option(help="Test-time augmentation.")
+    ] = "none",
+    dtype: Annotated[Literal["float32", "float16"], typer.Option(help="Stored feature type.")] = "float32",
     device: Device = "auto",
     precision: Precision = "auto",
-    batch_size: BatchSize = 64,
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE,
     workers: Workers = None,
     shard: Shard = None,
     overwrite: Overwrite = False,
-    rows_per_shard: RowsPerShard = 10_000,
-    max_pixels: MaxPixels = 89_478_485,
+    rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     null: Null = False,
     hidden: Hidden = False,
     compile: Compile = False,
@@ -74,46 +186,80 @@ def extract(
     """Extract backbone features of images into a Parquet feature store."""
     from .extraction import extract as run
 
-    summary = run(
-        inputs, out, backbones=backbones, random_weights=random_weights, device=device, precision=precision,
-        batch_size=batch_size, workers=workers, tta=tta, dtype=dtype, shard=shard, overwrite=overwrite,
-        rows_per_shard=rows_per_shard, max_pixels=max_pixels, null=null, include_hidden=hidden,
-        compile=compile, progress=not quiet, engine=engine, ray_address=ray_address, ray_workers=ray_workers,
+    options = RunOptions(
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        compile=compile,
+        tta=tta,
+        max_pixels=max_pixels,
+        engine=engine,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
         gpus_per_worker=gpus_per_worker,
-    )  # fmt: skip
+        shard=shard,
+        overwrite=overwrite,
+        rows_per_shard=rows_per_shard,
+        null=null,
+        include_hidden=hidden,
+        progress=not quiet,
+    )
+    summary = run(inputs, out, backbones=backbones, random_weights=random_weights, dtype=dtype, options=options)
     if not quiet:
         summary.print("imgsent extract")
 
 
 # --- options shared by train and evaluate ---------------------------------------------------------
-Store = Annotated[str, typer.Argument(help="Feature store directory (from imgsent extract).")]
-Labels = Annotated[str | None, typer.Option("--labels", "-l", help="CSV/TSV or '<file> <label>' list.")]
+Store = Annotated[str, typer.Argument(metavar="STORE", help="Feature store directory (from imgsent extract).")]
+Labels = Annotated[str | None, typer.Option("--labels", "-l", metavar="FILE", help="CSV/TSV or '<file> <label>' list.")]
 LabelsFromFolders = Annotated[
     bool, typer.Option("--labels-from-folders", help="Each image's folder name is its label.")
 ]
 Map = Annotated[
-    str, typer.Option("--map", help="Label mapping: auto (0/1, pos/neg -> polarity), polarity (emotions too), none.")
+    Literal["auto", "polarity", "none"],
+    typer.Option("--map", help="Label mapping: auto (0/1, pos/neg -> polarity), polarity (emotions too), none."),
 ]
-Features = Annotated[list[str] | None, typer.Option("--features", "-f", help="Feature blocks to use (default: all).")]
-IdColumn = Annotated[str | None, typer.Option("--id-column", help="Labels file column holding the id or path.")]
-LabelColumn = Annotated[str | None, typer.Option("--label-column", help="Labels file column holding the label.")]
-Seed = Annotated[int, typer.Option(help="Random seed (weights init, shuffling, dropout, splits).")]
-Epochs = Annotated[int | None, typer.Option(help="Epochs (default: nn 20, moe schedule 1: 120, schedule 2: 60).")]
-Lr = Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-4).")]
-HeadBatch = Annotated[int | None, typer.Option("--batch-size", help="Minibatch size (default: nn 8, moe 256).")]
-WeightDecay = Annotated[float | None, typer.Option(help="Adam weight decay (default: nn 0, moe 1e-3).")]
-Dropout = Annotated[float | None, typer.Option(help="Dropout (default: nn 0.4, moe 0.5).")]
-HiddenUnits = Annotated[int, typer.Option("--hidden", help="Hidden units of the first layer.")]
-Experts = Annotated[int, typer.Option(help="MoE experts per class (plus the dummy expert).")]
+Blocks = Annotated[
+    list[str] | None,
+    typer.Option("--blocks", metavar="KEY", help="Feature blocks (backbone keys) to use; repeat or comma-separate."),
+]
+IdColumn = Annotated[
+    str | None, typer.Option("--id-column", metavar="NAME", help="Labels file column holding the id or path.")
+]
+LabelColumn = Annotated[
+    str | None, typer.Option("--label-column", metavar="NAME", help="Labels file column holding the label.")
+]
+Seed = Annotated[int, typer.Option(metavar="N", help="Random seed (weights init, shuffling, dropout, splits).")]
+Epochs = Annotated[
+    int | None,
+    typer.Option(metavar="N", min=1, help="Epochs (paper: nn 20, moe schedule 1: 120, schedule 2: 60)."),
+]
+Lr = Annotated[float | None, typer.Option(metavar="LR", help="Adam learning rate (paper: 1e-4).")]
+HeadBatch = Annotated[
+    int | None, typer.Option("--batch-size", metavar="N", min=1, help="Minibatch size (paper: nn 8, moe 256).")
+]
+WeightDecay = Annotated[
+    float | None, typer.Option(metavar="WD", help="Adam weight decay (paper: moe 1e-3; nn 0, ours).")
+]
+Dropout = Annotated[
+    float | None,
+    typer.Option(metavar="P", help="Dropout (paper: nn 0.4; moe 0.5 is ours, the paper gives no rate)."),
+]
+HiddenUnits = Annotated[
+    int, typer.Option("--hidden-units", metavar="N", min=1, help="Hidden units of the first layer (paper: 200).")
+]
+Experts = Annotated[int, typer.Option(metavar="N", min=1, help="MoE experts per class, plus the dummy (paper: 2).")]
 NormBlocks = Annotated[
     bool | None,
     typer.Option(
-        "--normalize-blocks/--no-normalize-blocks", help="L2-normalise each feature block (default: nn yes, moe no)."
+        "--normalize-blocks/--no-normalize-blocks",
+        help="L2-normalise each feature block (paper: nn yes, moe no).",
     ),
 ]
 
 
-def _features(values: list[str] | None) -> list[str] | None:
+def _blocks(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
@@ -122,46 +268,69 @@ def _features(values: list[str] | None) -> list[str] | None:
 @app.command()
 def train(
     store: Store,
-    out: Annotated[str, typer.Option("--out", "-o", help="Model bundle directory to write.")],
+    out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Model bundle directory to write.")],
     labels: Labels = None,
     labels_from_folders: LabelsFromFolders = False,
     map: Map = "auto",
-    head: Annotated[str, typer.Option(help="nn or moe.")] = "nn",
+    head: Annotated[
+        Literal["nn", "moe", "moe1", "moe2"], typer.Option(help="nn, moe (schedule from --schedule), moe1, moe2.")
+    ] = "nn",
     schedule: Annotated[
-        int, typer.Option(help="MoE schedule: 1 (120 epochs, lr x0.1 every 40) or 2 (60, every 20).")
-    ] = 1,
-    features: Features = None,
+        int | None,
+        typer.Option(metavar="1|2", min=1, max=2, help="MoE schedule: 1 (120 epochs, lr x0.1 every 40) or 2 (60, 20)."),
+    ] = None,
+    blocks: Blocks = None,
     epochs: Epochs = None,
     lr: Lr = None,
     batch_size: HeadBatch = None,
     weight_decay: WeightDecay = None,
     dropout: Dropout = None,
-    hidden: HiddenUnits = 200,
+    hidden_units: HiddenUnits = 200,
     experts: Experts = 2,
     normalize_blocks: NormBlocks = None,
+    cv: Annotated[
+        int,
+        typer.Option(
+            metavar="K", min=0, help="Held-out estimate first: stratified K-fold accuracy (0 = skip it; default 5)."
+        ),
+    ] = 5,
     seed: Seed = 0,
     id_column: IdColumn = None,
     label_column: LabelColumn = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Write into --out even if it holds something other than a model.")
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Train a head (the paper's NN or MoE) on a feature store and write a model bundle."""
     from .training import train as run
 
     model = run(
-        store, labels=labels, labels_from_folders=labels_from_folders, mapping=map, head=head, features=_features(features),
-        out=out, id_column=id_column, label_column=label_column, progress=not quiet, schedule=schedule, epochs=epochs,
-        lr=lr, batch_size=batch_size, weight_decay=weight_decay, dropout=dropout, hidden=hidden, experts=experts,
-        normalize_blocks=normalize_blocks, seed=seed,
-    )  # fmt: skip
+        store,
+        labels=labels,
+        labels_from_folders=labels_from_folders,
+        mapping=map,
+        head=head,
+        blocks=_blocks(blocks),
+        out=out,
+        overwrite=overwrite,
+        id_column=id_column,
+        label_column=label_column,
+        progress=not quiet,
+        cv=cv,
+        schedule=schedule,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        dropout=dropout,
+        hidden=hidden_units,
+        experts=experts,
+        normalize_blocks=normalize_blocks,
+        seed=seed,
+    )
     if not quiet:
-        t = model.training
-        typer.echo(
-            f"wrote {out}: {model.config.label} head on {model.in_dim}-d features, classes {', '.join(model.classes)}; "
-            f"{t['labelled']} labelled images (unlabelled images {t['images_without_label']}, labels without image "
-            f"{t['labels_without_image']}, labelled error rows {t['labelled_error_rows']}); train accuracy "
-            f"{100 * t['train_accuracy']:.2f}%",
-            err=True,
-        )
+        typer.echo(f"wrote {out}: {model.describe_training()}", err=True)
 
 
 @app.command()
@@ -170,26 +339,39 @@ def evaluate(
     labels: Labels = None,
     labels_from_folders: LabelsFromFolders = False,
     map: Map = "auto",
-    protocol: Annotated[str, typer.Option(help="random-splits, kfold, predefined, train-val-test.")] = "random-splits",
-    heads: Annotated[str, typer.Option(help="Comma-separated: nn, moe1, moe2.")] = "nn,moe1,moe2",
+    protocol: Annotated[
+        Literal["random-splits", "kfold", "predefined", "train-val-test"], typer.Option(help="Evaluation protocol.")
+    ] = "random-splits",
+    heads: Annotated[
+        str,
+        typer.Option(
+            metavar="HEAD,...",
+            help="Comma-separated heads: nn, moe1, moe2 (moe = moe1).",
+            callback=_check_heads,
+            autocompletion=_complete_heads,
+        ),
+    ] = "nn,moe1,moe2",
     ablation: Annotated[bool, typer.Option(help="Also each feature block alone with the NN head.")] = False,
-    features: Features = None,
-    splits: Annotated[int, typer.Option(help="random-splits: how many splits.")] = 5,
-    test_size: Annotated[float, typer.Option(help="random-splits: test fraction.")] = 0.2,
-    folds: Annotated[int, typer.Option(help="kfold: number of folds.")] = 5,
+    blocks: Blocks = None,
+    splits: Annotated[int, typer.Option(metavar="N", min=1, help="random-splits: how many splits.")] = 5,
+    test_size: Annotated[float, typer.Option(metavar="F", help="random-splits: test fraction.")] = 0.2,
+    folds: Annotated[int, typer.Option(metavar="K", min=2, help="kfold: number of folds.")] = 5,
     split: Annotated[
-        list[str] | None, typer.Option("--split", help="predefined: a file listing one split's test ids (repeat).")
+        list[str] | None,
+        typer.Option("--split", metavar="FILE", help="predefined: a file listing one split's test ids (repeat)."),
     ] = None,
     split_from_folders: Annotated[
         bool, typer.Option(help="predefined: train/ + test/ or partitionK/ folders.")
     ] = False,
-    report: Annotated[str | None, typer.Option(help="Also write the results to FILE.json or FILE.csv.")] = None,
+    report: Annotated[
+        str | None, typer.Option(metavar="FILE", help="Also write the results to FILE.json or FILE.csv.")
+    ] = None,
     epochs: Epochs = None,
     lr: Lr = None,
     batch_size: HeadBatch = None,
     weight_decay: WeightDecay = None,
     dropout: Dropout = None,
-    hidden: HiddenUnits = 200,
+    hidden_units: HiddenUnits = 200,
     experts: Experts = 2,
     normalize_blocks: NormBlocks = None,
     seed: Seed = 0,
@@ -197,58 +379,86 @@ def evaluate(
     label_column: LabelColumn = None,
     quiet: Quiet = False,
 ) -> None:
-    """Evaluate heads under a protocol; print the paper's Table II layout (mean ± std per metric)."""
+    """Evaluate heads under a protocol; print the paper's Table II layout (mean ± std per metric) on stdout."""
     from .evaluation import evaluate as run
 
     result = run(
-        store, labels=labels, labels_from_folders=labels_from_folders, mapping=map, protocol=protocol,
-        heads=[h.strip() for h in heads.split(",") if h.strip()], features=_features(features), ablation=ablation,
-        splits=splits, test_size=test_size, folds=folds, split_files=split or [], split_from_folders=split_from_folders,
-        seed=seed, report=report, progress=not quiet, id_column=id_column, label_column=label_column, epochs=epochs,
-        lr=lr, batch_size=batch_size, weight_decay=weight_decay, dropout=dropout, hidden=hidden, experts=experts,
+        store,
+        labels=labels,
+        labels_from_folders=labels_from_folders,
+        mapping=map,
+        protocol=protocol,
+        heads=[h.strip() for h in heads.split(",") if h.strip()],
+        blocks=_blocks(blocks),
+        ablation=ablation,
+        splits=splits,
+        test_size=test_size,
+        folds=folds,
+        split_files=split or [],
+        split_from_folders=split_from_folders,
+        seed=seed,
+        report=report,
+        progress=not quiet,
+        id_column=id_column,
+        label_column=label_column,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        dropout=dropout,
+        hidden=hidden_units,
+        experts=experts,
         normalize_blocks=normalize_blocks,
-    )  # fmt: skip
+    )
     result.print()
 
 
 @app.command()
 def score(
     inputs: Annotated[
-        list[str] | None, typer.Argument(help="Directories, image files, @list.txt, or - for paths on stdin.")
+        list[str] | None,
+        typer.Argument(metavar="INPUT...", help="Directories, image files, @list.txt, or - for paths on stdin."),
     ] = None,
     out: Annotated[
-        str, typer.Option("--out", "-o", help="FILE.parquet|.csv|.jsonl, - for stdout, or DIR/ for resumable shards.")
+        str,
+        typer.Option(
+            "--out", "-o", metavar="FILE|DIR/|-", help="FILE.parquet|.csv|.tsv|.jsonl, - for stdout, or DIR/ (shards)."
+        ),
     ] = "-",
     model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Model bundle directory (default: the packaged polarity model).")
+        str | None,
+        typer.Option("--model", "-m", metavar="DIR", help="Model bundle directory (default: the packaged model)."),
     ] = None,
     features: Annotated[
-        str | None, typer.Option("--features", help="Score an existing feature store instead of images.")
+        str | None, typer.Option("--features", metavar="STORE", help="Score an existing feature store, not images.")
     ] = None,
     weights: Annotated[
         list[str] | None,
         typer.Option(
-            "--weights", help="Backbone weights file (or KEY=FILE); default: $IMGSENT_WEIGHTS, cache, download."
+            "--weights",
+            metavar="FILE|KEY=FILE",
+            help="Backbone weights file; default: $IMGSENT_WEIGHTS, cache, download.",
         ),
     ] = None,
     format: Annotated[
-        str | None,
-        typer.Option("--format", help="parquet, csv or jsonl (default: from the extension; jsonl on stdout)."),
+        Literal["parquet", "csv", "tsv", "jsonl"] | None,
+        typer.Option("--format", help="Output format (default: from the extension; jsonl on stdout)."),
     ] = None,
     threshold: Annotated[
-        float | None, typer.Option(help="Two-class models: predict positive when p_positive >= this (default: argmax).")
+        float | None,
+        typer.Option(metavar="T", help="Two-class models: predict positive when p_positive >= T (default: argmax)."),
     ] = None,
     keep_features: Annotated[
-        str | None, typer.Option("--keep-features", help="Also write the computed features to this store.")
+        str | None, typer.Option("--keep-features", metavar="DIR", help="Also write the computed features here.")
     ] = None,
     device: Device = "auto",
     precision: ScorePrecision = "auto",
-    batch_size: BatchSize = 64,
+    batch_size: BatchSize = DEFAULT_BATCH_SIZE,
     workers: Workers = None,
     shard: Shard = None,
     overwrite: Overwrite = False,
-    rows_per_shard: RowsPerShard = 10_000,
-    max_pixels: MaxPixels = 89_478_485,
+    rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     null: Null = False,
     hidden: Hidden = False,
     compile: Compile = False,
@@ -265,93 +475,160 @@ def score(
     """
     from .scoring import score as run
 
+    options = RunOptions(
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        compile=compile,
+        max_pixels=max_pixels,
+        engine=engine,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
+        gpus_per_worker=gpus_per_worker,
+        shard=shard,
+        overwrite=overwrite,
+        rows_per_shard=rows_per_shard,
+        null=null,
+        include_hidden=hidden,
+        progress=not quiet,
+    )
     summary = run(
-        inputs or [], out, model=model, features=features, weights=weights or [], fmt=format, threshold=threshold,
-        device=device, precision=precision, batch_size=batch_size, workers=workers, shard=shard, overwrite=overwrite,
-        rows_per_shard=rows_per_shard, max_pixels=max_pixels, keep_features=keep_features, null=null,
-        include_hidden=hidden, compile=compile, progress=not quiet, engine=engine, ray_address=ray_address,
-        ray_workers=ray_workers, gpus_per_worker=gpus_per_worker,
-    )  # fmt: skip
+        inputs or [],
+        out,
+        model=model,
+        features=features,
+        weights=weights or [],
+        fmt=format,
+        threshold=threshold,
+        keep_features=keep_features,
+        options=options,
+    )
     if not quiet:
         summary.print("imgsent score")
 
 
 @app.command()
-def models() -> None:
-    """Where the default model and its backbone weights live, and how to use local weights offline."""
-    from .scoring import default_model_path, resolve_model
-    from .weights import WEIGHTS_ENV, cache_dir
+def models(
+    model: Annotated[
+        str | None, typer.Argument(metavar="[MODEL]", help="A model bundle directory (default: the packaged model).")
+    ] = None,
+) -> None:
+    """A model's card (head, classes, backbones, training data, held-out estimate); for the default model,
+    also where its backbone weights come from and how to use local weights offline."""
+    from .models import describe_model
 
-    m = resolve_model(None)
-    card = m.training.get("card", {})
-    lines = [
-        f"default model: {default_model_path()}",
-        f"  head: {m.config.label}, classes: {', '.join(m.classes)}, features: {', '.join(k for k, _ in m.blocks)}",
-    ]
-    if card:
-        lines += [f"  {k}: {v}" for k, v in card.items()]
-    lines += [
-        "backbone weights for the default model are looked up in this order:",
-        f"  1. --weights FILE, or ${WEIGHTS_ENV}=FILE (float mobilenet_v2 weights, .safetensors or .pth)",
-        f"  2. imgsent's cache: {cache_dir() / 'weights'} (set $IMGSENT_HOME to move it)",
-        "  3. download torchvision's official quantized MobileNetV2 (IMAGENET1K_QNNPACK_V1) through torchvision,",
-        "     convert it to float32 and cache it (needs internet once)",
-        "offline: copy the converted file (mobilenet_v2.IMAGENET1K_QNNPACK_V1.float32.safetensors) into the cache,",
-        f"  or pass --weights / set ${WEIGHTS_ENV}. Weights that do not match the model are refused.",
-    ]
-    typer.echo("\n".join(lines))
+    typer.echo(describe_model(model))
 
 
 @app.command(name="backbones")
 def list_backbones() -> None:
-    """List backbone presets and the spec syntax."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """List backbone presets and the spec syntax (one spec a line, never cut)."""
     from .backbones import describe_presets
 
-    t = Table(title="Presets (use with --backbones NAME)")
-    t.add_column("preset")
-    t.add_column("backbones")
-    t.add_column("what it is / needs")
+    lines = []
     for name, specs, desc in describe_presets():
-        t.add_row(name, specs, desc)
-    console = Console()
-    console.print(t)
-    console.print(
-        "Any backbone: timm:NAME[.TAG], torchvision:NAME[.WEIGHTS_TAG], torchscript:PATH; add :probs for class "
-        "probabilities, @FILE for local weights (.safetensors or .pth). Pretrained weights download on first use "
-        "(timm: Hugging Face cache, torchvision: torch hub cache); offline, give @FILE."
-    )
+        lines.append(f"{name}: {desc}")
+        lines += [f"    {s}" for s in specs.split(", ")]
+    lines += [
+        "",
+        "Any backbone: timm:NAME[.TAG], torchvision:NAME[.WEIGHTS_TAG], torchscript:PATH; add :probs for class",
+        "probabilities, @FILE for local weights (.safetensors or .pth). Pretrained weights download on first use",
+        "(timm: Hugging Face cache, torchvision: torch hub cache); offline, give @FILE.",
+    ]
+    typer.echo("\n".join(lines))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    from .errors import ImgsentWarning
+
+    if issubclass(category, ImgsentWarning):
+        typer.echo(f"imgsent: warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = None
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` runs (shards kept, locks freed)."""
 
 
 def main() -> None:
-    """Entry point: one clear line and exit code 2 for user errors, never a traceback."""
-    import os
+    """Entry point: one clear line and exit code 2 for user errors, never a traceback; 130 / 143
+    after Ctrl-C / SIGTERM (finished shards kept); 0 when the reader of stdout goes away.
+    The process-wide settings it changes (warning display, the SIGTERM handler) are restored."""
+    import signal
     import warnings
 
-    if not os.environ.get("IMGSENT_DEBUG"):  # torch's deprecation chatter is not the user's business
-        for module in ("torch", "torchvision", "timm"):
-            warnings.filterwarnings("ignore", category=UserWarning, module=module)
-            warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    from .errors import ImgsentWarning
+
+    def terminated(signum, frame):
+        raise _Terminated()
+
+    global _default_showwarning
+    _default_showwarning = warnings.showwarning
+    previous_term = signal.signal(signal.SIGTERM, terminated)
+    with warnings.catch_warnings():
+        if not os.environ.get("IMGSENT_DEBUG"):  # torch's deprecation chatter is not the user's business
+            for module in ("torch", "torchvision", "timm"):
+                warnings.filterwarnings("ignore", category=UserWarning, module=module)
+                warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.simplefilter("always", ImgsentWarning)  # messages for the user, whatever PYTHONWARNINGS says
+        warnings.showwarning = _show_warning
+        try:
+            code = _run()
+        finally:
+            signal.signal(signal.SIGTERM, previous_term)
+    sys.exit(code)
+
+
+def _run() -> int:
+    from typer._click.exceptions import ClickException
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except ImgsentError as exc:
         typer.echo(f"imgsent: error: {exc}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("imgsent: interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
-    except BrokenPipeError:
-        _quiet_broken_pipe()
+        return 2
+    except ClickException as exc:
+        return _usage_error(exc)
+    except _Terminated:
+        return _interrupted(143)
+    except (OutputClosed, BrokenPipeError):
+        return _quiet_broken_pipe()
+    if code == 130:  # typer turns Ctrl-C into exit code 130
+        return _interrupted(130)
+    return code if isinstance(code, int) else 0
 
 
-def _quiet_broken_pipe() -> None:
-    import os
+def _usage_error(exc) -> int:
+    """A bad command line: one line (plus where to look), exit 2. ``imgsent`` alone: the help."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        typer.echo(ctx.get_help(), err=True)
+        return 2
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    message = " ".join(exc.format_message().split())
+    typer.echo(f"imgsent: error: {message}{where}", err=True)
+    return getattr(exc, "exit_code", 2) or 2
 
+
+def _interrupted(code: int) -> int:
+    import threading
+
+    # The process is ending: helper threads of multiprocessing / the DataLoader, cut off mid-call,
+    # must not print tracebacks over the one line that matters.
+    threading.excepthook = lambda args: None
+    typer.echo("imgsent: interrupted: rerun the same command to resume (finished shards are kept)", err=True)
+    return code
+
+
+def _quiet_broken_pipe() -> int:
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     except OSError:
         pass
-    sys.exit(0)
+    return 0

@@ -12,12 +12,18 @@ Failures raise :class:`DecodeError` with a one-line reason; the engine turns it 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import stat
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
+
+from .inputs import ImageRef
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GB of RGBA)
 
@@ -101,6 +107,42 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_pillow_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pillow_settings(max_pixels: int):
+    """Pillow's process-wide switches as decoding needs them, restored afterwards: truncated files
+    fail (never half-grey pictures), and Pillow's own bomb limit sits at or above ``max_pixels``
+    (our check runs first and names the limit)."""
+    with _pillow_lock:
+        before = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def _check_regular_file(path: str) -> None:
+    """Only regular files are opened: a FIFO would block forever, a directory is no image."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DecodeError("file not found (deleted or moved after listing?)") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except OSError as exc:
+        raise DecodeError(f"cannot stat the file: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DecodeError("is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device"
+        raise DecodeError(f"is {kind}, not a regular file")
+
+
 def decode_image(
     path: str, *, min_short_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[Image.Image, tuple[int, int]]:
@@ -111,8 +153,9 @@ def decode_image(
     keeps both sides >= 2 * min_short_side (a 4x-8x saving on big photos, no visible loss after
     the later resize). ``max_pixels`` guards against decompression bombs.
     """
+    _check_regular_file(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_settings(max_pixels):
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
                 width, height = img.size
@@ -141,6 +184,8 @@ def decode_image(
         raise DecodeError("is a directory, not an image file") from None
     except PermissionError:
         raise DecodeError("permission denied") from None
+    except Image.DecompressionBombError:
+        raise DecodeError(f"image is over the limit of {max_pixels} pixels") from None
     except Image.UnidentifiedImageError:
         raise DecodeError("not a recognised image format (corrupt, empty, or not an image)") from None
     except Exception as exc:  # truncated data, decoder errors, MemoryError...
@@ -211,6 +256,33 @@ def make_views(img: Image.Image, preprocesses: list[Preprocess], tta: str = "non
     return views
 
 
-# Truncated files must fail loudly (an error row), never load as half-grey pictures.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-Image.MAX_IMAGE_PIXELS = None  # our own max_pixels check runs before any pixel is decoded
+@dataclass
+class DecodedImage:
+    """One input after decoding: its reference, ``status`` (``ok``/``error``), the reason, the
+    full-resolution size, and the uint8 views per view key (None on error)."""
+
+    ref: ImageRef
+    status: str
+    error: str | None
+    width: int | None
+    height: int | None
+    views: dict[tuple, np.ndarray] | None
+
+    @classmethod
+    def failed(cls, ref: ImageRef, reason: str) -> DecodedImage:
+        return cls(ref, "error", reason, None, None, None)
+
+
+def decode_ref(
+    ref: ImageRef, preprocesses: list[Preprocess], tta: str = "none", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> DecodedImage:
+    """The decode step of every engine (local workers and Ray tasks): one image in, its views for
+    every distinct preprocessing out. Never raises for a bad image: it comes back as an error."""
+    try:
+        min_short_side = max(pp.needed_short_side() for pp in preprocesses)
+        img, (width, height) = decode_image(ref.path, min_short_side=min_short_side, max_pixels=max_pixels)
+        return DecodedImage(ref, "ok", None, width, height, make_views(img, preprocesses, tta))
+    except DecodeError as exc:
+        return DecodedImage.failed(ref, str(exc))
+    except Exception as exc:  # never let one image stop a worker
+        return DecodedImage.failed(ref, f"{type(exc).__name__}: {exc}"[:300])

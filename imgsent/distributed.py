@@ -1,7 +1,8 @@
 """The Ray distributor: the same shard work as the local engine, on a Ray cluster (Ray Data).
 
-``RayEngine.run(refs, groups)`` has the local :class:`~imgsent.engine.FeatureEngine`'s contract
-(ordered :class:`~imgsent.engine.FeatureBatch` es), so ``extract`` and ``score`` feed it to the same
+``RayEngine`` keeps the :class:`~imgsent.batches.Engine` contract (ordered
+:class:`~imgsent.batches.FeatureBatch` es, or :class:`~imgsent.batches.ScoredBatch` es when it runs
+the head too), so ``extract`` and ``score`` feed it to the same
 sharded writer: same store / score layout, same manifest, same resume. Inside Ray Data, decoding runs
 as CPU tasks (``map_batches`` over a function) and the backbones in an actor pool (``concurrency``
 actors, ``num_gpus`` each), so weights load once per actor. Ray is an optional extra
@@ -10,16 +11,20 @@ actors, ``num_gpus`` each), so weights load once per actor. Ray is an optional e
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from .backbones import Backbone, create_backbone, fingerprints_match
-from .decode import DEFAULT_MAX_PIXELS, Preprocess
-from .engine import FeatureBatch, FeatureEngine, _ImageDataset
+from .batches import FeatureBatch, ScoredBatch
+from .decode import Preprocess, decode_ref
+from .engine import FeatureEngine, flag_nonfinite
 from .errors import ImgsentError
 from .inputs import ImageRef
+from .options import RunOptions
 
 _FORWARDED_ENV = ("IMGSENT_WEIGHTS", "IMGSENT_HOME", "HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME")
 
@@ -37,8 +42,7 @@ def _decode_batch(batch: dict, preprocesses: list[dict], tta: str, max_pixels: i
     """Ray task: decode a batch of paths into uint8 views (zeros on error rows)."""
     pps = [Preprocess.from_dict(p) for p in preprocesses]
     refs = [ImageRef(i, p) for i, p in zip(batch["id"], batch["path"])]
-    data = _ImageDataset(refs, pps, tta, max_pixels)
-    items = [data[k] for k in range(len(refs))]
+    items = [decode_ref(ref, pps, tta, max_pixels) for ref in refs]
     keys = list(dict.fromkeys(pp.view_key for pp in pps))
     crops = 5 if "crops" in tta else 1
     out = {
@@ -62,21 +66,22 @@ def _decode_batch(batch: dict, preprocesses: list[dict], tta: str, max_pixels: i
 class _EmbedActor:
     """Ray actor: builds the backbones once, then embeds decoded batches."""
 
-    def __init__(self, specs: list[tuple[str, bool, dict]], engine_kwargs: dict, head_path: str | None = None):
+    def __init__(self, specs: list[tuple[str, bool, dict]], options: RunOptions, head_path: str | None = None):
         backbones = []
         for spec, random_weights, fingerprint in specs:
             bb = create_backbone(spec, random_weights=random_weights)
             if not fingerprints_match(fingerprint, bb.fingerprint):
                 raise ImgsentError(f"{spec}: this Ray worker resolved other weights than the driver")
             backbones.append(bb)
-        self.engine = FeatureEngine(backbones, workers=0, **engine_kwargs)
+        self.engine = FeatureEngine(backbones, options, workers=0)
         self.keys = list(dict.fromkeys(bb.preprocess.view_key for bb in backbones))
         self.model = None
         if head_path is not None:
-            from .training import head_precision, load_model
+            from .precision import head_precision
+            from .training import load_model
 
             self.model = load_model(head_path)
-            self.head_precision = head_precision(engine_kwargs.get("precision", "auto"))
+            self.head_precision = head_precision(options.precision)
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -86,7 +91,12 @@ class _EmbedActor:
             key: torch.from_numpy(np.ascontiguousarray(batch[f"view{j}"][ok_pos])) for j, key in enumerate(self.keys)
         }
         feats = self.engine.embed_views(views, ok_pos, len(batch["id"]))
-        out = {k: batch[k] for k in ("id", "path", "status", "error", "width", "height")}
+        status, error = [str(s) for s in batch["status"]], [str(e) if e else None for e in batch["error"]]
+        checked = flag_nonfinite(FeatureBatch([], [], status, error, [], [], feats))
+        ok_pos = [k for k, s in enumerate(checked.status) if s == "ok"]
+        out = {k: batch[k] for k in ("id", "path", "width", "height")}
+        out["status"] = np.asarray(checked.status, dtype=object)
+        out["error"] = np.asarray([e or "" for e in checked.error], dtype=object)
         for j, key in enumerate(self.engine.keys):
             out[f"feat{j}"] = feats[key]
         if self.model is not None:  # the head runs here too, next to the backbones
@@ -99,33 +109,44 @@ class _EmbedActor:
 
 
 class RayEngine:
-    """Run backbones over images on Ray Data; a drop-in for ``FeatureEngine`` in extract/score.
+    """Run backbones over images on Ray Data; the :class:`~imgsent.batches.Engine` contract.
 
-    ``workers``: actors in the pool (default: 1 per GPU asked, else 1); ``gpus_per_worker``:
-    ``num_gpus`` of each actor; ``address``: an existing cluster (default: start a local one).
+    ``options``: the run's :class:`~imgsent.options.RunOptions`: ``ray_workers`` actors in the pool
+    (default 1), ``gpus_per_worker`` (``num_gpus`` of each actor), ``ray_address`` (an existing
+    cluster; default: start a local one), and the engine settings each actor uses. Device and GPU
+    settings are checked here, on the driver, with one clear line.
     """
 
     def __init__(
         self,
         backbones: Sequence[Backbone],
+        options: RunOptions | None = None,
         *,
-        address: str | None = None,
-        workers: int | None = None,
-        gpus_per_worker: float = 0.0,
-        batch_size: int = 64,
-        device: str = "auto",
-        precision: str = "auto",
-        tta: str = "none",
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        compile: bool = False,
         num_cpus: int | None = None,
         head_path: str | None = None,
+        **overrides,
     ):
+        opts = RunOptions.build(options, **overrides)
+        _check_devices(opts)
         ray = require_ray()
         if not ray.is_initialized():
             env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-            ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False, runtime_env={"env_vars": env})  # fmt: skip
+            ray.init(
+                address=opts.ray_address,
+                num_cpus=num_cpus if opts.ray_address is None else None,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                logging_level=logging.INFO if opts.progress else logging.ERROR,
+                runtime_env={"env_vars": env},
+            )
+        if not opts.progress:  # quiet: Ray Data's own execution log too
+            logging.getLogger("ray").setLevel(logging.ERROR)
+        if opts.gpus_per_worker > 0 and not ray.cluster_resources().get("GPU", 0):
+            raise ImgsentError(
+                f"gpus_per_worker={opts.gpus_per_worker} but the Ray cluster has no GPU; "
+                f"use gpus_per_worker=0 (CPU actors) or a cluster with GPUs"
+            )
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
@@ -133,15 +154,13 @@ class RayEngine:
         ctx.enable_progress_bars = False
         self.ray = ray
         self.backbones = list(backbones)
-        self.batch_size = batch_size
-        self.tta = tta
-        self.max_pixels = max_pixels
-        self.workers = workers or 1
-        self.gpus_per_worker = gpus_per_worker
+        self.options = opts
         self.head_path = head_path
         self.specs = [(bb.recipe()["spec"], bool(bb.fingerprint.get("random")), bb.fingerprint) for bb in backbones]
-        self.engine_kwargs = {"device": "cuda" if gpus_per_worker > 0 and device == "auto" else device,
-                              "precision": precision, "batch_size": batch_size, "tta": tta, "compile": compile}  # fmt: skip
+        device = "cuda" if opts.gpus_per_worker > 0 and opts.device == "auto" else opts.device
+        if opts.gpus_per_worker == 0 and opts.device == "auto":
+            device = "cpu"  # an actor with no GPU asked for must not grab one it happens to see
+        self.actor_options = dataclasses.replace(opts, device=device, workers=0, engine="local", progress=False)
 
     @property
     def keys(self) -> list[str]:
@@ -153,32 +172,30 @@ class RayEngine:
             return
         import ray.data
 
-        ds = ray.data.from_items([{"id": r.id, "path": r.path} for r in refs],
-                                 override_num_blocks=max(1, len(refs) // self.batch_size))  # fmt: skip
+        bs = self.options.batch_size
+        ds = ray.data.from_items(
+            [{"id": r.id, "path": r.path} for r in refs], override_num_blocks=max(1, len(refs) // bs)
+        )
         ds = ds.map_batches(
             _decode_batch,
-            batch_size=self.batch_size,
+            batch_size=bs,
             batch_format="numpy",
             fn_kwargs={
                 "preprocesses": [bb.preprocess.to_dict() for bb in self.backbones],
-                "tta": self.tta,
-                "max_pixels": self.max_pixels,
-            },  # fmt: skip
+                "tta": self.options.tta,
+                "max_pixels": self.options.max_pixels,
+            },
         )
         ds = ds.map_batches(
             _EmbedActor,
-            batch_size=self.batch_size,
+            batch_size=bs,
             batch_format="numpy",
-            concurrency=self.workers,
-            num_gpus=self.gpus_per_worker or None,
-            fn_constructor_kwargs={
-                "specs": self.specs,
-                "engine_kwargs": self.engine_kwargs,
-                "head_path": self.head_path,
-            },
+            concurrency=self.options.ray_workers or 1,
+            num_gpus=self.options.gpus_per_worker or None,
+            fn_constructor_kwargs={"specs": self.specs, "options": self.actor_options, "head_path": self.head_path},
         )
-        for batch in ds.iter_batches(batch_size=self.batch_size, batch_format="numpy", prefetch_batches=2):
-            yield FeatureBatch(
+        for batch in ds.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2):
+            rows = FeatureBatch(
                 ids=[str(i) for i in batch["id"]],
                 paths=[str(p) for p in batch["path"]],
                 status=[str(s) for s in batch["status"]],
@@ -186,5 +203,23 @@ class RayEngine:
                 width=[None if w < 0 else int(w) for w in batch["width"]],
                 height=[None if h < 0 else int(h) for h in batch["height"]],
                 features={key: np.asarray(batch[f"feat{j}"], dtype=np.float32) for j, key in enumerate(self.keys)},
-                proba=np.asarray(batch["proba"], dtype=np.float32) if "proba" in batch else None,
             )
+            if "proba" in batch:
+                rows = ScoredBatch(**vars(rows), proba=np.asarray(batch["proba"], dtype=np.float32))
+            yield rows
+
+
+def _check_devices(opts: RunOptions) -> None:
+    """Device and GPU settings that cannot work on Ray, refused before any actor starts."""
+    device = opts.device.split(":")[0]
+    if device == "cuda" and ":" in opts.device:
+        raise ImgsentError(
+            f"device {opts.device}: on Ray each actor sees only the GPUs Ray gives it; use device cuda or auto"
+        )
+    if opts.gpus_per_worker > 0 and device in ("cpu", "mps"):
+        raise ImgsentError(f"gpus_per_worker={opts.gpus_per_worker} asks for GPUs but device is {opts.device}")
+    if device == "cuda" and opts.gpus_per_worker == 0:
+        raise ImgsentError(
+            "device cuda on Ray needs GPUs for the actors: set gpus_per_worker (for example 1), "
+            "or Ray schedules them on CPU-only nodes"
+        )

@@ -10,87 +10,50 @@ Bad images become rows with ``status="error"``; they never stop the run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
+import sys
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
-from .decode import DEFAULT_MAX_PIXELS, TTA_MODES, DecodeError, Preprocess, decode_image, make_views
+from .batches import FeatureBatch
+from .decode import DecodedImage, Preprocess, decode_ref
 from .errors import ImgsentError
 from .inputs import ImageRef
+from .lanes import in_lanes
+from .options import RunOptions
+from .precision import autocast_dtype
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZE = ("auto", "jit", "none")
 PREFETCH = 4  # batches each decoding process works ahead
 
 
-@dataclass
-class FeatureBatch:
-    """Rows for a batch of images, in input order. ``features[key]`` has one row per image;
-    rows of error images are NaN (and written as nulls)."""
+class ImageDataset(Dataset):
+    """The decode step as a map-style dataset: item ``i`` is ``refs[i]`` decoded into the views
+    of every distinct preprocessing (:func:`~imgsent.decode.decode_ref`)."""
 
-    ids: list[str]
-    paths: list[str]
-    status: list[str]
-    error: list[str | None]
-    width: list[int | None]
-    height: list[int | None]
-    features: dict[str, np.ndarray] = field(default_factory=dict)
-    proba: np.ndarray | None = None  # class probabilities, when a head already ran (Ray actors)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def ok_mask(self) -> np.ndarray:
-        return np.asarray([s == "ok" for s in self.status], dtype=bool)
-
-
-@dataclass
-class _Decoded:
-    ref: ImageRef
-    status: str
-    error: str | None
-    width: int | None
-    height: int | None
-    views: dict[tuple, np.ndarray] | None
-
-
-class _ImageDataset(Dataset):
     def __init__(self, refs: Sequence[ImageRef], preprocesses: list[Preprocess], tta: str, max_pixels: int):
         self.refs = list(refs)
         self.preprocesses = preprocesses
         self.tta = tta
         self.max_pixels = max_pixels
-        self.min_short_side = max(pp.needed_short_side() for pp in preprocesses)
 
     def __len__(self) -> int:
         return len(self.refs)
 
-    def __getitem__(self, index: int) -> _Decoded:
-        ref = self.refs[index]
-        try:
-            img, (width, height) = decode_image(
-                ref.path, min_short_side=self.min_short_side, max_pixels=self.max_pixels
-            )
-            views = make_views(img, self.preprocesses, self.tta)
-            return _Decoded(ref, "ok", None, width, height, views)
-        except DecodeError as exc:
-            return _Decoded(ref, "error", str(exc), None, None, None)
-        except Exception as exc:  # never let one image stop a worker
-            return _Decoded(ref, "error", f"{type(exc).__name__}: {exc}"[:300], None, None, None)
+    def __getitem__(self, index: int) -> DecodedImage:
+        return decode_ref(self.refs[index], self.preprocesses, self.tta, self.max_pixels)
 
 
 @dataclass
 class _CollatedBatch:
-    items: list[_Decoded]
+    items: list[DecodedImage]
     views: dict[tuple, torch.Tensor]  # key -> uint8 (n_ok, n_crops, 3, H, W)
 
     def pin_memory(self):
@@ -98,7 +61,7 @@ class _CollatedBatch:
         return self
 
 
-def _collate(items: list[_Decoded]) -> _CollatedBatch:
+def _collate(items: list[DecodedImage]) -> _CollatedBatch:
     ok = [it for it in items if it.status == "ok"]
     views: dict[tuple, torch.Tensor] = {}
     if ok:
@@ -121,13 +84,13 @@ def _group_batches(n: int, groups: Sequence[int] | None, batch_size: int) -> lis
     return batches
 
 
-def _isolated_decode(dataset: _ImageDataset, indices: list[int]) -> list[_Decoded]:
+def _isolated_decode(dataset: ImageDataset, indices: list[int]) -> list[DecodedImage]:
     """Decode ``indices`` one by one in a forked process; an image during which that process dies
     is reported as an error and the process restarted for the rest."""
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
-    results: list[_Decoded] = []
+    results: list[DecodedImage] = []
     todo = list(indices)
     while todo:
         recv, send = ctx.Pipe(duplex=False)
@@ -143,7 +106,7 @@ def _isolated_decode(dataset: _ImageDataset, indices: list[int]) -> list[_Decode
             proc.join()
             ref = dataset.refs[todo[got]]
             reason = f"the decoding process died on this image twice (exit code {proc.exitcode})"
-            results.append(_Decoded(ref, "error", reason, None, None, None))
+            results.append(DecodedImage.failed(ref, reason))
             got += 1
         finally:
             recv.close()
@@ -152,7 +115,7 @@ def _isolated_decode(dataset: _ImageDataset, indices: list[int]) -> list[_Decode
     return results
 
 
-def _decode_serially(dataset: _ImageDataset, indices: list[int], conn) -> None:
+def _decode_serially(dataset: ImageDataset, indices: list[int], conn) -> None:
     torch.set_num_threads(1)
     for i in indices:
         conn.send(dataset[i])
@@ -161,6 +124,15 @@ def _decode_serially(dataset: _ImageDataset, indices: list[int], conn) -> None:
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
+    sys.excepthook = _quiet_lost_parent
+
+
+def _quiet_lost_parent(exc_type, exc, tb) -> None:
+    """In a decoding process: when the main process ends (Ctrl-C, SIGTERM), the thread that hands
+    it shared-memory batches (multiprocessing's resource sharer, which reports through
+    ``sys.excepthook``) loses its connection; that is no error worth a traceback."""
+    if not issubclass(exc_type, (ConnectionError, EOFError)):
+        sys.__excepthook__(exc_type, exc, tb)
 
 
 def select_device(device: str = "auto") -> torch.device:
@@ -182,79 +154,58 @@ def select_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise ImgsentError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    check_precision(precision)
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
 class FeatureEngine:
-    """Runs backbones over images. Build once, then :meth:`run` any number of reference lists.
+    """Runs backbones over images (the local :class:`~imgsent.batches.Engine`). Build once, then
+    :meth:`run` any number of reference lists.
 
-    ``device``: ``auto``/``cpu``/``cuda``...; ``precision``: ``auto`` (AMP on CUDA, fp32 elsewhere),
-    ``fp32``, ``bf16``, ``fp16``; ``channels_last``: None = on; ``tta``: ``none``, ``flip``
-    (mean of the image and its mirror), ``crops`` (mean of centre + 4 corner crops), ``flip+crops``.
-    ``optimize``: ``auto`` (CPU: trace + freeze each module, checked against eager on a probe;
-    GPU: eager, AMP), ``jit``, ``none``; ``compile`` uses ``torch.compile`` instead.
-    ``model_batch``: images per forward pass (default: 8 on CPU, where small batches keep the
-    activations in cache and run 3-4x faster than 64; the whole batch on GPU).
-    ``lanes``: batches embedded side by side (default: on CPU one per torch thread, each lane
-    single-threaded, see :func:`in_lanes`; 1 on GPU).
+    ``options``: a :class:`~imgsent.options.RunOptions` (device, precision, batch_size, workers,
+    compile, tta, max_pixels); keyword ``overrides`` replace single fields of it.
+    ``channels_last``: None = on. ``optimize``: ``auto`` (CPU: trace + freeze each module, checked
+    against eager on a probe; GPU: eager, AMP), ``jit``, ``none``; ``compile`` uses
+    ``torch.compile`` instead. ``model_batch``: images per forward pass (default: 8 on CPU, where
+    small batches keep the activations in cache and run 3-4x faster than 64; the whole batch on
+    GPU). Frozen and compiled modules always get exactly that many (the last pass padded), so an
+    image's features never depend on which images share its batch. ``lanes``: batches embedded
+    side by side (default: on CPU one per torch thread, each lane single-threaded, see
+    :func:`~imgsent.lanes.in_lanes`; 1 on GPU).
+    The caller's :class:`~imgsent.backbones.Backbone` objects are never modified: the engine keeps
+    its own prepared (moved, traced, compiled) modules.
     """
 
     def __init__(
         self,
         backbones: Sequence[Backbone],
+        options: RunOptions | None = None,
         *,
-        device: str = "auto",
-        precision: str = "auto",
-        batch_size: int = 64,
-        workers: int | None = None,
         channels_last: bool | None = None,
-        compile: bool = False,
-        tta: str = "none",
-        max_pixels: int = DEFAULT_MAX_PIXELS,
         optimize: str = "auto",
         model_batch: int | None = None,
         lanes: int | None = None,
+        **overrides,
     ):
         if not backbones:
             raise ImgsentError("no backbone given")
-        if tta not in TTA_MODES:
-            raise ImgsentError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-        if batch_size < 1:
-            raise ImgsentError(f"--batch-size must be >= 1, got {batch_size}")
-        if max_pixels < 1:
-            raise ImgsentError(f"--max-pixels must be >= 1, got {max_pixels}")
-        self.device = select_device(device)
-        self.amp_dtype = autocast_dtype(self.device, precision)
-        self.batch_size = batch_size
-        self.workers = default_workers() if workers is None else workers
-        if self.workers < 0:
-            raise ImgsentError(f"--workers must be >= 0, got {workers}")
+        opts = RunOptions.build(options, **overrides)
+        self.options = opts
+        self.device = select_device(opts.device)
+        self.amp_dtype = autocast_dtype(self.device, opts.precision)
+        self.batch_size = opts.batch_size
+        self.workers = default_workers() if opts.workers is None else opts.workers
         self.channels_last = True if channels_last is None else channels_last
         if optimize not in OPTIMIZE:
-            raise ImgsentError(f"--optimize must be one of {', '.join(OPTIMIZE)}, got {optimize!r}")
-        self.model_batch = model_batch or (batch_size if self.device.type == "cuda" else 8)
+            raise ImgsentError(f"optimize must be one of {', '.join(OPTIMIZE)}, got {optimize!r}")
+        self.model_batch = model_batch or (opts.batch_size if self.device.type == "cuda" else 8)
         self.lanes = lanes or (torch.get_num_threads() if self.device.type == "cpu" else 1)
         if self.lanes < 1:
             raise ImgsentError(f"lanes must be >= 1, got {lanes}")
-        self.tta = tta
-        self.max_pixels = max_pixels
+        self.tta = opts.tta
+        self.max_pixels = opts.max_pixels
         self.backbones = list(backbones)
         self._devices: list[torch.device] = []
         self._norms: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._fixed_shape = [False] * len(self.backbones)  # frozen modules get exactly model_batch images
-        self._compile, self._optimize = compile, optimize
+        self._modules: list[torch.nn.Module] = [bb.module for bb in self.backbones]  # replaced by prepare()
+        self._fixed_shape = [False] * len(self.backbones)  # frozen/compiled modules get exactly model_batch images
+        self._compile, self._optimize = opts.compile, optimize
         self._prepared = False
         self._prepare_lock = threading.Lock()
         for bb in self.backbones:
@@ -266,32 +217,37 @@ class FeatureEngine:
 
     def prepare(self) -> None:
         """Move the backbones to their device and optimise them (trace, freeze, fuse on CPU; or
-        ``torch.compile``). Done once, on first use: :meth:`run` starts its decoding processes
-        first, so they decode the first batches while this runs."""
+        ``torch.compile``), into the engine's own copies. Done once, on first use: :meth:`run`
+        starts its decoding processes first, so they decode the first batches while this runs."""
         with self._prepare_lock:
             if self._prepared:
                 return
             for i, bb in enumerate(self.backbones):
                 dev = self._devices[i]
-                module = bb.module.to(dev)
-                if self.channels_last and not isinstance(module, torch.jit.ScriptModule):
-                    module = module.to(memory_format=torch.channels_last)
+                module = bb.module
                 scripted = isinstance(module, torch.jit.ScriptModule)
+                if dev != _device_of(module) or (self.channels_last and not scripted):
+                    module = copy.deepcopy(module).to(dev)  # the caller's module stays as it was
+                    if self.channels_last and not scripted:
+                        module = module.to(memory_format=torch.channels_last)
                 if self._compile and not scripted:
-                    module = torch.compile(module)
+                    module, self._fixed_shape[i] = torch.compile(module, dynamic=False), True
                 elif not scripted and (self._optimize == "jit" or (self._optimize == "auto" and dev.type == "cpu")):
                     module, self._fixed_shape[i] = _freeze(bb, module, dev, self.channels_last, self.model_batch)
-                bb.module = module
+                self._modules[i] = module
             self._prepared = True
 
     @property
     def keys(self) -> list[str]:
         return [bb.key for bb in self.backbones]
 
-    def _dataset(self, refs: Sequence[ImageRef]) -> _ImageDataset:
-        return _ImageDataset(refs, [bb.preprocess for bb in self.backbones], self.tta, self.max_pixels)
+    def dataset(self, refs: Sequence[ImageRef]) -> ImageDataset:
+        """The decode step for ``refs`` with this engine's preprocessings, TTA and pixel limit."""
+        return ImageDataset(refs, [bb.preprocess for bb in self.backbones], self.tta, self.max_pixels)
 
-    def _loader(self, dataset: _ImageDataset, batches: list[list[int]]) -> DataLoader:
+    def loader(self, dataset: ImageDataset, batches: list[list[int]]) -> DataLoader:
+        """Decoding processes (``workers``) turning index batches of ``dataset`` into collated
+        uint8 batches (pinned on CUDA)."""
         kwargs = {}
         if self.workers > 0:
             kwargs = {"worker_init_fn": _worker_init, "prefetch_factor": PREFETCH, "persistent_workers": False}
@@ -304,8 +260,10 @@ class FeatureEngine:
             **kwargs,
         )
 
-    def _embed(self, index: int, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (n, crops, 3, H, W) -> float32 (n, D) on CPU, averaged over crops and flips."""
+    def embed(self, index: int, pixels: torch.Tensor) -> torch.Tensor:
+        """Backbone ``index`` on uint8 (n, crops, 3, H, W) -> float32 (n, D), averaged over crops
+        and flips."""
+        self.prepare()
         dev = self._devices[index]
         mean, std = self._norms[index]
         n, crops = pixels.shape[:2]
@@ -318,18 +276,17 @@ class FeatureEngine:
             if self.amp_dtype is not None and dev.type == self.device.type
             else contextlib.nullcontext()
         )
-        with amp, _fusion(self._fixed_shape[index] and dev.type == "cpu"):
+        with torch.inference_mode(), amp, _fusion(self._fixed_shape[index] and dev.type == "cpu"):
             out = self._forward(index, x)
             if "flip" in self.tta:
                 out = (out + self._forward(index, torch.flip(x, dims=[3]))) / 2
-        out = out.view(n, crops, -1).mean(dim=1)
-        return out
+        return out.view(n, crops, -1).mean(dim=1)
 
     def _forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Forward passes of ``model_batch`` images; a frozen module always gets exactly that many
-        (the last pass padded), so its fused kernels are compiled for one shape only and an image's
-        features do not depend on how many others share its pass."""
-        bb, step = self.backbones[index], self.model_batch
+        """Forward passes of ``model_batch`` images; a frozen or compiled module always gets
+        exactly that many (the last pass padded), so its kernels are built for one shape only and
+        an image's features do not depend on how many others share its pass."""
+        bb, module, step = self.backbones[index], self._modules[index], self.model_batch
         outs = []
         for s in range(0, len(x), step):
             part = x[s : s + step]
@@ -337,15 +294,14 @@ class FeatureEngine:
             if m < step and self._fixed_shape[index]:
                 pad = part.new_zeros((step - m, *part.shape[1:]))
                 part = torch.cat([part, pad]).contiguous(memory_format=part_format(part))
-            outs.append(bb(part)[:m].float())
+            outs.append(bb.run(module, part)[:m].float())
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def run(self, refs: Sequence[ImageRef], groups: Sequence[int] | None = None) -> Iterator[FeatureBatch]:
-        """Yield one :class:`FeatureBatch` per batch of ``refs``, in order.
+        """Yield one :class:`~imgsent.batches.FeatureBatch` per batch of ``refs``, in order.
 
         ``groups``: sizes of consecutive runs of ``refs`` (output shards) that no batch may straddle.
-        Batches then depend only on the group, so a resumed run computes exactly the same numbers
-        (batch composition can change float rounding in some kernels).
+        Batches then depend only on the group, so a resumed run computes exactly the same numbers.
         A decoding process that dies (a decoder segfault, an OOM kill) does not end the run: the
         batches it may have held are decoded again one image at a time in a separate process, and
         an image that kills that process too becomes an error row.
@@ -353,13 +309,13 @@ class FeatureEngine:
         if not refs:
             return
         batches = _group_batches(len(refs), groups, self.batch_size)
-        dataset = self._dataset(refs)
+        dataset = self.dataset(refs)
         yield from in_lanes(self._features, self._decoded(dataset, batches), self.lanes)
 
-    def _decoded(self, dataset: _ImageDataset, batches: list[list[int]]) -> Iterator[_CollatedBatch]:
+    def _decoded(self, dataset: ImageDataset, batches: list[list[int]]) -> Iterator[_CollatedBatch]:
         received = 0
         while received < len(batches):
-            loader = iter(self._loader(dataset, batches[received:]))  # decoding processes start
+            loader = iter(self.loader(dataset, batches[received:]))  # decoding processes start
             self.prepare()
             try:
                 for batch in loader:
@@ -379,20 +335,18 @@ class FeatureEngine:
     def embed_views(self, views: dict[tuple, torch.Tensor], ok_pos: list[int], n: int) -> dict[str, np.ndarray]:
         """Features of every backbone for ``n`` rows: uint8 views (of the ``ok_pos`` rows, in order)
         in, float32 (n, D) per backbone key out, NaN on the other rows."""
-        self.prepare()
         feats: dict[str, np.ndarray] = {}
-        with torch.inference_mode():
-            for idx, bb in enumerate(self.backbones):
-                full = np.full((n, bb.dim), np.nan, dtype=np.float32)
-                if ok_pos:
-                    full[ok_pos] = self._embed(idx, views[bb.preprocess.view_key]).cpu().numpy()
-                feats[bb.key] = full
+        for idx, bb in enumerate(self.backbones):
+            full = np.full((n, bb.dim), np.nan, dtype=np.float32)
+            if ok_pos:
+                full[ok_pos] = self.embed(idx, views[bb.preprocess.view_key]).cpu().numpy()
+            feats[bb.key] = full
         return feats
 
     def _features(self, batch: _CollatedBatch) -> FeatureBatch:
         items = batch.items
         ok_pos = [i for i, it in enumerate(items) if it.status == "ok"]
-        return FeatureBatch(
+        out = FeatureBatch(
             ids=[it.ref.id for it in items],
             paths=[it.ref.path for it in items],
             status=[it.status for it in items],
@@ -401,30 +355,28 @@ class FeatureEngine:
             height=[it.height for it in items],
             features=self.embed_views(batch.views, ok_pos, len(items)),
         )
+        return flag_nonfinite(out)
 
 
-def in_lanes(fn: Callable, items: Iterable, lanes: int) -> Iterator:
-    """``map(fn, items)``, in order, on ``lanes`` threads at once with torch single-threaded in
-    each (restored after). On a CPU this beats one lane with all cores (here +20 % for two
-    convnets on 2 cores, 2x for the scoring head): no thread waits at an OpenMP barrier for a
-    core that a decoding process took, and small batches do not scale across cores anyway.
-    Torch and Parquet release the GIL. ``lanes=1``: plain, in this thread."""
-    if lanes <= 1:
-        yield from map(fn, items)
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(lanes, thread_name_prefix="imgsent-lane") as pool:
-            pending: deque = deque()
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= lanes:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-    finally:
-        torch.set_num_threads(before)
+def flag_nonfinite(batch: FeatureBatch) -> FeatureBatch:
+    """A good row whose features hold NaN or inf (an fp16 overflow, a broken model) becomes an
+    error row saying so, never silently zeros or 3.4e38 in the store."""
+    for key, mat in batch.features.items():
+        bad = ~np.isfinite(mat).all(axis=1) & batch.ok_mask
+        for i in np.flatnonzero(bad):
+            batch.status[i] = "error"
+            batch.error[i] = f"{key} gave non-finite features (NaN/inf); with fp16, try --precision fp32 or bf16"
+            for m in batch.features.values():
+                m[i] = np.nan
+    return batch
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 _fusion_lock = threading.Lock()

@@ -7,3 +7,12 @@ any other exception. Problems with one image are never raised: they become error
 
 class ImgsentError(Exception):
     """A bad argument, input list, model file or store, described in one sentence."""
+
+
+class OutputClosed(Exception):
+    """The reader of our output went away (``imgsent score ... --out - | head``): end quietly."""
+
+
+class ImgsentWarning(UserWarning):
+    """Something the user should know that does not stop the run (a directory with no images).
+    The CLI prints it as one ``imgsent: warning:`` line."""

@@ -7,11 +7,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .atomicio import atomic_open, write_json_atomic
+from .batches import Blocks
 from .errors import ImgsentError
 from .protocols import (
     PROTOCOLS,
@@ -66,7 +69,7 @@ class EvaluationReport:
 
     def save(self, path: str) -> None:
         if path.lower().endswith(".csv"):
-            with open(path, "w", newline="") as fh:
+            with atomic_open(path, "w", newline="") as fh:
                 w = csv.writer(fh)
                 w.writerow(
                     ["features", "head"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["confusion"]
@@ -77,15 +80,14 @@ class EvaluationReport:
                         row += [f"{v:.6f}" for v in r.mean_std(m)]
                     w.writerow(row + [json.dumps(r.to_dict()["confusion"])])
         elif path.lower().endswith(".json"):
-            with open(path, "w") as fh:
-                json.dump(self.to_dict(), fh, indent=1)
+            write_json_atomic(path, self.to_dict())
         else:
-            raise ImgsentError(f"--report must end in .json or .csv, got {path!r}")
+            raise ImgsentError(f"report must end in .json or .csv, got {path!r}")
 
     def print(self) -> None:
+        """The results table on stdout (it is the command's data; progress goes to stderr)."""
+        from rich.console import Console
         from rich.table import Table
-
-        from .report import stderr_console
 
         t = Table(
             title=f"imgsent evaluate ({self.protocol}, {len(self.splits)} split(s), {self.data['labelled']} images)"
@@ -98,7 +100,7 @@ class EvaluationReport:
         for r in self.results:
             cells = [f"{100 * mu:.2f} ± {100 * sd:.2f}" for mu, sd in (r.mean_std(m) for m in METRICS)]
             t.add_row(r.features, r.head, *cells, str(r.to_dict()["confusion"]))
-        stderr_console.print(t)
+        Console(width=None if sys.stdout.isatty() else 200).print(t)
 
 
 def make_splits(
@@ -119,22 +121,14 @@ def make_splits(
     if protocol == "kfold":
         return stratified_kfold(data.y, folds, seed)
     if protocol == "predefined":
-        return predefined_from_folders(data.ids) if split_from_folders else predefined_from_files(data.ids, split_files)
+        return (
+            predefined_from_folders(data.ids)
+            if split_from_folders
+            else predefined_from_files(data.ids, split_files, data.paths)
+        )
     if protocol == "train-val-test":
         return train_val_test(n, fractions, seed)
     raise ImgsentError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-
-
-def _bad_head(name: str) -> None:
-    raise ImgsentError(f"--heads: unknown head {name!r}; use nn, moe1, moe2")
-
-
-def _block_slices(blocks: list[tuple[str, int]]) -> dict[str, slice]:
-    out, start = {}, 0
-    for k, d in blocks:
-        out[k] = slice(start, start + d)
-        start += d
-    return out
 
 
 def evaluate(
@@ -145,7 +139,7 @@ def evaluate(
     mapping: str = "auto",
     protocol: str = "random-splits",
     heads: Sequence[str] = ("nn", "moe1", "moe2"),
-    features: Sequence[str] | None = None,
+    blocks: Sequence[str] | None = None,
     ablation: bool = False,
     splits: int = 5,
     test_size: float = 0.2,
@@ -159,33 +153,51 @@ def evaluate(
     label_column: str | None = None,
     **hyper,
 ) -> EvaluationReport:
-    """Evaluate heads under a protocol. With ``ablation``, each feature block alone with the NN
-    head first, then the concatenation with every head. Same seed, same numbers."""
+    """Evaluate heads (``nn``, ``moe`` = ``moe1``, ``moe1``, ``moe2``) under a protocol, on the
+    store's ``blocks`` (default all). With ``ablation``, each feature block alone with the NN head
+    first, then the concatenation with every head. Same seed, same numbers."""
     for h in heads:
-        TrainConfig.named(h).resolved() if h in ("nn", "moe", "moe1", "moe2") else _bad_head(h)
+        TrainConfig.named(h)  # one vocabulary of head names: an unknown one is refused here
     data = load_labelled(
-        store, labels=labels, labels_from_folders_=labels_from_folders, mapping=mapping, features=features,
-        id_column=id_column, label_column=label_column,
-    )  # fmt: skip
+        store,
+        labels=labels,
+        labels_from_folders_=labels_from_folders,
+        mapping=mapping,
+        blocks=blocks,
+        id_column=id_column,
+        label_column=label_column,
+    )
     split_list = make_splits(
-        data, protocol, splits=splits, test_size=test_size, folds=folds, split_files=split_files,
-        split_from_folders=split_from_folders, seed=seed,
-    )  # fmt: skip
+        data,
+        protocol,
+        splits=splits,
+        test_size=test_size,
+        folds=folds,
+        split_files=split_files,
+        split_from_folders=split_from_folders,
+        seed=seed,
+    )
     configs: list[tuple[list[tuple[str, int]], str]] = []
     if ablation and len(data.blocks) > 1:
         configs += [([b], "nn") for b in data.blocks]
     configs += [(data.blocks, h) for h in heads]
-    slices = _block_slices(data.blocks)
+    layout = Blocks.of(data.blocks)
     recipes = {r["key"]: r for r in data.recipes}
     results = []
     for blocks, head in configs:
-        cols = np.r_[tuple(np.arange(slices[k].start, slices[k].stop) for k, _ in blocks)]
-        X = data.X if len(blocks) == len(data.blocks) else data.X[:, cols]
+        X = data.X if len(blocks) == len(data.blocks) else data.X[:, layout.columns([k for k, _ in blocks])]
         res = ConfigResult(features=" + ".join(k for k, _ in blocks), head=head)
         for k, sp in enumerate(split_list):
             config = TrainConfig.named(head, seed=seed + k, **hyper)
-            model = fit(X[sp.train], data.y[sp.train], data.classes, blocks, config,
-                        recipes=[recipes[b] for b, _ in blocks], progress=progress)  # fmt: skip
+            model = fit(
+                X[sp.train],
+                data.y[sp.train],
+                data.classes,
+                blocks,
+                config,
+                recipes=[recipes[b] for b, _ in blocks],
+                progress=progress,
+            )
             m = metrics(data.y[sp.test], model.predict_proba(X[sp.test]))
             if sp.val is not None and len(sp.val):
                 m["val_accuracy"] = metrics(data.y[sp.val], model.predict_proba(X[sp.val]))["accuracy"]
@@ -200,9 +212,14 @@ def evaluate(
                 "train": int(len(s.train)),
                 "test": int(len(s.test)),
                 "val": int(len(s.val)) if s.val is not None else 0,
+                **(
+                    {"split_file": {k: v[:10] if isinstance(v, list) else v for k, v in s.report.items()}}
+                    if s.report
+                    else {}
+                ),
             }
             for s in split_list
-        ],  # fmt: skip
+        ],
         classes=data.classes,
         data={**data.join.summary(), "store": os.path.abspath(store)},
         results=results,

@@ -4,7 +4,8 @@ Columns: ``id``, ``path``, ``status`` (``ok``/``error``), ``error`` (reason or n
 ``height``, and one ``fixed_size_list<float32|float16>[dim]`` column per backbone, named by its key
 (``torchvision:mobilenet_v2``...); null on error rows. The manifest header records each backbone's
 recipe (spec, dim, preprocessing, weights fingerprint), the dtype and test-time augmentation.
-The store reads as-is with polars or pyarrow (``pl.read_parquet(f"{store}/part-*.parquet")``).
+The store directory reads as one Parquet dataset as-is (pandas, pyarrow, polars, DuckDB): every
+file in it that is not data starts with ``_`` or ``.``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .engine import FeatureBatch
+from .batches import Blocks, FeatureBatch
 from .errors import ImgsentError
 from .inputs import display_path
 from .shards import list_store
@@ -29,7 +30,7 @@ BASE_COLUMNS = ("id", "path", "status", "error", "width", "height")
 
 def store_header(recipes: list[dict], dtype: str, tta: str) -> dict:
     if dtype not in DTYPES:
-        raise ImgsentError(f"--dtype must be float32 or float16, got {dtype!r}")
+        raise ImgsentError(f"dtype must be float32 or float16, got {dtype!r}")
     return {"backbones": recipes, "dtype": dtype, "tta": tta}
 
 
@@ -87,19 +88,6 @@ def feature_table(batch: FeatureBatch, dtype: str = "float32") -> pa.Table:
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def slice_batch(batch: FeatureBatch, start: int, stop: int) -> FeatureBatch:
-    return FeatureBatch(
-        ids=batch.ids[start:stop],
-        paths=batch.paths[start:stop],
-        status=batch.status[start:stop],
-        error=batch.error[start:stop],
-        width=batch.width[start:stop],
-        height=batch.height[start:stop],
-        features={k: v[start:stop] for k, v in batch.features.items()},
-        proba=None if batch.proba is None else batch.proba[start:stop],
-    )
-
-
 @dataclass
 class FeatureSet:
     """Features loaded from a store. ``X`` rows follow ``ids``; ``blocks`` lists (key, dim) in
@@ -113,6 +101,20 @@ class FeatureSet:
     blocks: list[tuple[str, int]]
     recipes: list[dict]
     header: dict
+
+    @property
+    def layout(self) -> Blocks:
+        return Blocks.of(self.blocks)
+
+    def matrix(self, keys: Sequence[str]) -> np.ndarray:
+        """The columns of ``X`` for the blocks ``keys``, in that order (no copy when they are all,
+        in order)."""
+        if [k for k, _ in self.blocks] == list(keys):
+            return self.X
+        missing = [k for k in keys if k not in dict(self.blocks)]
+        if missing:
+            raise ImgsentError(f"features lack block {missing[0]!r} (have {', '.join(k for k, _ in self.blocks)})")
+        return self.X[:, self.layout.columns(keys)]
 
     @property
     def ok(self) -> np.ndarray:
@@ -187,7 +189,7 @@ def load(store: str, backbones: Sequence[str] | None = None, *, only_ok: bool = 
     output matrix.
     """
     listing, keys, recipes, blocks = _select(store, backbones)
-    offsets = np.cumsum([0] + [d for _, d in blocks])
+    columns = Blocks.of(blocks).slices()
 
     tables = [pq.read_table(f, columns=list(BASE_COLUMNS[:4]) + keys) for f in listing.files]
     ids = [i for t in tables for i in t.column("id").to_pylist()]
@@ -201,7 +203,7 @@ def load(store: str, backbones: Sequence[str] | None = None, *, only_ok: bool = 
         order = np.argsort(np.asarray(kept_ids, dtype=object), kind="stable")
     dest = np.empty(len(kept_ids), dtype=np.int64)
     dest[order] = np.arange(len(kept_ids))
-    X = np.empty((len(kept_ids), int(offsets[-1])), dtype=np.float32)
+    X = np.empty((len(kept_ids), Blocks.of(blocks).width), dtype=np.float32)
 
     row = 0  # position among all rows
     out_row = 0  # position among kept rows
@@ -214,10 +216,10 @@ def load(store: str, backbones: Sequence[str] | None = None, *, only_ok: bool = 
         for b, key in enumerate(keys):
             col = t.column(key).combine_chunks()
             mat = block_matrix(col, blocks[b][1])
-            X[target, offsets[b] : offsets[b + 1]] = mat if m == n else mat[k]
+            X[target, columns[key]] = mat if m == n else mat[k]
             if not only_ok and col.null_count:
                 nulls = np.asarray(col.is_null().to_numpy(zero_copy_only=False))
-                X[dest[out_row : out_row + n][nulls], offsets[b] : offsets[b + 1]] = np.nan
+                X[dest[out_row : out_row + n][nulls], columns[key]] = np.nan
         row += n
         out_row += m
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO
 
-from .errors import ImgsentError
+from .errors import ImgsentError, ImgsentWarning
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
@@ -49,8 +50,10 @@ def walk_directory(root: str, include_hidden: bool = False, id_prefix: str = "")
     """Yield image files under ``root`` recursively, following directory symlinks at most once.
 
     A directory reached twice through symlinks (a loop, or two links to one place) is walked once.
-    Files whose extension looks like an image are yielded even if they turn out not to be images:
-    the decoder reports them as error rows, so nothing named like an image disappears silently.
+    Every directory is walked, whatever its name (``holiday.jpg/`` too): a directory is never a row.
+    Other entries whose extension looks like an image are yielded even if they turn out not to be
+    images (dangling links, FIFOs, text): the decoder reports them as error rows, so nothing named
+    like an image disappears silently.
     """
     seen: set[tuple[int, int]] = set()
     stack = [root]
@@ -76,7 +79,7 @@ def walk_directory(root: str, include_hidden: bool = False, id_prefix: str = "")
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:
                 is_dir = False
-            if is_dir and not is_image_name(entry.name):
+            if is_dir:
                 subdirs.append(entry.path)
             elif is_image_name(entry.name):
                 rel = os.path.relpath(entry.path, root)
@@ -101,7 +104,7 @@ def _read_list(stream: IO[str] | IO[bytes], null: bool) -> Iterator[str]:
 
 def _refs_from_listed(paths: Iterable[str]) -> Iterator[ImageRef]:
     for p in paths:
-        if os.path.isdir(p) and not is_image_name(p):
+        if os.path.isdir(p):
             yield from walk_directory(p, id_prefix=p.rstrip("/") + "/")
         else:
             yield ImageRef(id=display_path(p), path=p)
@@ -117,9 +120,11 @@ def find_images(
     """Resolve user inputs into a sorted, de-duplicated list of :class:`ImageRef`.
 
     ``inputs`` items: a directory (walked), an image file, ``@list.txt`` (one path per line, or
-    NUL-separated with ``null``), or ``-`` (the same from stdin). A named path that does not exist
-    is kept: it becomes an error row downstream, so it is reported rather than dropped. A missing
-    ``@list`` file is a command-line mistake and raises :class:`ImgsentError`.
+    NUL-separated with ``null``), or ``-`` (the same from stdin). A path named in ``inputs`` that
+    does not exist, and a missing ``@list`` file, are mistakes: :class:`ImgsentError`. Paths read
+    from a list or stdin that do not exist are kept: they become error rows downstream (a file can
+    vanish between listing and reading). A directory with no image under it gives an
+    :class:`~imgsent.errors.ImgsentWarning`, as ``find`` gives no output: not an error.
     """
     if not inputs:
         raise ImgsentError("no input given: name a directory, image files, @list.txt or - for stdin")
@@ -134,28 +139,23 @@ def find_images(
                     refs.extend(_refs_from_listed(_read_list(fh, null)))
             except OSError as exc:
                 raise ImgsentError(f"cannot read input list {item[1:]!r}: {exc.strerror}") from None
-        elif os.path.isdir(item) and not is_image_name(item):
+        elif os.path.isdir(item):
             # One directory: ids are relative to it. Several inputs: ids keep the directory as
             # given, so two folders holding "a.jpg" never collide.
             prefix = "" if len(inputs) == 1 else item.rstrip("/") + "/"
-            refs.extend(walk_directory(item, include_hidden=include_hidden, id_prefix=prefix))
+            found = list(walk_directory(item, include_hidden=include_hidden, id_prefix=prefix))
+            if not found:
+                warnings.warn(
+                    f"no image files under {display_path(item)} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})",
+                    ImgsentWarning,
+                    stacklevel=2,
+                )
+            refs.extend(found)
+        elif not os.path.lexists(item):
+            raise ImgsentError(f"input {display_path(item)!r} does not exist (no such file or directory)")
         else:
             refs.append(ImageRef(id=display_path(item), path=item))
     return sorted(set(refs))
-
-
-def parse_shard(spec: str | None) -> tuple[int, int] | None:
-    """Parse ``I/N`` (0 <= I < N) into a tuple; ``None`` means all inputs."""
-    if spec is None or spec == "":
-        return None
-    try:
-        i_str, n_str = spec.split("/")
-        index, count = int(i_str), int(n_str)
-    except ValueError:
-        raise ImgsentError(f"--shard must look like I/N (for example 0/4), got {spec!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise ImgsentError(f"--shard {spec!r}: need 0 <= I < N")
-    return index, count
 
 
 def shard_of(image_id: str, count: int) -> int:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ImgsentError
+from .errors import ImgsentError, ImgsentWarning
 from .inputs import is_image_name
 
 POSITIVE_EMOTIONS = ("joy", "surprise", "amusement", "awe", "contentment", "excitement")
@@ -155,15 +156,19 @@ class LabelJoin:
     unlabelled_images: int = 0
     labels_without_image: int = 0
     error_images: int = 0
+    unmatched_examples: list[str] = field(default_factory=list)  # a few labels that name no image
 
     def summary(self) -> dict:
-        return {
+        out = {
             "labelled": int(len(self.rows)),
             "per_class": self.counts,
             "images_without_label": self.unlabelled_images,
             "labels_without_image": self.labels_without_image,
             "labelled_error_rows": self.error_images,
         }
+        if self.unmatched_examples:
+            out["labels_without_image_examples"] = self.unmatched_examples
+        return out
 
 
 def join_labels(ids: list[str], paths: list[str], status: list[str], labels: dict[str, str]) -> LabelJoin:
@@ -188,8 +193,22 @@ def join_labels(ids: list[str], paths: list[str], status: list[str], labels: dic
             continue
         rows.append(i)
         y_names.append(labels[key])
+    unmatched = sorted(set(labels) - used)
     if not rows:
-        raise ImgsentError("no labelled image found in the store: do the label file's names match the image ids?")
+        examples = (
+            f" (labels name e.g. {', '.join(map(repr, unmatched[:3]))}; the store has e.g. " if unmatched else " ("
+        )
+        raise ImgsentError(
+            "no labelled image found in the store: do the label file's names match the image ids?"
+            f"{examples}{', '.join(map(repr, ids[:3]))})"
+        )
+    if unmatched:
+        warnings.warn(
+            f"{len(unmatched)} of {len(labels)} labels name no image of the store, e.g. "
+            f"{', '.join(map(repr, unmatched[:3]))} (image ids look like {', '.join(map(repr, ids[:2]))})",
+            ImgsentWarning,
+            stacklevel=3,
+        )
     classes = sorted(set(y_names))
     if len(classes) < 2:
         raise ImgsentError(f"labels have a single class ({classes[0]!r}); need at least two")
@@ -200,6 +219,7 @@ def join_labels(ids: list[str], paths: list[str], status: list[str], labels: dic
         classes=classes,
         counts=dict(Counter(y_names)),
         unlabelled_images=unlabelled,
-        labels_without_image=len(set(labels) - used),
+        labels_without_image=len(unmatched),
         error_images=errors,
+        unmatched_examples=unmatched[:5],
     )

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ImgsentError
+from .errors import ImgsentError, ImgsentWarning
 
 PROTOCOLS = ("random-splits", "kfold", "predefined", "train-val-test")
 
@@ -26,6 +27,7 @@ class Split:
     test: np.ndarray
     val: np.ndarray | None = None
     name: str = ""
+    report: dict | None = None  # predefined splits: how the split file's lines matched
 
 
 def random_splits(n: int, n_splits: int = 5, test_size: float = 0.2, seed: int = 0) -> list[Split]:
@@ -73,26 +75,75 @@ def train_val_test(n: int, fractions: tuple[float, float, float] = (0.8, 0.15, 0
     ]
 
 
-def _read_id_list(path: str) -> set[str]:
+MAX_UNMATCHED_LINES = 5  # more split-file lines than this that name no image (or several): an error
+
+
+def _line_keys(line: str) -> list[str]:
+    """What a split-file line may name: the whole line, its first tab field (``id<TAB>label``),
+    or all but its last space-separated word (``file label``)."""
+    keys = [line]
+    if "\t" in line:
+        keys.append(line.split("\t", 1)[0].strip())
+    parts = line.rsplit(None, 1)
+    if len(parts) == 2:
+        keys.append(parts[0])
+    return keys
+
+
+def match_split_file(path: str, ids: Sequence[str], paths: Sequence[str] | None = None) -> tuple[np.ndarray, dict]:
+    """Rows of ``ids`` that the split file ``path`` lists, matched exactly on id (or on path when
+    ``paths`` is given), never on a bare file name. Returns (mask, report) where the report counts
+    the lines and gives examples of lines that match no image or several."""
+    index: dict[str, set[int]] = {}
+    for i, key in enumerate(ids):
+        index.setdefault(key, set()).add(i)
+    for i, key in enumerate(paths or ()):
+        index.setdefault(key, set()).add(i)
     try:
         with open(path, encoding="utf-8-sig") as fh:
-            return {ln.strip().split()[0] if " " in ln.strip() else ln.strip() for ln in fh if ln.strip()}
+            lines = [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
     except OSError as exc:
         raise ImgsentError(f"cannot read split file {path}: {exc.strerror}") from None
+    mask = np.zeros(len(ids), dtype=bool)
+    unmatched, ambiguous = [], []
+    for line in lines:
+        hits = next((index[k] for k in _line_keys(line) if k in index), set())
+        if not hits:
+            unmatched.append(line)
+        elif len(hits) > 1:
+            ambiguous.append(line)
+        else:
+            mask[next(iter(hits))] = True
+    return mask, {"lines": len(lines), "matched": int(mask.sum()), "unmatched": unmatched, "ambiguous": ambiguous}
 
 
-def predefined_from_files(ids: Sequence[str], test_files: Sequence[str]) -> list[Split]:
-    """One split per file: the ids (or file names) it lists are the test set, the rest train."""
+def predefined_from_files(
+    ids: Sequence[str], test_files: Sequence[str], paths: Sequence[str] | None = None
+) -> list[Split]:
+    """One split per file: the labelled images it lists (by exact id or path) are the test set, the
+    rest train. Lines that name no labelled image, or several, are counted and reported (a warning);
+    more than :data:`MAX_UNMATCHED_LINES` of them is an error naming examples."""
     if not test_files:
-        raise ImgsentError("--protocol predefined needs --split FILE (one per split) or --split-from-folders")
-    names = [os.path.basename(i) for i in ids]
+        raise ImgsentError("the predefined protocol needs split files (one per split) or split_from_folders")
     out = []
     for f in test_files:
-        listed = _read_id_list(f)
-        mask = np.asarray([i in listed or nm in listed for i, nm in zip(ids, names)])
-        if not mask.any():
-            raise ImgsentError(f"split file {f} names no labelled image of the store")
-        out.append(Split(np.flatnonzero(~mask), np.flatnonzero(mask), name=os.path.basename(f)))
+        mask, rep = match_split_file(f, ids, paths)
+        bad = len(rep["unmatched"]) + len(rep["ambiguous"])
+        if not mask.any() or bad > MAX_UNMATCHED_LINES:
+            examples = ", ".join(repr(x) for x in (rep["unmatched"] + rep["ambiguous"])[:3])
+            raise ImgsentError(
+                f"split file {f}: {len(rep['unmatched'])} of {rep['lines']} lines name no labelled image of the store "
+                f"and {len(rep['ambiguous'])} name several (e.g. {examples}); lines must give an image's id or path "
+                f"exactly, as the store lists them"
+            )
+        if bad:
+            warnings.warn(
+                f"split file {f}: {bad} line(s) match no labelled image or several, left out of the test set: "
+                + ", ".join(repr(x) for x in (rep["unmatched"] + rep["ambiguous"])[:3]),
+                ImgsentWarning,
+                stacklevel=2,
+            )
+        out.append(Split(np.flatnonzero(~mask), np.flatnonzero(mask), name=os.path.basename(f), report=rep))
     return out
 
 

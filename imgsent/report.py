@@ -1,7 +1,13 @@
-"""Progress bars and run summaries, on stderr only (stdout may carry data)."""
+"""Progress and run summaries, on stderr only (stdout may carry data).
+
+On a terminal: a rich progress bar. Otherwise (Slurm, nohup, ``2> log``): a plain line every
+``IMGSENT_PROGRESS_EVERY`` seconds (default 30) with done/total, images/s, errors and ETA, and no
+control codes.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +37,7 @@ class RunSummary:
     resumed: int = 0
     elapsed_s: float = 0.0
     labels: dict[str, int] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)  # model, weights... (printed as is)
 
     @property
     def images_per_s(self) -> float:
@@ -45,6 +52,8 @@ class RunSummary:
     def print(self, title: str) -> None:
         t = Table(title=title, show_header=False, title_justify="left")
         t.add_row("output", self.output)
+        for k, v in self.details.items():
+            t.add_row(k, v)
         t.add_row("images", str(self.total))
         t.add_row("ok", str(self.ok))
         t.add_row("errors", f"[red]{self.errors}[/red]" if self.errors else "0")
@@ -57,15 +66,41 @@ class RunSummary:
         stderr_console.print(t)
 
 
-class RunProgress:
-    """A rich progress bar with images/s, ETA and an error count; silent when ``enabled`` is False."""
+PROGRESS_ENV = "IMGSENT_PROGRESS_EVERY"
+DEFAULT_PROGRESS_EVERY = 30.0
 
-    def __init__(self, total: int, description: str, enabled: bool = True):
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def progress_interval() -> float:
+    """Seconds between plain progress lines: ``$IMGSENT_PROGRESS_EVERY``, else 30."""
+    try:
+        return max(0.0, float(os.environ.get(PROGRESS_ENV, DEFAULT_PROGRESS_EVERY)))
+    except ValueError:
+        return DEFAULT_PROGRESS_EVERY
+
+
+class RunProgress:
+    """Progress of a run with images/s, ETA and an error count, on stderr: a rich bar on a
+    terminal, plain lines every :func:`progress_interval` seconds otherwise; silent when
+    ``enabled`` is False."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True, plain: bool | None = None):
         self.enabled = enabled
         self.errors = 0
+        self.total, self.description = total, description
         self.start = time.perf_counter()
+        self.done = self.skipped = 0
         self._progress = None
-        if enabled:
+        self._plain = enabled and (not sys.stderr.isatty() if plain is None else plain)
+        self._every = progress_interval()
+        self._last_line = self.start
+        if enabled and not self._plain:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -88,10 +123,30 @@ class RunProgress:
         if self._progress is not None:
             self._progress.stop()
 
-    def advance(self, n: int, errors: int = 0) -> None:
+    def advance(self, n: int, errors: int = 0, resumed: bool = False) -> None:
+        """``n`` more rows done (``resumed``: done by an earlier run, not counted in the rate)."""
         self.errors += errors
+        self.done += n
+        self.skipped += n if resumed else 0
+        if self._plain:
+            now = time.perf_counter()
+            if now - self._last_line >= self._every:
+                self._last_line = now
+                print(self.line(now), file=sys.stderr, flush=True)
         if self._progress is not None:
             task = self._progress.tasks[0]
             done = task.completed + n
             rate = done / max(time.perf_counter() - self.start, 1e-9)
             self._progress.update(self._task, advance=n, rate=rate, errors=self.errors)
+
+    def line(self, now: float | None = None) -> str:
+        """One plain progress line: done/total, images/s (this run's), errors, ETA."""
+        elapsed = max((now or time.perf_counter()) - self.start, 1e-9)
+        rate = (self.done - self.skipped) / elapsed
+        left = self.total - self.done
+        eta = _duration(left / rate) if rate > 0 else "unknown"
+        share = 100 * self.done / self.total if self.total else 100.0
+        return (
+            f"{self.description}: {self.done}/{self.total} ({share:.1f}%), {rate:.1f} images/s, "
+            f"{self.errors} errors, elapsed {_duration(elapsed)}, ETA {eta}"
+        )

@@ -8,107 +8,45 @@ manifest (``--out DIR/``), written by the same sharded writer as feature stores.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from importlib import resources
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .backbones import Backbone, BackboneSpec, create_backbone, fingerprints_match
-from .decode import DEFAULT_MAX_PIXELS
-from .engine import FeatureBatch, in_lanes
+from . import __version__
+from .batches import FeatureBatch, ScoredBatch
 from .errors import ImgsentError
-from .extraction import DEFAULT_ROWS_PER_SHARD, build_engine, resolve_inputs, run_sharded
+from .extraction import build_engine, resolve_inputs, run_sharded, store_writer
 from .features import KIND as FEATURES_KIND
-from .features import StoreReader, describe_header_difference, feature_table, store_header
+from .features import StoreReader
 from .inputs import display_path
+from .lanes import in_lanes
+from .models import model_backbones, model_identity, model_path, resolve_model
+from .options import RunOptions
+from .precision import head_precision
 from .report import RunSummary
 from .shards import ShardedWriter, list_store
-from .training import SentimentModel, head_precision, load_model
+from .sinks import FileSink, format_of, is_dir_output
+from .training import SentimentModel
 
-FORMATS = ("parquet", "csv", "jsonl")
 SCORES_KIND = "scores"
-DEFAULT_MODEL = "default"
-
-
-def default_model_path() -> str:
-    """Where the packaged default polarity model lives."""
-    return str(resources.files("imgsent") / "default_model")
-
-
-def resolve_model(model: str | None) -> SentimentModel:
-    """``None``/``default``: the packaged model; else a bundle directory."""
-    path = default_model_path() if model in (None, DEFAULT_MODEL) else model
-    return load_model(path)
-
-
-def _weights_for(model: SentimentModel, weights: Sequence[str]) -> dict[str, str]:
-    """``--weights FILE`` (one-backbone models) or ``--weights KEY=FILE`` -> {key: file}."""
-    keys = [k for k, _ in model.blocks]
-    out: dict[str, str] = {}
-    for w in weights:
-        key, sep, path = w.partition("=")
-        if sep and key in keys:
-            out[key] = path
-        elif len(keys) == 1:
-            out[keys[0]] = w
-        else:
-            raise ImgsentError(
-                f"this model has {len(keys)} backbones: give --weights KEY=FILE with KEY one of {', '.join(keys)}"
-            )
-    return out
-
-
-def model_backbones(model: SentimentModel, weights: Sequence[str] = ()) -> list[Backbone]:
-    """Build exactly the backbones the model's recipe names, and check their weights' fingerprints.
-
-    Weights, in order: ``weights`` (``--weights``), the file named in the recipe if it exists
-    here, then the backbone's own resolution (imgsent's cache, environment, download).
-    """
-    given = _weights_for(model, weights)
-    recipes = {r["key"]: r for r in model.recipes}
-    out = []
-    for key, _dim in model.blocks:
-        recipe = recipes.get(key)
-        if recipe is None:
-            raise ImgsentError(f"model recipe has no backbone entry for block {key}")
-        spec = BackboneSpec.parse(recipe.get("spec", key))
-        path = given.get(key) or (spec.weights if spec.weights and os.path.isfile(spec.weights) else None)
-        spec_str = key + (f"@{path}" if path else "")
-        # A model trained on random (seeded, test-only) backbone weights gets them again.
-        random_weights = bool(recipe.get("fingerprint", {}).get("random")) and not path
-        bb = create_backbone(spec_str, random_weights=random_weights)
-        if not fingerprints_match(recipe.get("fingerprint", {}), bb.fingerprint):
-            raise ImgsentError(
-                f"weights for {key}{' (' + path + ')' if path else ''} are not the ones this model was trained on "
-                f"(their probe features differ); point --weights at the right file"
-            )
-        out.append(bb)
-    return out
-
-
-def model_identity(model: SentimentModel, path: str | None) -> tuple[str, str]:
-    name = os.path.basename(os.path.normpath(path)) if path not in (None, DEFAULT_MODEL) else "imgsent-default"
-    h = hashlib.sha256()
-    for k, v in sorted(model.head.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().contiguous().numpy().tobytes())
-    return name, h.hexdigest()[:12]
 
 
 class ScoreTableBuilder:
     """Turns features (or error rows) into score rows for one model."""
 
-    def __init__(self, model: SentimentModel, model_name: str, model_version: str, threshold: float | None,
-                 precision: str = "fp32"):  # fmt: skip
+    def __init__(
+        self,
+        model: SentimentModel,
+        model_name: str,
+        model_version: str,
+        threshold: float | None,
+        precision: str = "fp32",
+    ):
         if threshold is not None:
             if len(model.classes) != 2:
                 raise ImgsentError("--threshold applies to two-class models only")
@@ -119,6 +57,21 @@ class ScoreTableBuilder:
         self.threshold = threshold
         self.precision = precision
         self.pos = model.classes.index(model.positive_class) if model.positive_class else None
+
+    def provenance(self, recipes: list[dict]) -> dict:
+        """What a single-file output records about how its scores were made."""
+        return {
+            "imgsent_version": __version__,
+            "model": self.name,
+            "model_version": self.version,
+            "classes": self.model.classes,
+            "threshold": self.threshold,
+            "head_precision": self.precision,
+            "backbones": [
+                {"key": r["key"], "spec": r.get("spec"), "sha256": r.get("fingerprint", {}).get("sha256")}
+                for r in recipes
+            ],
+        }
 
     def table(self, ids, paths, status, error, X: np.ndarray | None, ok: np.ndarray, proba=None) -> pa.Table:
         """Score rows. ``ids``...``error``: lists or Arrow string arrays; ``X``: features of every row
@@ -153,94 +106,12 @@ class ScoreTableBuilder:
 
     def from_batch(self, batch: FeatureBatch) -> pa.Table:
         ok = batch.ok_mask
+        proba = batch.proba if isinstance(batch, ScoredBatch) else None
         X = None
-        if batch.proba is None and ok.any():
+        if proba is None and ok.any():
             X = np.concatenate([batch.features[k] for k, _ in self.model.blocks], axis=1)
         paths = [display_path(p) for p in batch.paths]
-        return self.table(batch.ids, paths, batch.status, batch.error, X, ok, proba=batch.proba)
-
-
-# --- sinks: where score rows go -------------------------------------------------------------------
-
-
-def _format_of(out: str, fmt: str | None) -> str:
-    if fmt is not None:
-        if fmt not in FORMATS:
-            raise ImgsentError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        return fmt
-    if out == "-":
-        return "jsonl"
-    ext = os.path.splitext(out)[1].lower()
-    return {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}.get(ext, "parquet")
-
-
-class FileSink:
-    """One output file, written to a temporary name and renamed on success; or stdout (``-``)."""
-
-    def __init__(self, out: str, fmt: str):
-        if fmt == "parquet" and out == "-":
-            raise ImgsentError("--out - streams jsonl or csv; use --format jsonl or csv")
-        self.out, self.fmt = out, fmt
-        self._pq = None
-        self._header_done = False
-        if out == "-":
-            self._fh = sys.stdout.buffer
-            self._tmp = None
-        else:
-            directory = os.path.dirname(os.path.abspath(out))
-            if not os.path.isdir(directory):
-                raise ImgsentError(f"output directory {directory} does not exist")
-            try:
-                fd, self._tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
-            except OSError as exc:
-                raise ImgsentError(f"cannot write to {directory}: {exc.strerror}") from None
-            self._fh = os.fdopen(fd, "wb")
-
-    def write(self, table: pa.Table) -> None:
-        try:
-            self._write(table)
-        except OSError as exc:
-            if exc.errno == errno.EPIPE or "Broken pipe" in str(exc):
-                raise BrokenPipeError(errno.EPIPE, "output closed") from None  # `| head`: end quietly
-            raise ImgsentError(f"cannot write {self.out}: {exc}") from None
-
-    def _write(self, table: pa.Table) -> None:
-        if self.fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            if self._pq is None:
-                self._pq = pq.ParquetWriter(self._fh, table.schema, compression="zstd")
-            self._pq.write_table(table)
-        elif self.fmt == "csv":
-            import pyarrow.csv as pacsv
-
-            pacsv.write_csv(table, self._fh, pacsv.WriteOptions(include_header=not self._header_done))
-            self._header_done = True
-        else:
-            import polars as pl
-
-            pl.from_arrow(table).write_ndjson(self._fh)
-        if self._tmp is None:
-            self._fh.flush()
-
-    def close(self, ok: bool = True) -> None:
-        if self._pq is not None:
-            self._pq.close()
-        if self._tmp is None:
-            try:
-                self._fh.flush()
-            except OSError:
-                pass  # a closed pipe: nothing left to say
-            return
-        self._fh.close()
-        if ok:
-            os.replace(self._tmp, self.out)
-        elif os.path.exists(self._tmp):
-            os.unlink(self._tmp)
-
-
-def _is_dir_output(out: str) -> bool:
-    return out.endswith(("/", os.sep)) or os.path.isdir(out)
+        return self.table(batch.ids, paths, batch.status, batch.error, X, ok, proba=proba)
 
 
 def score(
@@ -252,63 +123,64 @@ def score(
     weights: Sequence[str] = (),
     fmt: str | None = None,
     threshold: float | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    batch_size: int = 64,
-    workers: int | None = None,
-    shard: str | tuple[int, int] | None = None,
-    overwrite: bool = False,
-    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
     keep_features: str | None = None,
-    null: bool = False,
-    include_hidden: bool = False,
-    compile: bool = False,
-    progress: bool = False,
+    options: RunOptions | None = None,
     stdin=None,
-    engine: str = "local",
-    ray_address: str | None = None,
-    ray_workers: int | None = None,
-    gpus_per_worker: float = 0.0,
+    **overrides,
 ) -> RunSummary:
     """Score images named by ``inputs`` (or an existing feature store ``features``) with ``model``
-    (default: the packaged polarity model). ``out``: a file (.parquet/.csv/.jsonl), ``-`` for
-    stdout, or ``DIR/`` for resumable Parquet shards. Every input appears exactly once."""
+    (default: the packaged polarity model). ``out``: a file (.parquet/.csv/.tsv/.jsonl), ``-`` for
+    stdout, or ``DIR/`` for resumable Parquet shards. Every input appears exactly once.
+
+    ``options``: a :class:`~imgsent.options.RunOptions`; keyword ``overrides`` replace its fields
+    (``device="cpu"``, ``batch_size=32``, ``shard="0/4"``...). A job-array shard writes only into a
+    directory (``out="DIR/"``), which every job of the array may share.
+    """
+    opts = RunOptions.build(options, **overrides)
     if bool(inputs) == bool(features):
-        raise ImgsentError("give either images to score or --features STORE, not both (and not neither)")
+        raise ImgsentError("give either images to score or a feature store (features), not both (and not neither)")
+    dir_out = is_dir_output(out)
+    if opts.shard is not None and not dir_out:
+        i, n = opts.shard
+        raise ImgsentError(
+            f"shard {i}/{n} is one job of {n}: its rows cannot go to the single output {out!r}, which every other "
+            f"job would overwrite; give a directory (ending in /) that all jobs share, e.g. {out.rsplit('.', 1)[0]}/"
+        )
+    fmt = None if dir_out else format_of(out, fmt)
     sentiment = resolve_model(model)
-    builder = ScoreTableBuilder(sentiment, *model_identity(sentiment, model), threshold, head_precision(precision))
+    builder = ScoreTableBuilder(sentiment, *model_identity(sentiment, model), threshold, head_precision(opts.precision))
     if features:
         return _score_store(features, out, sentiment, builder, fmt)
 
-    refs, shard_t = resolve_inputs(inputs, null=null, include_hidden=include_hidden, stdin=stdin, shard=shard)
+    refs = resolve_inputs(inputs, opts, stdin=stdin)
     backbones = model_backbones(sentiment, weights)
-    tta = sentiment.feature_header.get("tta", "none")
-    model_path = default_model_path() if model in (None, DEFAULT_MODEL) else model
-    engine = build_engine(backbones, engine=engine, ray_address=ray_address, ray_workers=ray_workers,
-                          gpus_per_worker=gpus_per_worker, head_path=model_path, device=device, precision=precision, batch_size=batch_size,
-                          workers=workers, compile=compile, tta=tta, max_pixels=max_pixels)  # fmt: skip
-    outputs = []
-    if keep_features:
-        feature_writer = ShardedWriter(
-            keep_features, kind=FEATURES_KIND, header=store_header([b.recipe() for b in backbones], "float32", tta),
-            shard=shard_t, overwrite=overwrite, rows_per_shard=rows_per_shard, describe_difference=describe_header_difference,
-        )  # fmt: skip
-        outputs.append((feature_writer, feature_table))
+    opts = RunOptions.build(opts, tta=sentiment.feature_header.get("tta", "none"))  # the model's recipe
+    engine = build_engine(backbones, opts, head_path=model_path(model))
+    outputs = [store_writer(keep_features, backbones, "float32", opts)] if keep_features else []
+    summary_model = {"model": f"{builder.name} {builder.version}", "weights": _weights_summary(backbones)}
 
-    if _is_dir_output(out):
-        directory = out.rstrip("/") or "/"
-        header = {"model": builder.name, "model_version": builder.version, "classes": sentiment.classes,
-                  "threshold": threshold}  # fmt: skip
-        writer = ShardedWriter(directory, kind=SCORES_KIND, header=header, shard=shard_t,
-                               overwrite=overwrite, rows_per_shard=rows_per_shard)  # fmt: skip
-        summary = run_sharded(engine, refs, [(writer, builder.from_batch), *outputs], progress=progress,
-                              description="score", output_name=out)  # fmt: skip
+    if dir_out:
+        header = {
+            "model": builder.name,
+            "model_version": builder.version,
+            "classes": sentiment.classes,
+            "threshold": threshold,
+        }
+        writer = ShardedWriter(
+            out.rstrip("/") or "/",
+            kind=SCORES_KIND,
+            header=header,
+            shard=opts.shard,
+            overwrite=opts.overwrite,
+            rows_per_shard=opts.rows_per_shard,
+        )
+        summary = run_sharded(engine, refs, [(writer, builder.from_batch), *outputs], opts, "score", out)
         summary.labels = _count_labels(writer)
+        summary.details.update(summary_model)
         return summary
 
     # One file or stdout: rows stream out batch by batch; the file appears (renamed) when complete.
-    sink = FileSink(out, _format_of(out, fmt))
+    sink = FileSink(out, fmt, metadata=builder.provenance([b.recipe() for b in backbones]))
     labels: dict[str, int] = {}
 
     def emit(batch: FeatureBatch) -> None:
@@ -317,14 +189,18 @@ def score(
         _add_counts(labels, table)
 
     try:
-        summary = run_sharded(engine, refs, outputs, progress=progress, description="score", output_name=out,
-                              rows_per_shard=rows_per_shard, stream=emit)  # fmt: skip
+        summary = run_sharded(engine, refs, outputs, opts, "score", out, stream=emit)
     except BaseException:
         sink.close(ok=False)
         raise
     sink.close(ok=True)
     summary.labels = labels
+    summary.details.update(summary_model)
     return summary
+
+
+def _weights_summary(backbones) -> str:
+    return "; ".join(f"{b.key}: {b.weights_source}" for b in backbones)
 
 
 def _add_counts(counts: dict[str, int], table: pa.Table) -> None:
@@ -349,14 +225,17 @@ def _score_store(
     a part and scores it), reading only the blocks the head needs. Rows come out sorted by id: as read for a
     one-job store; a job array's interleaved shards are sorted at the end (score rows only)."""
     start = time.perf_counter()
-    if _is_dir_output(out):
-        raise ImgsentError("scoring a store writes one file (or stdout); give --out FILE.parquet|.csv|.jsonl or -")
-    model.check_recipe(
-        list_store(store, kind=FEATURES_KIND).header, what=f"store {store}"
-    )  # before any block is looked up
+    if fmt is None:
+        raise ImgsentError(
+            "scoring a store writes one file (or stdout); give out as FILE.parquet|.csv|.tsv|.jsonl or -"
+        )
+    header = list_store(store, kind=FEATURES_KIND).header
+    model.check_recipe(header, what=f"store {store}")  # before any block is looked up
     reader = StoreReader(store, [k for k, _ in model.blocks])
     summary = RunSummary(output=out)
-    sink = FileSink(out, _format_of(out, fmt))
+    summary.details["model"] = f"{builder.name} {builder.version}"
+    recipes = [r for r in header.get("backbones", []) if r.get("key") in dict(model.blocks)]
+    sink = FileSink(out, fmt, metadata={**builder.provenance(recipes), "store": os.path.abspath(store)})
     held: list[pa.Table] = []
 
     def score_part(part) -> tuple[pa.Table, int]:

@@ -1,14 +1,22 @@
 """Sharded Parquet output: the one writer behind feature stores and score directories.
 
-A store is a directory holding ``part-*.parquet`` shards of a bounded number of rows and a JSON
-manifest listing the finished ones. Shards are written to a temporary file, flushed and renamed,
+A store is a directory holding ``part-*.parquet`` shards of a bounded number of rows and a
+manifest (``_manifest.parquet``) listing the finished ones. Shards are written to a temporary file, flushed and renamed,
 and only then entered in the manifest (itself replaced atomically), so a crash at any moment leaves
 either a finished shard or nothing; a partial file is never listed. Rerunning the same job skips the
 shards the manifest lists (their ids are checked) and does the rest.
 
-Jobs split with ``--shard I/N`` write ``manifest.shard-I-of-N.json`` and ``part-I-of-N-*.parquet``
+Jobs split with ``--shard I/N`` write ``_manifest.shard-I-of-N.parquet`` and ``part-I-of-N-*.parquet``
 side by side in one directory; readers take every manifest they find.
 A lock file keeps two processes from writing the same manifest; a dead writer's lock is taken over.
+
+The directory reads as one Parquet dataset in pandas, pyarrow, polars and DuckDB. A manifest is
+itself a Parquet file, in the manner of Parquet's ``_common_metadata``: zero rows with the shards'
+schema, the manifest as JSON in its key-value metadata. Readers that follow the Hive/Spark
+convention (pandas, pyarrow) skip it for its leading ``_``; readers that take every ``*.parquet``
+file (polars, DuckDB) read its zero rows. Locks and temporary files (only while a writer runs)
+start with ``.``. Stores written by imgsent 0.1.0 have ``manifest*.json``: they are still read,
+and a writer resuming one replaces it with the new manifest.
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
+from .atomicio import TMP_PREFIX, atomic_path, commit, discard, temp_path
 from .errors import ImgsentError
 
 FORMAT = "imgsent-store"
@@ -37,8 +45,13 @@ def _tag(shard: tuple[int, int] | None) -> str:
     return "" if shard is None else f"shard-{shard[0]}-of-{shard[1]}"
 
 
-def manifest_name(shard: tuple[int, int] | None) -> str:
-    return "manifest.json" if shard is None else f"manifest.{_tag(shard)}.json"
+MANIFEST_PREFIX, MANIFEST_EXT = "_manifest", ".parquet"
+OLD_MANIFEST_PREFIX, OLD_MANIFEST_EXT = "manifest", ".json"  # imgsent 0.1.0
+MANIFEST_KEY = b"imgsent_manifest"
+
+
+def manifest_name(shard: tuple[int, int] | None, prefix: str = MANIFEST_PREFIX, ext: str = MANIFEST_EXT) -> str:
+    return f"{prefix}{ext}" if shard is None else f"{prefix}.{_tag(shard)}{ext}"
 
 
 def part_name(shard: tuple[int, int] | None, index: int) -> str:
@@ -57,29 +70,6 @@ def ids_digest(ids: list[str]) -> str:
     return h.hexdigest()
 
 
-def umask_mode() -> int:
-    """The permission bits a plain ``open()`` would give a new file (mkstemp's are 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1, sort_keys=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group in every shard: the unit readers work in
 
 
@@ -92,13 +82,6 @@ def parquet_options(schema: pa.Schema) -> dict:
     }
 
 
-def _commit_file(tmp: str, path: str) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.chmod(tmp, umask_mode())
-    os.replace(tmp, path)
-
-
 class ShardFile:
     """One shard being written: tables are appended to a temporary file (so a shard never has to
     sit in memory whole); :meth:`commit` renames it into place and lists it in the manifest."""
@@ -107,8 +90,7 @@ class ShardFile:
         self.writer, self.chunk = writer, chunk
         self.name = part_name(writer.shard, chunk.index)
         self.path = os.path.join(writer.directory, self.name)
-        fd, self.tmp = tempfile.mkstemp(dir=writer.directory, prefix=f".tmp-{self.name}.")
-        os.close(fd)
+        self.tmp = temp_path(self.path, prefix=f"{TMP_PREFIX}{self.name}.")
         self._pq: pq.ParquetWriter | None = None
         self._held: list[pa.Table] = []  # rows waiting for a full row group
         self.ids: list[str] = []
@@ -127,6 +109,7 @@ class ShardFile:
         try:
             if self._pq is None:
                 self._pq = pq.ParquetWriter(self.tmp, rows.schema, **parquet_options(rows.schema))
+                self.writer.schema = self.writer.schema or rows.schema
             if full:
                 self._pq.write_table(rows.slice(0, full), row_group_size=ROW_GROUP_ROWS)
         except OSError as exc:
@@ -142,7 +125,7 @@ class ShardFile:
             if self._pq is not None:
                 self._pq.close()
                 self._pq = None
-            _commit_file(self.tmp, self.path)
+            commit(self.tmp, self.path)
         except OSError as exc:
             self.abort()
             raise self.writer.write_error(self.name, exc) from None
@@ -162,8 +145,7 @@ class ShardFile:
             pass
         self._pq = None
         self._held = []
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        discard(self.tmp)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -272,7 +254,9 @@ class ShardedWriter:
         self.rows_per_shard = rows_per_shard
         self.describe_difference = describe_difference
         self.manifest_path = os.path.join(directory, manifest_name(shard))
+        self._old_manifest_path = os.path.join(directory, manifest_name(shard, OLD_MANIFEST_PREFIX, OLD_MANIFEST_EXT))
         self._lock = _Lock(os.path.join(directory, f".{manifest_name(shard)}.lock"))
+        self.schema: pa.Schema | None = None  # the shards' schema (the manifest file has it too)
         self.done: dict[int, dict] = {}
 
     def __enter__(self) -> ShardedWriter:
@@ -294,15 +278,20 @@ class ShardedWriter:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:  # interrupted: no partial file of ours may stay behind
+            self._clean_orphans()
         self._lock.release()
 
     def _load_existing(self) -> None:
         self._clean_orphans()
-        if not os.path.exists(self.manifest_path):
+        path = self.manifest_path
+        if not os.path.exists(path) and os.path.exists(self._old_manifest_path):
+            path = self._old_manifest_path  # a 0.1.0 store: resumed, its manifest renamed on the next write
+        if not os.path.exists(path):
             return
         try:
-            old = read_manifest(self.manifest_path)
+            old = read_manifest(path)
         except ImgsentError:
             if not self.overwrite:
                 raise
@@ -318,6 +307,7 @@ class ShardedWriter:
                     f"{self.directory} was made with different settings{': ' + why if why else ''}; "
                     f"use --overwrite to replace it, or another output"
                 )
+            self.schema = old.get("schema")
             if old.get("rows_per_shard") == self.rows_per_shard:
                 for entry in old["shards"]:
                     if os.path.isfile(os.path.join(self.directory, entry["file"])):
@@ -328,11 +318,11 @@ class ShardedWriter:
                 os.unlink(os.path.join(self.directory, entry["file"]))
             except (FileNotFoundError, KeyError, TypeError):
                 pass
-        os.unlink(self.manifest_path)
+        os.unlink(path)
 
     def _clean_orphans(self) -> None:
         # Only this job's leftovers: other jobs (--shard) may be writing beside us.
-        for tmp in glob.glob(os.path.join(glob.escape(self.directory), ".tmp-" + _part_glob(self.shard) + ".*")):
+        for tmp in glob.glob(os.path.join(glob.escape(self.directory), TMP_PREFIX + _part_glob(self.shard) + ".*")):
             try:
                 os.unlink(tmp)
             except OSError:
@@ -390,8 +380,11 @@ class ShardedWriter:
 
     def _write_manifest(self, complete: bool) -> None:
         shards = [self.done[i] for i in sorted(self.done)]
-        write_json_atomic(
+        if self.schema is None and shards:  # a 0.1.0 store resumed with nothing left to write
+            self.schema = pq.read_schema(os.path.join(self.directory, shards[0]["file"])).remove_metadata()
+        write_manifest(
             self.manifest_path,
+            self.schema,
             {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -405,17 +398,37 @@ class ShardedWriter:
                 "shards": shards,
             },
         )
+        discard(self._old_manifest_path)
+
+
+def write_manifest(path: str, schema: pa.Schema | None, manifest: dict) -> None:
+    """A manifest file: zero rows of the shards' ``schema``, ``manifest`` as JSON in its metadata."""
+    schema = schema if schema is not None else pa.schema([])
+    meta = {MANIFEST_KEY: json.dumps(manifest, indent=1).encode()}
+    with atomic_path(path) as tmp:
+        pq.write_table(schema.with_metadata(meta).empty_table(), tmp)
 
 
 def read_manifest(path: str) -> dict:
-    """Read and check one manifest; a malformed one raises :class:`ImgsentError` naming the problem."""
+    """Read and check one manifest (``_manifest*.parquet``, or 0.1.0's ``manifest*.json``); a
+    malformed one raises :class:`ImgsentError` naming the problem. ``schema`` is the shards' schema
+    (None for 0.1.0 manifests)."""
+    schema = None
     try:
-        with open(path) as fh:
-            m = json.load(fh)
+        if path.endswith(OLD_MANIFEST_EXT):
+            with open(path) as fh:
+                m = json.load(fh)
+        else:
+            schema = pq.read_schema(path)
+            raw = (schema.metadata or {}).get(MANIFEST_KEY)
+            if raw is None:
+                raise ImgsentError(f"{path} is not an imgsent manifest")
+            m = json.loads(raw)
+            schema = schema.remove_metadata()
     except OSError as exc:
-        raise ImgsentError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ImgsentError(f"{path} is not valid JSON ({exc})") from None
+        raise ImgsentError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, pa.ArrowException) as exc:
+        raise ImgsentError(f"{path} is not a valid manifest ({' '.join(str(exc).split())[:120]})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ImgsentError(f"{path} is not an imgsent manifest")
     if not isinstance(m.get("format_version"), int) or m["format_version"] > FORMAT_VERSION:
@@ -437,6 +450,7 @@ def read_manifest(path: str) -> dict:
         )
         if not ok:
             raise ImgsentError(f"{path}: a shard entry is malformed: {str(entry)[:120]}")
+    m["schema"] = schema
     return m
 
 
@@ -450,13 +464,24 @@ class StoreListing:
     jobs: int = 1  # manifests (``--shard I/N`` jobs) whose shards are listed
 
 
+def manifest_paths(directory: str) -> list[str]:
+    """Every job's manifest in ``directory``; a job's 0.1.0 name only where it has no new one."""
+    found: dict[str, str] = {}
+    for prefix, ext in ((OLD_MANIFEST_PREFIX, OLD_MANIFEST_EXT), (MANIFEST_PREFIX, MANIFEST_EXT)):  # new names win
+        for p in glob.glob(os.path.join(glob.escape(directory), f"{prefix}*{ext}")):
+            job = os.path.basename(p)[len(prefix) : -len(ext)]
+            if job == "" or job.startswith(".shard-"):
+                found[job] = p
+    return sorted(found.values())
+
+
 def list_store(directory: str, kind: str | None = None) -> StoreListing:
     """Every finished shard of every job's manifest in ``directory`` (headers must agree)."""
     if not os.path.isdir(directory):
         raise ImgsentError(f"{directory} is not a directory (expected an imgsent store)")
-    paths = sorted(glob.glob(os.path.join(glob.escape(directory), "manifest*.json")))
+    paths = manifest_paths(directory)
     if not paths:
-        raise ImgsentError(f"{directory} has no manifest.json: not an imgsent store (or nothing finished yet)")
+        raise ImgsentError(f"{directory} has no _manifest.parquet: not an imgsent store (or nothing finished yet)")
     manifests = [read_manifest(p) for p in paths]
     first = manifests[0]
     for p, m in zip(paths[1:], manifests[1:]):

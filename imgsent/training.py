@@ -20,22 +20,25 @@ import numpy as np
 import torch
 
 from . import __version__
+from .atomicio import write_json_atomic
 from .backbones import fingerprints_match
-from .engine import check_precision
 from .errors import ImgsentError
 from .features import FeatureSet, load
 from .heads import HEADS, BlockNorm, create_head
 from .labels import LabelJoin, join_labels, labels_from_folders, map_labels, read_labels
+from .precision import HEAD_PRECISIONS
 from .weights import atomic_save_safetensors
 
 MODEL_FORMAT = "imgsent-model"
 HEAD_ROWS = 1024  # the head always sees blocks of exactly this many rows (see SentimentModel.predict_proba)
-HEAD_PRECISIONS = ("fp32", "bf16")
 MODEL_FORMAT_VERSION = 1
 HEAD_FILE = "head.safetensors"
 MODEL_FILE = "model.json"
 
+HEAD_NAMES = ("nn", "moe", "moe1", "moe2")  # moe = moe1 unless a schedule is given
+
 # The paper's settings, one row per head (and MoE schedule). Flags override single fields.
+# Not from the paper (it leaves them unsaid): the MoE dropout rate 0.5, and the NN's weight decay 0.
 HEAD_DEFAULTS: dict[str, dict] = {
     "nn": dict(epochs=20, lr=1e-4, batch_size=8, weight_decay=0.0, dropout=0.4, lr_step=0, normalize_blocks=True),
     "moe1": dict(
@@ -68,37 +71,36 @@ class TrainConfig:
 
     @classmethod
     def named(cls, name: str, **overrides) -> TrainConfig:
-        """``nn``, ``moe`` (= ``moe1``), ``moe1``, ``moe2`` -> a config (overrides that are None are ignored)."""
+        """``nn``, ``moe`` (schedule from ``schedule``, default 1), ``moe1``, ``moe2`` -> a config
+        (overrides that are None are ignored). One vocabulary for train, evaluate and the API."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if name in ("moe1", "moe2"):
-            return cls(head="moe", schedule=int(name[-1]), **overrides)
+            schedule = int(name[-1])
+            if overrides.get("schedule", schedule) != schedule:
+                raise ImgsentError(f"head {name} is MoE schedule {schedule}, but schedule={overrides['schedule']}")
+            overrides["schedule"] = schedule
+            name = "moe"
+        if name not in HEAD_NAMES:
+            raise ImgsentError(f"head must be one of {', '.join(HEAD_NAMES)}, got {name!r}")
         return cls(head=name, **overrides)
 
     def resolved(self) -> TrainConfig:
         if self.head not in HEADS:
-            raise ImgsentError(
-                f"--head must be one of {', '.join(HEADS)} (or moe1/moe2 in evaluate), got {self.head!r}"
-            )
+            raise ImgsentError(f"head must be one of {', '.join(HEAD_NAMES)}, got {self.head!r}")
         if self.head == "moe" and self.schedule not in (1, 2):
-            raise ImgsentError(f"--schedule must be 1 or 2, got {self.schedule}")
+            raise ImgsentError(f"schedule must be 1 or 2, got {self.schedule}")
         base = HEAD_DEFAULTS["nn" if self.head == "nn" else f"moe{self.schedule}"]
         filled = replace(self, **{k: v for k, v in base.items() if getattr(self, k) is None})
         for name in ("epochs", "batch_size", "hidden", "experts"):
             if getattr(filled, name) < 1:
-                raise ImgsentError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(filled, name)}")
+                raise ImgsentError(f"{name} must be >= 1, got {getattr(filled, name)}")
         if not filled.lr > 0 or not 0 <= filled.dropout < 1 or filled.weight_decay < 0:
-            raise ImgsentError("need --lr > 0, 0 <= --dropout < 1 and --weight-decay >= 0")
+            raise ImgsentError("need lr > 0, 0 <= dropout < 1 and weight_decay >= 0")
         return filled
 
     @property
     def label(self) -> str:
         return "nn" if self.head == "nn" else f"moe{self.schedule}"
-
-
-def head_precision(precision: str) -> str:
-    """The head's precision for a run's ``--precision``: bf16 when asked for, float32 otherwise
-    (the head is tiny next to the backbones; fp16 autocast has no fast CPU kernels)."""
-    return "bf16" if check_precision(precision) == "bf16" else "fp32"
 
 
 class SentimentModel:
@@ -108,8 +110,16 @@ class SentimentModel:
     :class:`~imgsent.features.FeatureSet`, from which the blocks are picked) and returns (N, C).
     """
 
-    def __init__(self, head: torch.nn.Module, config: TrainConfig, classes: list[str], blocks: list[tuple[str, int]],
-                 recipes: list[dict], feature_header: dict | None = None, training: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        head: torch.nn.Module,
+        config: TrainConfig,
+        classes: list[str],
+        blocks: list[tuple[str, int]],
+        recipes: list[dict],
+        feature_header: dict | None = None,
+        training: dict | None = None,
+    ):
         self.head = head.eval()
         self.config = config
         self.classes = list(classes)
@@ -123,13 +133,42 @@ class SentimentModel:
     def in_dim(self) -> int:
         return sum(d for _, d in self.blocks)
 
+    def __repr__(self) -> str:
+        t = self.training
+        data = f", trained on {t['labelled']} images" if "labelled" in t else ""
+        return (
+            f"SentimentModel(head={self.config.label!r}, classes={self.classes}, "
+            f"backbones={[k for k, _ in self.blocks]}, in_dim={self.in_dim}{data})"
+        )
+
+    def describe_training(self) -> str:
+        """One paragraph: head, data, join counts, training accuracy and the held-out estimate."""
+        t = self.training
+        parts = [f"{self.config.label} head on {self.in_dim}-d features, classes {', '.join(self.classes)}"]
+        if "labelled" in t:
+            parts.append(
+                f"{t['labelled']} labelled images (unlabelled images {t['images_without_label']}, labels without "
+                f"image {t['labels_without_image']}, labelled error rows {t['labelled_error_rows']})"
+            )
+        if "train_accuracy" in t:
+            parts.append(f"training accuracy {100 * t['train_accuracy']:.2f}% (optimistic: seen data)")
+        ho = t.get("held_out")
+        if ho and "accuracy_mean" in ho:
+            parts.append(
+                f"held-out accuracy {100 * ho['accuracy_mean']:.2f} ± {100 * ho['accuracy_std']:.2f}% "
+                f"({ho['method']}); majority-class baseline {100 * ho['majority_baseline']:.2f}%"
+            )
+        elif ho:
+            parts.append(f"no held-out estimate: {ho.get('skipped')}")
+        return "; ".join(parts)
+
     @property
     def positive_class(self) -> str | None:
         return "positive" if "positive" in self.classes else None
 
     def _matrix(self, X) -> np.ndarray:
         if isinstance(X, FeatureSet):
-            return select_blocks(X, [k for k, _ in self.blocks])
+            return X.matrix([k for k, _ in self.blocks])
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.in_dim:
             raise ImgsentError(f"features have shape {X.shape}; this model needs (N, {self.in_dim})")
@@ -217,8 +256,6 @@ class SentimentModel:
         """Write the bundle directory ``path`` (created if needed)."""
         os.makedirs(path, exist_ok=True)
         atomic_save_safetensors(dict(self.head.state_dict()), Path(path) / HEAD_FILE)
-        from .shards import write_json_atomic
-
         write_json_atomic(os.path.join(path, MODEL_FILE), self.to_json())
 
 
@@ -283,20 +320,6 @@ def load_model(path: str) -> SentimentModel:
     )
 
 
-def select_blocks(fs: FeatureSet, keys: Sequence[str]) -> np.ndarray:
-    """The columns of ``fs.X`` for ``keys``, in that order (no copy when they are all, in order)."""
-    if [k for k, _ in fs.blocks] == list(keys):
-        return fs.X
-    offsets, start = {}, 0
-    for k, d in fs.blocks:
-        offsets[k] = (start, start + d)
-        start += d
-    missing = [k for k in keys if k not in offsets]
-    if missing:
-        raise ImgsentError(f"features lack block {missing[0]!r} (have {', '.join(offsets)})")
-    return np.concatenate([fs.X[:, offsets[k][0] : offsets[k][1]] for k in keys], axis=1)
-
-
 @dataclass
 class LabelledFeatures:
     """A store's features joined with labels: ``X[i]`` has class ``classes[y[i]]``, id ``ids[i]``."""
@@ -304,6 +327,7 @@ class LabelledFeatures:
     X: np.ndarray
     y: np.ndarray
     ids: list[str]
+    paths: list[str]
     classes: list[str]
     blocks: list[tuple[str, int]]
     recipes: list[dict]
@@ -317,14 +341,14 @@ def load_labelled(
     labels: str | None = None,
     labels_from_folders_: bool = False,
     mapping: str = "auto",
-    features: Sequence[str] | None = None,
+    blocks: Sequence[str] | None = None,
     id_column: str | None = None,
     label_column: str | None = None,
 ) -> LabelledFeatures:
-    """Load a store and join labels from a file (``labels``) or from folder names."""
+    """Load a store (its ``blocks``, default all) and join labels from a file or from folder names."""
     if (labels is None) == (not labels_from_folders_):
-        raise ImgsentError("give exactly one of --labels FILE or --labels-from-folders")
-    fs = load(store, backbones=features, only_ok=False)
+        raise ImgsentError("give exactly one of labels (a file) or labels_from_folders")
+    fs = load(store, backbones=blocks, only_ok=False)
     raw = (
         read_labels(labels, id_column=id_column, label_column=label_column)
         if labels is not None
@@ -335,6 +359,7 @@ def load_labelled(
         X=fs.X[join.rows],
         y=join.y,
         ids=[fs.ids[i] for i in join.rows],
+        paths=[fs.paths[i] for i in join.rows],
         classes=join.classes,
         blocks=fs.blocks,
         recipes=fs.recipes,
@@ -405,9 +430,13 @@ class _EpochBar:
             from .report import stderr_console
 
             self._p = Progress(
-                TextColumn(f"train {label}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-                console=stderr_console, transient=True,
-            )  # fmt: skip
+                TextColumn(f"train {label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                console=stderr_console,
+                transient=True,
+            )
             self._task = self._p.add_task("epochs", total=epochs, loss=float("nan"))
             self._p.start()
 
@@ -420,6 +449,45 @@ class _EpochBar:
             self._p.stop()
 
 
+def held_out_estimate(data: LabelledFeatures, config: TrainConfig, folds: int) -> dict:
+    """Stratified ``folds``-fold accuracy of ``config`` on ``data`` (seeded by ``config.seed``),
+    next to the majority-class baseline: what to expect on unseen images of the same kind."""
+    from .protocols import stratified_kfold
+
+    counts = np.bincount(data.y, minlength=len(data.classes))
+    baseline = float(counts.max() / counts.sum())
+    k = min(folds, int(counts[counts > 0].min()))
+    if k < 2:
+        return {"skipped": f"a class has fewer than 2 images, too few for {folds}-fold cross-validation"}
+    accs = []
+    for sp in stratified_kfold(data.y, k, seed=config.seed):
+        m = fit(data.X[sp.train], data.y[sp.train], data.classes, data.blocks, config)
+        accs.append(float((m.predict_proba(data.X[sp.test]).argmax(1) == data.y[sp.test]).mean()))
+    return {
+        "method": f"stratified {k}-fold cross-validation, seed {config.seed}",
+        "folds": k,
+        "accuracy_mean": round(float(np.mean(accs)), 6),
+        "accuracy_std": round(float(np.std(accs)), 6),
+        "per_fold": [round(a, 6) for a in accs],
+        "majority_baseline": round(baseline, 6),
+    }
+
+
+def check_model_output(out: str, overwrite: bool) -> None:
+    """``out`` may be new, empty, or a previous model bundle; anything else (an image folder, a
+    feature store) only with ``overwrite``."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise ImgsentError(f"output {out} exists and is not a directory")
+    others = sorted(set(os.listdir(out)) - {MODEL_FILE, HEAD_FILE})
+    if others and not overwrite:
+        raise ImgsentError(
+            f"{out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), not just a "
+            f"model; choose another output directory, or overwrite to write into it anyway"
+        )
+
+
 def train(
     store: str,
     *,
@@ -427,27 +495,51 @@ def train(
     labels_from_folders: bool = False,
     mapping: str = "auto",
     head: str = "nn",
-    features: Sequence[str] | None = None,
+    blocks: Sequence[str] | None = None,
     out: str | None = None,
+    overwrite: bool = False,
     id_column: str | None = None,
     label_column: str | None = None,
+    cv: int = 5,
     progress: bool = False,
+    features: Sequence[str] | None = None,
     **hyper,
 ) -> SentimentModel:
     """Train a head (``nn``, ``moe``, ``moe1``, ``moe2``) on a feature store and labels.
 
-    ``hyper``: any :class:`TrainConfig` field (``epochs``, ``lr``, ``seed``, ``schedule``...);
-    unset ones take the paper's values. Writes the bundle to ``out`` when given.
+    ``blocks``: backbone keys to train on (default all; ``features`` is its old name). ``hyper``:
+    any :class:`TrainConfig` field (``epochs``, ``lr``, ``seed``, ``schedule``...); unset ones
+    take the paper's values. With ``cv`` >= 2, a stratified ``cv``-fold held-out accuracy and the
+    majority baseline are measured first and recorded in ``model.training["held_out"]``; then the
+    final model is fit on every labelled image. Writes the bundle to ``out`` when given.
     """
+    if out is not None:
+        check_model_output(out, overwrite)
     data = load_labelled(
-        store, labels=labels, labels_from_folders_=labels_from_folders, mapping=mapping,
-        features=features, id_column=id_column, label_column=label_column,
-    )  # fmt: skip
+        store,
+        labels=labels,
+        labels_from_folders_=labels_from_folders,
+        mapping=mapping,
+        blocks=blocks if blocks is not None else features,
+        id_column=id_column,
+        label_column=label_column,
+    )
     config = TrainConfig.named(head, **hyper)
-    model = fit(data.X, data.y, data.classes, data.blocks, config, recipes=data.recipes,
-                feature_header=data.header, progress=progress)  # fmt: skip
+    held_out = held_out_estimate(data, config, cv) if cv >= 2 else None
+    model = fit(
+        data.X,
+        data.y,
+        data.classes,
+        data.blocks,
+        config,
+        recipes=data.recipes,
+        feature_header=data.header,
+        progress=progress,
+    )
     train_acc = float((model.predict_proba(data.X).argmax(1) == data.y).mean())
     model.training = {**data.join.summary(), "train_accuracy": round(train_acc, 6), "store": os.path.abspath(store)}
+    if held_out is not None:
+        model.training["held_out"] = held_out
     if out is not None:
         model.save(out)
     return model

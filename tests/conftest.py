@@ -83,3 +83,38 @@ def tiny_dataset(tmp_path_factory) -> Path:
     (root / "broken" / "empty.jpg").write_bytes(b"")
     (root / "broken" / "text.png").write_text("not an image")
     return root
+
+
+class _Interrupter:
+    def __init__(self):
+        self.left: int | None = None
+        self.exc: BaseException | None = None
+        self.commits = 0
+
+    def arm(self, commits: int, exc: BaseException) -> None:
+        """After ``commits`` more shard commits, the next one raises ``exc`` (a simulated crash)."""
+        self.left, self.exc = commits, exc
+
+    def disarm(self) -> None:
+        self.left = None
+
+
+@pytest.fixture
+def interrupt_after_commits(monkeypatch):
+    """Simulate a crash in the middle of a sharded run: ``arm(n, exc)`` lets n shards commit, then
+    the next commit raises ``exc``; ``disarm()`` lets everything through again."""
+    import imgsent.shards
+
+    ctl = _Interrupter()
+    real = imgsent.shards.ShardFile.commit
+
+    def commit(self, **extra):
+        if ctl.left == 0:
+            raise ctl.exc
+        if ctl.left is not None:
+            ctl.left -= 1
+        ctl.commits += 1
+        return real(self, **extra)
+
+    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", commit)
+    return ctl

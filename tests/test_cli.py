@@ -41,7 +41,8 @@ def imgs(tmp_path):
         (["train", "OUT", "--labels", "x.txt", "--out", "M"], "not a directory"),
         (["score", "IMGS", "--model", "/no/such/model"], "not a model directory"),
         (["score", "--out", "-"], "give either images"),
-        (["evaluate", "OUT", "--labels-from-folders", "--protocol", "loo"], "not a directory"),
+        (["evaluate", "OUT", "--labels-from-folders", "--protocol", "loo"], "--protocol"),
+        (["evaluate", "OUT", "--labels-from-folders"], "not a directory"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, fragment, imgs, tmp_path, capsys, monkeypatch):
@@ -60,8 +61,11 @@ def test_usage_errors_exit_2_without_traceback(capsys, monkeypatch):
 
 
 def test_extract_cli_summary_goes_to_stderr(imgs, tmp_path, capsys, monkeypatch):
-    code, out, err = run_cli(["extract", str(imgs), "--out", str(tmp_path / "s"), "-B", TINY, "--random-weights",
-                              "--workers", "0"], capsys, monkeypatch)  # fmt: skip
+    code, out, err = run_cli(
+        ["extract", str(imgs), "--out", str(tmp_path / "s"), "-B", TINY, "--random-weights", "--workers", "0"],
+        capsys,
+        monkeypatch,
+    )
     assert code in (0, None) and out == "" and "images/s" in err
 
 

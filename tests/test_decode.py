@@ -17,9 +17,21 @@ def _save(img: Image.Image, path, **kw):
 
 @pytest.mark.parametrize(
     "mode,fmt",
-    [("RGB", "JPEG"), ("L", "PNG"), ("1", "PNG"), ("P", "GIF"), ("RGBA", "PNG"), ("LA", "PNG"), ("CMYK", "JPEG"),
-     ("RGB", "WEBP"), ("RGBA", "WEBP"), ("RGB", "BMP"), ("RGB", "TIFF"), ("I;16", "PNG")],
-)  # fmt: skip
+    [
+        ("RGB", "JPEG"),
+        ("L", "PNG"),
+        ("1", "PNG"),
+        ("P", "GIF"),
+        ("RGBA", "PNG"),
+        ("LA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("RGB", "WEBP"),
+        ("RGBA", "WEBP"),
+        ("RGB", "BMP"),
+        ("RGB", "TIFF"),
+        ("I;16", "PNG"),
+    ],
+)
 def test_every_mode_and_format_decodes_to_rgb(tmp_path, mode, fmt):
     base = Image.fromarray(rgb_array(40, 50))
     img = (

@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import TINY, TINY2, write_images
@@ -11,6 +12,7 @@ import imgsent.shards
 from imgsent.errors import ImgsentError
 from imgsent.extraction import extract
 from imgsent.features import load
+from imgsent.shards import MANIFEST_KEY, read_manifest
 
 KW = dict(backbones=[TINY], random_weights=True, workers=0, batch_size=4)
 
@@ -28,7 +30,7 @@ def test_store_has_every_input_once_with_status_and_manifest(images, tmp_path):
     out = tmp_path / "store"
     s = extract([str(images)], str(out), rows_per_shard=4, **KW)
     assert (s.total, s.ok, s.errors) == (11, 9, 2)
-    m = json.loads((out / "manifest.json").read_text())
+    m = read_manifest(str(out / "_manifest.parquet"))
     assert m["complete"] and m["rows"] == 11 and len(m["shards"]) == 3
     bb = m["header"]["backbones"][0]
     assert (
@@ -84,24 +86,15 @@ def test_other_backbones_refused_unless_overwrite(images, tmp_path):
     assert load(out).blocks == [(TINY2, 256)]
 
 
-def test_resume_after_interruption_equals_uninterrupted(images, tmp_path, monkeypatch):
+def test_resume_after_interruption_equals_uninterrupted(images, tmp_path, interrupt_after_commits):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     extract([str(images)], full, rows_per_shard=3, **KW)
-    real_write = imgsent.shards.ShardFile.commit
-    calls = {"n": 0}
-
-    def dying_write(self, **extra):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        calls["n"] += 1
-        return real_write(self, **extra)
-
-    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", dying_write)
+    interrupt_after_commits.arm(2, KeyboardInterrupt("simulated kill"))
     with pytest.raises(KeyboardInterrupt):
         extract([str(images)], part, rows_per_shard=3, **KW)
-    m = json.loads(open(os.path.join(part, "manifest.json")).read())
+    m = read_manifest(os.path.join(part, "_manifest.parquet"))
     assert not m["complete"] and len(m["shards"]) == 2
-    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", real_write)
+    interrupt_after_commits.disarm()
     s = extract([str(images)], part, rows_per_shard=3, **KW)
     assert s.resumed == 6 and s.errors == 2
     a, b = load(full, only_ok=False), load(part, only_ok=False)
@@ -115,17 +108,17 @@ def test_job_array_shards_read_together(images, tmp_path):
     extract([str(images)], full, **KW)
     for i in range(3):
         extract([str(images)], split, shard=f"{i}/3", **KW)
-    assert len([f for f in os.listdir(split) if f.startswith("manifest")]) == 3
+    assert len([f for f in os.listdir(split) if f.startswith("_manifest")]) == 3
     a, b = load(full, only_ok=False), load(split, only_ok=False)
     assert a.ids == b.ids
-    # Other batch compositions: equal up to kernel rounding.
+    # The jobs batch other images together; fixed-size micro-batches make features identical anyway.
     np.testing.assert_array_equal(a.X, b.X)
 
 
 def test_second_writer_is_refused_and_dead_lock_taken_over(images, tmp_path):
     out = tmp_path / "store"
     out.mkdir()
-    lock = out / ".manifest.json.lock"
+    lock = out / "._manifest.parquet.lock"
     import socket
 
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # alive: us
@@ -139,12 +132,23 @@ def test_second_writer_is_refused_and_dead_lock_taken_over(images, tmp_path):
 def test_malformed_manifest_is_refused_clearly(images, tmp_path):
     out = tmp_path / "store"
     extract([str(images)], str(out), **KW)
-    m = json.loads((out / "manifest.json").read_text())
-    for broken in ["{not json", json.dumps({**m, "shards": [{"file": "../../etc/passwd", "rows": 1, "index": 0}]}),
-                   json.dumps({**m, "header": 5}), json.dumps({**m, "format_version": 99})]:  # fmt: skip
-        (out / "manifest.json").write_text(broken)
+    path = str(out / "_manifest.parquet")
+    m = read_manifest(path)
+    m.pop("schema")
+    for broken in [
+        "{not json",
+        json.dumps({**m, "shards": [{"file": "../../etc/passwd", "rows": 1, "index": 0}]}),
+        json.dumps({**m, "header": 5}),
+        json.dumps({**m, "format_version": 99}),
+    ]:
+        pq.write_table(
+            pa.table({"id": pa.array([], pa.string())}).replace_schema_metadata({MANIFEST_KEY: broken}), path
+        )
         with pytest.raises(ImgsentError):
             load(str(out))
+    (out / "_manifest.parquet").write_text("not parquet at all")
+    with pytest.raises(ImgsentError, match="not a valid manifest"):
+        load(str(out))
 
 
 def test_tta_flip_changes_features_and_is_recorded(images, tmp_path):
@@ -169,9 +173,9 @@ def test_a_dying_decoder_process_is_survived(images, tmp_path, monkeypatch):
     """A decoder that segfaults on one file: that image becomes an error row, the rest are ok."""
     import signal
 
-    import imgsent.engine
+    import imgsent.decode
 
-    real = imgsent.engine.decode_image
+    real = imgsent.decode.decode_image
 
     def crashing(path, **kw):
         if path.endswith("img004.jpg"):
@@ -181,7 +185,7 @@ def test_a_dying_decoder_process_is_survived(images, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGSEGV)
         return real(path, **kw)
 
-    monkeypatch.setattr(imgsent.engine, "decode_image", crashing)
+    monkeypatch.setattr(imgsent.decode, "decode_image", crashing)
     out = str(tmp_path / "store")
     s = extract([str(images)], out, **{**KW, "workers": 1})
     assert (s.total, s.errors) == (11, 3)
@@ -197,7 +201,12 @@ def test_shards_are_written_in_fixed_row_groups(images, tmp_path, monkeypatch):
     out = str(tmp_path / "s")
     extract([str(images)], out, rows_per_shard=7, **KW)  # batches of 4, shards of 7 rows
     files = sorted(f for f in os.listdir(out) if f.startswith("part-"))
-    sizes = [[pq.ParquetFile(os.path.join(out, f)).metadata.row_group(g).num_rows
-              for g in range(pq.ParquetFile(os.path.join(out, f)).num_row_groups)] for f in files]  # fmt: skip
+    sizes = [
+        [
+            pq.ParquetFile(os.path.join(out, f)).metadata.row_group(g).num_rows
+            for g in range(pq.ParquetFile(os.path.join(out, f)).num_row_groups)
+        ]
+        for f in files
+    ]
     assert sizes == [[3, 3, 1], [3, 1]]
     assert load(out, only_ok=False).ids == sorted(os.listdir(images))

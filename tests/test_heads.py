@@ -98,8 +98,14 @@ def test_paper_defaults():
 
 def test_bundle_round_trip_and_tamper_detection(tmp_path):
     X, y = _separable()
-    m = fit(X, y, ["negative", "positive"], [("a", 8), ("b", 8)], TrainConfig.named("moe1", epochs=3),
-            recipes=[{"key": "a"}, {"key": "b"}])  # fmt: skip
+    m = fit(
+        X,
+        y,
+        ["negative", "positive"],
+        [("a", 8), ("b", 8)],
+        TrainConfig.named("moe1", epochs=3),
+        recipes=[{"key": "a"}, {"key": "b"}],
+    )
     m.save(str(tmp_path / "m"))
     m2 = load_model(str(tmp_path / "m"))
     assert np.array_equal(m.predict_proba(X), m2.predict_proba(X))

@@ -7,10 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from conftest import TINY, jpeg_bytes, rgb_array
 from PIL import Image
@@ -18,6 +20,7 @@ from PIL import Image
 import imgsent
 import imgsent.shards
 from imgsent.errors import ImgsentError
+from imgsent.shards import read_manifest
 
 KW = dict(backbones=[TINY], random_weights=True, workers=1, batch_size=4)
 
@@ -69,8 +72,15 @@ def hostile(tmp_path_factory):
     img("exif8.jpg", Image.fromarray(rgb_array(40, 80)), format="JPEG", exif=_exif(8))
     seg = b"Exif\x00\x00" + b"\xff\x00garbage" * 4
     put("corrupt_exif.jpg", jpg[:2] + b"\xff\xe1" + (len(seg) + 2).to_bytes(2, "big") + seg + jpg[2:], "ok")
-    (d / "dir.jpg").mkdir()
-    expect["dir.jpg"] = "error"
+    (d / "dir.jpg").mkdir()  # an empty directory named like an image: walked, never a row
+    (d / "x.jpg").mkdir()  # a directory named like an image, holding images: they are read
+    (d / "x.jpg" / "inner.jpg").write_bytes(jpg)
+    expect["x.jpg/inner.jpg"] = "ok"
+    (d / "empty" / "deeper" / "deepest").mkdir(parents=True)
+    os.symlink(d / "no-such-target.png", d / "y.png")  # dangling
+    expect["y.png"] = "error"
+    os.mkfifo(d / "z.jpg")  # opening it would block forever
+    expect["z.jpg"] = "error"
     os.symlink(d / "loop.jpg", d / "loop.jpg")
     expect["loop.jpg"] = "error"
     put("with space 'quote\".jpg", jpg, "ok")
@@ -85,15 +95,32 @@ def hostile(tmp_path_factory):
     return d, expect
 
 
+def _grow_slowly(path, data, pieces=20, pause=0.05):
+    with open(path, "ab") as fh:
+        for k in range(pieces):
+            fh.write(data[k * len(data) // pieces : (k + 1) * len(data) // pieces])
+            fh.flush()
+            time.sleep(pause)
+
+
 def test_every_hostile_case_ends_as_a_row(hostile, tmp_path):
     d, expect = hostile
+    growing = d / "growing.jpg"  # an image still being written while the run reads it
+    growing.write_bytes(b"")
+    writer = threading.Thread(target=_grow_slowly, args=(growing, jpeg_bytes(rgb_array(300, 400))))
+    writer.start()
     out = str(tmp_path / "store")
-    s = imgsent.extract([str(d)], out, **KW)
+    try:
+        s = imgsent.extract([str(d)], out, **KW)
+    finally:
+        writer.join()
+        growing.unlink()
     fs = imgsent.features.load(out, only_ok=False)
     got = dict(zip(fs.ids, fs.status))
-    assert sorted(got) == sorted(expect), "every input appears exactly once"
+    assert got.pop("growing.jpg") in ("ok", "error")  # either way: exactly one row
+    assert sorted(got) == sorted(expect), "every input appears exactly once, no directory is a row"
     assert got == expect
-    assert s.errors == sum(v == "error" for v in expect.values())
+    assert s.errors == sum(v == "error" for v in expect.values()) + (fs.status[fs.ids.index("growing.jpg")] == "error")
     reasons = dict(zip(fs.ids, fs.error))
     assert all(reasons[k] for k, v in expect.items() if v == "error")
     assert "over the limit" in reasons["bomb_20000x20000.png"]
@@ -135,28 +162,49 @@ def test_disk_full_is_one_clear_error_and_rerun_resumes(tmp_path, monkeypatch):
     for i in range(6):
         (d / f"{i}.jpg").write_bytes(jpeg_bytes(rgb_array(30, 30, seed=i)))
     out = str(tmp_path / "s")
-    real = imgsent.shards.ShardFile.append
+    real = pq.ParquetWriter.write_table
     calls = {"n": 0}
 
-    def full_disk(self, table):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second shard hits a full disk
-            self.abort()
-            raise self.writer.write_error(self.name, OSError(errno.ENOSPC, "No space left on device"))
-        return real(self, table)
+    def full_disk(self, table, *args, **kwargs):
+        if ".tmp-part-" in str(self.where):  # a shard's rows (not a manifest)
+            calls["n"] += 1
+        if calls["n"] == 2:  # the second shard's write hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, table, *args, **kwargs)
 
-    monkeypatch.setattr(imgsent.shards.ShardFile, "append", full_disk)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
     with pytest.raises(ImgsentError, match="No space left"):
         imgsent.extract([str(d)], out, rows_per_shard=2, **KW)
-    assert sorted(os.listdir(out)) == ["manifest.json", "part-00000.parquet"]  # no lock, no partial file
-    monkeypatch.setattr(imgsent.shards.ShardFile, "append", real)
+    assert calls["n"] == 2, "the error came from the Parquet write"
+    assert sorted(os.listdir(out)) == ["_manifest.parquet", "part-00000.parquet"]  # no lock, no partial file
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", real)
     s = imgsent.extract([str(d)], out, rows_per_shard=2, **KW)
     assert s.resumed == 2 and len(imgsent.features.load(out)) == 6
 
 
 def _extract_cmd(src, out):
-    return [sys.executable, "-m", "imgsent", "extract", str(src), "--out", str(out), "-B", TINY, "--random-weights",
-            "--rows-per-shard", "3", "--batch-size", "1", "--workers", "1", "-q"]  # fmt: skip
+    args = f"extract {src} --out {out} -B {TINY} --random-weights --rows-per-shard 3 --batch-size 1 --workers 1 -q"
+    return [sys.executable, "-m", "imgsent", *args.split()]
+
+
+def _kill_9_mid_run(cmd, out, env, shards_first: int) -> None:
+    """Start ``cmd``, wait until ``shards_first`` shards are committed, kill -9 it there, and check
+    the kill landed mid-run (the process was still working, the manifest is not complete)."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    manifest = out / "_manifest.parquet"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            if len(read_manifest(str(manifest))["shards"]) >= shards_first:
+                break
+        except ImgsentError:
+            pass
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not read_manifest(str(manifest))["complete"], "the kill landed after the run had finished"
 
 
 def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(tmp_path):
@@ -173,10 +221,7 @@ def test_kill_9_at_random_moments_then_rerun_equals_uninterrupted(tmp_path):
     mismatches = 0
     for k in range(4):
         out = tmp_path / f"killed{k}"
-        proc = subprocess.Popen(_extract_cmd(src, out), env=env, start_new_session=True)
-        time.sleep(float(rng.uniform(2.0, 6.0)))  # start-up takes a few seconds; kill somewhere in the run
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_9_mid_run(_extract_cmd(src, out), out, env, shards_first=int(rng.integers(1, 5)))
         subprocess.run(_extract_cmd(src, out), check=True, env=env, timeout=300)  # rerun: resumes
         got = pl.read_parquet(str(out / "part-*.parquet")).sort("id")
         assert got["id"].n_unique() == got.height == 19
@@ -198,8 +243,8 @@ def test_kill_9_during_score_then_rerun_equals_uninterrupted(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
     def cmd(out):
-        return [sys.executable, "-m", "imgsent", "score", str(src), "--out", f"{out}/", "--model",
-                str(tmp_path / "model"), "--rows-per-shard", "3", "--batch-size", "1", "--workers", "1", "-q"]  # fmt: skip
+        args = f"score {src} --out {out}/ --model {tmp_path / 'model'} --rows-per-shard 3 --batch-size 1 --workers 1 -q"
+        return [sys.executable, "-m", "imgsent", *args.split()]
 
     subprocess.run(cmd(tmp_path / "ref"), check=True, env=env, timeout=300)
     expected = pl.read_parquet(str(tmp_path / "ref" / "part-*.parquet")).sort("id")
@@ -207,10 +252,7 @@ def test_kill_9_during_score_then_rerun_equals_uninterrupted(tmp_path):
     mismatches = 0
     for k in range(3):
         out = tmp_path / f"killed{k}"
-        proc = subprocess.Popen(cmd(out), env=env, start_new_session=True)
-        time.sleep(float(rng.uniform(2.0, 6.0)))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_9_mid_run(cmd(out), out, env, shards_first=int(rng.integers(1, 5)))
         subprocess.run(cmd(out), check=True, env=env, timeout=300)
         got = pl.read_parquet(str(out / "part-*.parquet")).sort("id")
         assert got["id"].n_unique() == got.height == 19

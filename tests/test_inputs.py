@@ -4,7 +4,8 @@ import os
 import pytest
 
 from imgsent.errors import ImgsentError
-from imgsent.inputs import find_images, parse_shard, select_shard, shard_of
+from imgsent.inputs import find_images, select_shard, shard_of
+from imgsent.options import parse_shard
 
 
 def _touch(p, data=b"x"):
@@ -38,9 +39,14 @@ def test_symlink_loop_does_not_hang(tmp_path):
     assert len(refs) < 10
 
 
-def test_directory_named_like_an_image_is_listed(tmp_path):
-    (tmp_path / "x.jpg").mkdir()
-    assert [r.id for r in find_images([str(tmp_path)])] == ["x.jpg"]
+def test_a_directory_named_like_an_image_is_walked_never_a_row(tmp_path):
+    (tmp_path / "sub.jpg").mkdir()
+    _touch(tmp_path / "sub.jpg" / "a.jpg")
+    (tmp_path / "empty.png" / "deeper").mkdir(parents=True)
+    assert [r.id for r in find_images([str(tmp_path)])] == ["sub.jpg/a.jpg"]
+    assert [r.id for r in find_images([str(tmp_path / "sub.jpg")])] == ["a.jpg"]  # named: walked too
+    listed = find_images(["-"], stdin=io.BytesIO(f"{tmp_path / 'sub.jpg'}\n".encode()))
+    assert [r.path for r in listed] == [str(tmp_path / "sub.jpg" / "a.jpg")]
 
 
 def test_stdin_newline_and_null_modes(tmp_path):

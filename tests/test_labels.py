@@ -17,9 +17,13 @@ def test_plain_list_csv_tsv_and_headers(tmp_path):
 
 @pytest.mark.parametrize(
     "content,match",
-    [("", "no labels"), ("justonefield\n", "expected '<file> <label>'"), ("a.jpg 1\na.jpg 0\n", "both"),
-     ("img,cls\nx.jpg,a\n", "cannot tell which column")],
-)  # fmt: skip
+    [
+        ("", "no labels"),
+        ("justonefield\n", "expected '<file> <label>'"),
+        ("a.jpg 1\na.jpg 0\n", "both"),
+        ("img,cls\nx.jpg,a\n", "cannot tell which column"),
+    ],
+)
 def test_bad_label_files_give_clear_errors(tmp_path, content, match):
     p = tmp_path / ("l.csv" if "," in content else "l.txt")
     p.write_text(content)

@@ -69,3 +69,28 @@ def test_metrics_by_hand():
     # AUC: pairs (pos, neg) ranked correctly: pos scores .7,.2,.9 vs neg .1,.6 -> 5 of 6
     assert m["roc_auc"] == pytest.approx(5 / 6)
     assert _auc_binary(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 5])
+def test_hand_written_metrics_agree_with_scikit_learn(n_classes):
+    skm = pytest.importorskip("sklearn.metrics", reason="scikit-learn is a test-only reference (pip install '.[test]')")
+    rng = np.random.default_rng(n_classes)
+    for trial in range(20):
+        n = int(rng.integers(20, 200))
+        y = rng.integers(0, n_classes, n)
+        y[:n_classes] = np.arange(n_classes)  # every class present
+        logits = rng.normal(size=(n, n_classes)) + 1.5 * np.eye(n_classes)[y] * rng.uniform(0, 1)
+        if trial % 4 == 0:
+            logits = np.round(logits, 1)  # ties in the scores
+        proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        m = metrics(y, proba)
+        pred = proba.argmax(1)
+        assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+        assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0))
+        assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+        if n_classes == 2:
+            ref_auc = skm.roc_auc_score(y, proba[:, 1])
+        else:
+            ref_auc = skm.roc_auc_score(y, proba, multi_class="ovr", average="macro")
+        assert m["roc_auc"] == pytest.approx(ref_auc)
+        np.testing.assert_array_equal(m["confusion"], skm.confusion_matrix(y, pred, labels=range(n_classes)))

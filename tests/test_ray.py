@@ -11,6 +11,7 @@ from conftest import TINY, write_images
 import imgsent
 import imgsent.shards
 from imgsent.errors import ImgsentError
+from imgsent.shards import read_manifest
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'imgsent[ray]'")
 
@@ -45,11 +46,13 @@ def test_extract_on_ray_equals_local(cluster, images, tmp_path):
     assert a.drop(TINY).equals(b.drop(TINY))  # ids, paths, status, errors, sizes
     fa, fb = imgsent.features.load(str(local), only_ok=False), imgsent.features.load(str(remote), only_ok=False)
     np.testing.assert_allclose(fa.X, fb.X, rtol=1e-5, atol=1e-6)
-    manifest_a = (local / "manifest.json").read_text()
-    assert "shards" in manifest_a and (remote / "manifest.json").is_file()
+    ma = read_manifest(str(local / "_manifest.parquet"))
+    mb = read_manifest(str(remote / "_manifest.parquet"))
+    assert ma["complete"] and mb["complete"] and ma["rows"] == mb["rows"] == 10
+    assert [e["ids_sha256"] for e in ma["shards"]] == [e["ids_sha256"] for e in mb["shards"]]
 
 
-def test_score_on_ray_equals_local_and_resumes(cluster, images, tmp_path, monkeypatch):
+def test_score_on_ray_equals_local_and_resumes(cluster, images, tmp_path, interrupt_after_commits):
     store = str(tmp_path / "store")
     imgsent.extract([str(images)], store, workers=0, **KW)
     labels = tmp_path / "labels.txt"
@@ -58,19 +61,10 @@ def test_score_on_ray_equals_local_and_resumes(cluster, images, tmp_path, monkey
     common = dict(model=str(tmp_path / "model"), batch_size=4, rows_per_shard=4)
     imgsent.score([str(images)], str(tmp_path / "local") + "/", workers=0, **common)
 
-    real = imgsent.shards.ShardFile.commit
-    calls = {"n": 0}
-
-    def dying(self, **extra):
-        if calls["n"] == 1:
-            raise RuntimeError("simulated failure of the Ray job")
-        calls["n"] += 1
-        return real(self, **extra)
-
-    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", dying)
+    interrupt_after_commits.arm(1, RuntimeError("simulated failure of the Ray job"))
     with pytest.raises(RuntimeError):
         imgsent.score([str(images)], str(tmp_path / "ray") + "/", engine="ray", **common)
-    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", real)
+    interrupt_after_commits.disarm()
     s = imgsent.score([str(images)], str(tmp_path / "ray") + "/", engine="ray", **common)
     assert s.resumed == 4  # the finished shard was not redone
     a, b = _frame(tmp_path / "local"), _frame(tmp_path / "ray")

@@ -70,7 +70,15 @@ def test_offline_without_weights_says_how_to_supply_them(tmp_path):
 def test_quantized_torchscript_backbone_agrees_with_float_weights(tmp_path):
     d, _ = _twitter_subset(tmp_path, 8)
     store = str(tmp_path / "store")
-    imgsent.extract([str(d)], store, backbones=[f"torchscript:{SHARED_TORCHSCRIPT}", f"torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1:probs@{SHARED_WEIGHTS}"], workers=0)  # fmt: skip
+    imgsent.extract(
+        [str(d)],
+        store,
+        backbones=[
+            f"torchscript:{SHARED_TORCHSCRIPT}",
+            f"torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1:probs@{SHARED_WEIGHTS}",
+        ],
+        workers=0,
+    )
     fs = imgsent.features.load(store)
     logits, probs = fs.X[:, :1000], fs.X[:, 1000:]
     assert (logits.argmax(1) == probs.argmax(1)).mean() >= 0.75
@@ -98,7 +106,7 @@ def test_default_model_scores_twitter_like_evaluate_predictions(tmp_path, monkey
     import polars as pl
 
     df = pl.read_parquet(out)
-    model = imgsent.load_model(imgsent.scoring.default_model_path())
+    model = imgsent.load_model(imgsent.models.default_model_path())
     fs = imgsent.features.load(store)
     np.testing.assert_allclose(df["p_positive"].to_numpy(), model.predict_proba(fs)[:, 1], rtol=1e-6, atol=1e-7)
     truth = dict(line.split() for line in lab.read_text().splitlines())

@@ -1,0 +1,124 @@
+"""The types that flow between stages, and the engine contract. Torch-free, so that readers of a
+store (``features.load``), writers and heads' users never import the engine.
+
+* :class:`FeatureBatch`: rows for a batch of images, in input order, with features per backbone.
+* :class:`ScoredBatch`: the same rows when a head already ran next to the backbones (Ray actors).
+* :class:`Blocks`: the layout of a concatenated feature matrix (one block of columns per backbone).
+* :class:`Engine`: what ``extract`` and ``score`` need of a distributor (local or Ray).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .inputs import ImageRef
+
+
+@dataclass
+class FeatureBatch:
+    """Rows for a batch of images, in input order. ``features[key]`` has one row per image;
+    rows of error images are NaN (and written as nulls)."""
+
+    ids: list[str]
+    paths: list[str]
+    status: list[str]
+    error: list[str | None]
+    width: list[int | None]
+    height: list[int | None]
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def ok_mask(self) -> np.ndarray:
+        return np.asarray([s == "ok" for s in self.status], dtype=bool)
+
+    def slice(self, start: int, stop: int) -> FeatureBatch:
+        """Rows ``start:stop`` (the same type, every per-row field cut alike)."""
+        cut = {name: getattr(self, name)[start:stop] for name in ("ids", "paths", "status", "error", "width", "height")}
+        cut["features"] = {k: v[start:stop] for k, v in self.features.items()}
+        extra = {name: getattr(self, name)[start:stop] for name in self._row_arrays()}
+        return replace(self, **cut, **extra)
+
+    def _row_arrays(self) -> tuple[str, ...]:
+        return ()
+
+
+@dataclass
+class ScoredBatch(FeatureBatch):
+    """A :class:`FeatureBatch` whose head already ran: ``proba`` (n, C), NaN on error rows."""
+
+    proba: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+
+    def _row_arrays(self) -> tuple[str, ...]:
+        return ("proba",)
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """The column layout of a feature matrix: ``(key, dim)`` per backbone, in column order."""
+
+    items: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def of(cls, blocks: Sequence[tuple[str, int]]) -> Blocks:
+        return cls(tuple((str(k), int(d)) for k, d in blocks))
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.items]
+
+    @property
+    def dims(self) -> list[int]:
+        return [d for _, d in self.items]
+
+    @property
+    def width(self) -> int:
+        return sum(self.dims)
+
+    def slices(self) -> dict[str, slice]:
+        """Each key's columns in the concatenated matrix."""
+        out, start = {}, 0
+        for k, d in self.items:
+            out[k] = slice(start, start + d)
+            start += d
+        return out
+
+    def columns(self, keys: Sequence[str]) -> np.ndarray:
+        """Column indices of ``keys``' blocks, in that order; ``KeyError`` names a missing key."""
+        s = self.slices()
+        return np.concatenate([np.arange(s[k].start, s[k].stop) for k in keys]) if keys else np.arange(0)
+
+    def select(self, keys: Sequence[str]) -> Blocks:
+        d = dict(self.items)
+        return Blocks(tuple((k, d[k]) for k in keys))
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A distributor of the feature work: the local :class:`~imgsent.engine.FeatureEngine` or the
+    Ray one (:class:`~imgsent.distributed.RayEngine`).
+
+    ``keys``: the feature columns it produces (one per backbone, in order).
+    ``run(refs, groups)``: yields batches covering ``refs`` exactly once, in order; no batch
+    straddles two consecutive ``groups`` (output shards), so a resumed run computes the same
+    numbers. Bad images are rows with ``status="error"``, never exceptions. Batches are
+    :class:`ScoredBatch` when the engine also runs a head.
+    """
+
+    @property
+    def keys(self) -> list[str]: ...
+
+    def run(self, refs: Sequence[ImageRef], groups: Sequence[int] | None = None) -> Iterator[FeatureBatch]: ...

@@ -1,0 +1,101 @@
+"""Run options: how ``extract`` and ``score`` find inputs, run the engine and write outputs.
+
+One dataclass (like timm's pretrained config), built and validated once at the boundary
+(:meth:`RunOptions.build`), then passed down unchanged to inputs, the engine and the writers.
+Its defaults are the only copy of each default; the CLI reads them from here. Errors name the
+option (``batch_size``), since library users never typed a flag. Torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .decode import DEFAULT_MAX_PIXELS, TTA_MODES
+from .errors import ImgsentError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ENGINES = ("local", "ray")
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_ROWS_PER_SHARD = 10_000
+
+
+def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``I/N`` (0 <= I < N) -> (I, N); ``None`` or ``""`` means all inputs."""
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, tuple):
+        index, count = spec
+    else:
+        try:
+            i_str, n_str = spec.split("/")
+            index, count = int(i_str), int(n_str)
+        except ValueError:
+            raise ImgsentError(f"shard must look like I/N (for example 0/4), got {spec!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ImgsentError(f"shard {index}/{count}: need 0 <= I < N")
+    return int(index), int(count)
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ImgsentError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything about *how* a run goes (not *what* it computes: backbones, model, outputs).
+
+    Inputs: ``null`` (NUL-separated lists), ``include_hidden``, ``shard`` (``I/N`` of a job array).
+    Engine: ``device`` (auto, cpu, cuda, cuda:N, mps), ``precision`` (:data:`PRECISIONS`),
+    ``batch_size``, ``workers`` (decoding processes; None = cores - 1), ``compile``, ``tta``,
+    ``max_pixels``; ``engine`` (local or ray) with ``ray_address``, ``ray_workers``,
+    ``gpus_per_worker``. Outputs: ``overwrite``, ``rows_per_shard``. ``progress``: progress and
+    summaries on stderr.
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int | None = None
+    compile: bool = False
+    tta: str = "none"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    engine: str = "local"
+    ray_address: str | None = None
+    ray_workers: int | None = None
+    gpus_per_worker: float = 0.0
+    shard: tuple[int, int] | str | None = None
+    overwrite: bool = False
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
+    null: bool = False
+    include_hidden: bool = False
+    progress: bool = False
+
+    @classmethod
+    def build(cls, options: RunOptions | None = None, **overrides) -> RunOptions:
+        """``options`` (or the defaults) with ``overrides`` applied, validated. An unknown
+        override raises ``TypeError`` naming it, as a misspelt keyword argument would."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown run option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        base = options if options is not None else cls()
+        return dataclasses.replace(base, **overrides).validated()
+
+    def validated(self) -> RunOptions:
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("tta", self.tta, TTA_MODES)
+        check_choice("engine", self.engine, ENGINES)
+        for name, low in (("batch_size", 1), ("max_pixels", 1), ("rows_per_shard", 1)):
+            if getattr(self, name) < low:
+                raise ImgsentError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 0:
+            raise ImgsentError(f"workers must be >= 0, got {self.workers}")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise ImgsentError(f"ray_workers must be >= 1, got {self.ray_workers}")
+        if self.gpus_per_worker < 0:
+            raise ImgsentError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+        shard = parse_shard(self.shard)
+        return self if shard == self.shard else dataclasses.replace(self, shard=shard)

@@ -1,0 +1,131 @@
+"""Where score rows go when they are not shards: one file (Parquet, CSV, TSV, JSON Lines), written
+atomically, or a stream on stdout."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+
+import pyarrow as pa
+
+from .atomicio import commit, discard, temp_path
+from .errors import ImgsentError, OutputClosed
+
+FORMATS = ("parquet", "csv", "tsv", "jsonl")
+EXTENSIONS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+METADATA_KEY = b"imgsent"  # Parquet file metadata: provenance as JSON
+
+
+def format_of(out: str, fmt: str | None) -> str:
+    """The output format: ``fmt`` if given, else from ``out``'s extension (jsonl on stdout)."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise ImgsentError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        return fmt
+    if out == "-":
+        return "jsonl"
+    ext = os.path.splitext(out)[1].lower()
+    if ext not in EXTENSIONS:
+        raise ImgsentError(
+            f"cannot tell the output format of {out!r} from its extension; use one of "
+            f"{', '.join(sorted(EXTENSIONS))}, give the format (--format {'|'.join(FORMATS)}), "
+            f"or end the name with / for a directory of shards"
+        )
+    return EXTENSIONS[ext]
+
+
+def is_dir_output(out: str) -> bool:
+    return out.endswith(("/", os.sep)) or os.path.isdir(out)
+
+
+class FileSink:
+    """One output file, written to a temporary name and renamed on success (mode from the umask);
+    or stdout (``-``). ``metadata`` (Parquet only) is stored as the file's key-value metadata."""
+
+    def __init__(self, out: str, fmt: str, metadata: dict | None = None):
+        if fmt == "parquet" and out == "-":
+            raise ImgsentError("a stream on stdout (out='-') is jsonl, csv or tsv, not parquet")
+        self.out, self.fmt = out, fmt
+        self.metadata = metadata or {}
+        self._pq = None
+        self._header_done = False
+        self._tmp: str | None = None
+        if out == "-":
+            self._fh = sys.stdout.buffer
+        else:
+            directory = os.path.dirname(os.path.abspath(out))
+            if not os.path.isdir(directory):
+                raise ImgsentError(f"output directory {directory} does not exist")
+            try:
+                self._tmp = temp_path(out)
+                self._fh = open(self._tmp, "wb")  # noqa: SIM115 (closed in close())
+            except OSError as exc:
+                discard(self._tmp)
+                raise ImgsentError(f"cannot write to {directory}: {exc.strerror}") from None
+
+    def write(self, table: pa.Table) -> None:
+        try:
+            self._write(table)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE or "Broken pipe" in str(exc):
+                raise OutputClosed() from None
+            raise ImgsentError(f"cannot write {self.out}: {exc.strerror or exc}") from None
+
+    def _write(self, table: pa.Table) -> None:
+        if self.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            if self._pq is None:
+                schema = table.schema
+                if self.metadata:
+                    schema = schema.with_metadata({METADATA_KEY: json.dumps(self.metadata).encode()})
+                self._pq = pq.ParquetWriter(self._fh, schema, compression="zstd")
+            self._pq.write_table(table)
+        elif self.fmt in ("csv", "tsv"):
+            import pyarrow.csv as pacsv
+
+            opts = pacsv.WriteOptions(
+                include_header=not self._header_done, delimiter="\t" if self.fmt == "tsv" else ","
+            )
+            pacsv.write_csv(table, self._fh, opts)
+            self._header_done = True
+        else:
+            import polars as pl
+
+            pl.from_arrow(table).write_ndjson(self._fh)
+        if self._tmp is None:
+            self._fh.flush()
+
+    def close(self, ok: bool = True) -> None:
+        """Finish: on success the file appears under its name; otherwise nothing is left."""
+        try:
+            if self._pq is not None:
+                self._pq.close()
+        except OSError:
+            ok = False
+        if self._tmp is None:
+            try:
+                self._fh.flush()
+            except OSError:
+                pass  # a closed pipe: nothing left to say
+            return
+        self._fh.close()
+        if ok:
+            try:
+                commit(self._tmp, self.out)
+            except OSError as exc:
+                discard(self._tmp)
+                raise ImgsentError(f"cannot write {self.out}: {exc.strerror or exc}") from None
+        else:
+            discard(self._tmp)
