@@ -8,6 +8,9 @@ Times, on the same Twitter I images in one run:
   (b) imgsent's engine (imgsent.extract), one and two backbones;
   (c) the model alone on ready tensors (batched, all cores, the engine's lanes);
   (d) decoding alone (imgsent's decoder in worker processes on all cores, no model).
+  (e) decode-bound: a tiny backbone (timm test_resnet, random weights) over ``--resolution-images``
+      synthetic JPEGs at 1920x1080 and at 640x480; the time ratio shows what big photos cost
+      (draft decoding at the largest scale that still covers the resize).
 On a CPU-only machine decode and model share the cores, so the bound is 1 / (decode + model time)
 per image, each measured alone on all cores. Backbones: the real MobileNetV2 from ../shared, and a
 second one (``--second``, default torchvision EfficientNet-B0, the paper's EfficientNet family at a
@@ -22,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import MOBILENET, Timer, naive_loop, require_shared, twitter_images
+from _common import MOBILENET, Timer, naive_loop, require_shared, twitter_images, warm_page_cache
 
 import imgsent
 from imgsent.backbones import create_backbone
@@ -76,6 +79,42 @@ def decode_alone(refs, specs, batch_size, workers) -> float:
     return t.seconds
 
 
+def synthetic_jpegs(directory: Path, n: int, size: tuple[int, int]) -> None:
+    """``n`` photo-like JPEGs (smooth gradients, a blob, noise) of ``size`` (w, h), quality 90."""
+    import numpy as np
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([255 * xx / w, 255 * yy / h, 128 + 100 * np.sin(xx / 37 + yy / 53)], -1)
+    for i in range(n):
+        img = np.clip(base + rng.normal(0, 12, size=(h, w, 3)) + 40 * np.sin(i + xx / 91)[..., None], 0, 255)
+        Image.fromarray(img.astype(np.uint8)).save(directory / f"{i:05d}.jpg", quality=90)
+
+
+def resolution_ratio(tmp: Path, n: int, workers: int) -> None:
+    """(e): decode-bound extraction time at 1920x1080 over 640x480."""
+    times = {}
+    for size in ((1920, 1080), (640, 480)):
+        d = tmp / f"synthetic_{size[0]}x{size[1]}"
+        synthetic_jpegs(d, n, size)
+        warm_page_cache(sorted(d.iterdir()))
+        with Timer() as t:
+            imgsent.extract(
+                [str(d)],
+                str(tmp / f"store_{size[0]}"),
+                backbones=["timm:test_resnet"],
+                random_weights=True,
+                workers=workers,
+                overwrite=True,
+            )
+        times[size] = t.seconds
+        print(f"  (e) {size[0]}x{size[1]}: {n / t.seconds:8.1f} images/s (tiny backbone, decode-bound)")
+    print(f"  (e) 1920x1080 / 640x480 time ratio: {times[(1920, 1080)] / times[(640, 480)]:.2f}")
+
+
 def main() -> None:
     global SECOND
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,6 +123,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the main process")
     ap.add_argument("--second", default=SECOND, help="the second backbone of the two-backbone runs")
+    ap.add_argument("--resolution-images", type=int, default=800, help="(e): synthetic JPEGs per size (0: skip)")
     args = ap.parse_args()
     SECOND = args.second
     require_shared()
@@ -120,6 +160,9 @@ def main() -> None:
             print(f"  (c) model alone       {args.images / t_model:8.1f} images/s")
             print(f"  (d) decode alone      {args.images / t_decode:8.1f} images/s")
             print(f"  bound 1/(c+d)         {bound:8.1f} images/s   imgsent reaches {rate / bound:.2f} of it")
+        if args.resolution_images:
+            print(f"\ndecode-bound, {args.resolution_images} synthetic JPEGs per size:")
+            resolution_ratio(tmp, args.resolution_images, workers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

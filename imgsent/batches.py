@@ -111,7 +111,8 @@ class Engine(Protocol):
     """A distributor of the feature work: the local :class:`~imgsent.engine.FeatureEngine` or the
     Ray one (:class:`~imgsent.distributed.RayEngine`).
 
-    ``keys``: the feature columns it produces (one per backbone, in order).
+    ``keys``: the feature columns it produces (one per backbone, in order). ``numerics``: what it
+    computes them in (fp32, tf32, bf16, fp16; see :mod:`imgsent.precision`).
     ``run(refs, groups)``: yields batches covering ``refs`` exactly once, in order; no batch
     straddles two consecutive ``groups`` (output shards), so a resumed run computes the same
     numbers. Bad images are rows with ``status="error"``, never exceptions. Batches are
@@ -120,5 +121,7 @@ class Engine(Protocol):
 
     @property
     def keys(self) -> list[str]: ...
+
+    numerics: str
 
     def run(self, refs: Sequence[ImageRef], groups: Sequence[int] | None = None) -> Iterator[FeatureBatch]: ...

@@ -17,7 +17,7 @@ from typer.core import TyperArgument
 from . import __version__
 from .decode import DEFAULT_MAX_PIXELS
 from .errors import ImgsentError, OutputClosed
-from .options import DEFAULT_BATCH_SIZE, DEFAULT_ROWS_PER_SHARD, RunOptions
+from .options import DEFAULT_ROWS_PER_SHARD, RunOptions
 
 
 def _plain_argument_help(self, ctx):  # "INPUT..." rather than "INPUT... <list[str]>"
@@ -114,13 +114,16 @@ Device = Annotated[
     ),
 ]
 Precision = Annotated[
-    Literal["auto", "fp32", "bf16", "fp16"], typer.Option(help="auto (AMP on CUDA, fp32 elsewhere), fp32, bf16, fp16.")
+    Literal["auto", "fp32", "tf32", "bf16", "fp16"],
+    typer.Option(help="auto: fp32 on CPU, bf16 (fp16 on pre-Ampere cards) on CUDA; fp32 on CUDA has TF32 off."),
 ]
 ScorePrecision = Annotated[
-    Literal["auto", "fp32", "bf16", "fp16"],
-    typer.Option(help="auto (AMP on CUDA, fp32 elsewhere), fp32, bf16 (the head too), fp16."),
+    Literal["auto", "fp32", "tf32", "bf16", "fp16"],
+    typer.Option(help="auto: what the model's training features used (fp32 for the default); bf16: the head too."),
 ]
-BatchSize = Annotated[int, typer.Option("--batch-size", "-b", metavar="N", min=1, help="Images per batch.")]
+BatchSize = Annotated[
+    int | None, typer.Option("--batch-size", "-b", metavar="N", min=1, help="Images per batch (64; 256 on CUDA).")
+]
 Workers = Annotated[
     int | None, typer.Option(metavar="N", min=0, help="Decoding processes (default: cores - 1; 0 = in-process).")
 ]
@@ -133,7 +136,13 @@ MaxPixels = Annotated[
     int, typer.Option("--max-pixels", metavar="N", min=1, help="Refuse images with more pixels (bomb guard).")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, summary or Ray logging.")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile the backbones (slow start, faster long runs).")]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the backbones (slow start; fixed padded batches, so results stay batch-independent).",
+    ),
+]
 Engine = Annotated[
     Literal["local", "ray"], typer.Option(help="local (this machine) or ray (Ray Data; pip install 'imgsent[ray]').")
 ]
@@ -168,7 +177,7 @@ def extract(
     dtype: Annotated[Literal["float32", "float16"], typer.Option(help="Stored feature type.")] = "float32",
     device: Device = "auto",
     precision: Precision = "auto",
-    batch_size: BatchSize = DEFAULT_BATCH_SIZE,
+    batch_size: BatchSize = None,
     workers: Workers = None,
     shard: Shard = None,
     overwrite: Overwrite = False,
@@ -453,7 +462,7 @@ def score(
     ] = None,
     device: Device = "auto",
     precision: ScorePrecision = "auto",
-    batch_size: BatchSize = DEFAULT_BATCH_SIZE,
+    batch_size: BatchSize = None,
     workers: Workers = None,
     shard: Shard = None,
     overwrite: Overwrite = False,

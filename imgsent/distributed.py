@@ -160,7 +160,22 @@ class RayEngine:
         device = "cuda" if opts.gpus_per_worker > 0 and opts.device == "auto" else opts.device
         if opts.gpus_per_worker == 0 and opts.device == "auto":
             device = "cpu"  # an actor with no GPU asked for must not grab one it happens to see
-        self.actor_options = dataclasses.replace(opts, device=device, workers=0, engine="local", progress=False)
+        # Resolved here, so that every actor computes the numerics the store records: on GPUs,
+        # auto is bf16 (the driver cannot ask the actors' cards whether they have bf16 cores).
+        on_gpu = device.startswith("cuda")
+        self.numerics = {"auto": "bf16" if on_gpu else "fp32", "tf32": "tf32" if on_gpu else "fp32"}.get(
+            opts.precision, opts.precision
+        )
+        self.batch_size = opts.batch_size or (256 if on_gpu else 64)
+        self.actor_options = dataclasses.replace(
+            opts,
+            device=device,
+            precision=self.numerics,
+            batch_size=self.batch_size,
+            workers=0,
+            engine="local",
+            progress=False,
+        )
 
     @property
     def keys(self) -> list[str]:
@@ -172,7 +187,7 @@ class RayEngine:
             return
         import ray.data
 
-        bs = self.options.batch_size
+        bs = self.batch_size
         ds = ray.data.from_items(
             [{"id": r.id, "path": r.path} for r in refs], override_num_blocks=max(1, len(refs) // bs)
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Iterator, Sequence
@@ -27,8 +28,10 @@ from .decode import DecodedImage, Preprocess, decode_ref
 from .errors import ImgsentError
 from .inputs import ImageRef
 from .lanes import in_lanes
-from .options import RunOptions
-from .precision import autocast_dtype
+from .options import DEFAULT_BATCH_SIZE, RunOptions
+from .precision import AUTOCAST, resolve_numerics
+
+CUDA_BATCH_SIZE = 256  # default batch on CUDA: enough images in flight to keep a modern GPU busy
 
 OPTIMIZE = ("auto", "jit", "none")
 PREFETCH = 4  # batches each decoding process works ahead
@@ -188,13 +191,15 @@ class FeatureEngine:
         opts = RunOptions.build(options, **overrides)
         self.options = opts
         self.device = select_device(opts.device)
-        self.amp_dtype = autocast_dtype(self.device, opts.precision)
-        self.batch_size = opts.batch_size
-        self.workers = default_workers() if opts.workers is None else opts.workers
+        self.numerics = resolve_numerics(self.device, opts.precision)
+        self.amp_dtype = AUTOCAST[self.numerics]
+        cuda = self.device.type == "cuda"
+        self.batch_size = opts.batch_size or (CUDA_BATCH_SIZE if cuda else DEFAULT_BATCH_SIZE)
+        self.workers = default_workers(self.device) if opts.workers is None else opts.workers
         self.channels_last = True if channels_last is None else channels_last
         if optimize not in OPTIMIZE:
             raise ImgsentError(f"optimize must be one of {', '.join(OPTIMIZE)}, got {optimize!r}")
-        self.model_batch = model_batch or (opts.batch_size if self.device.type == "cuda" else 8)
+        self.model_batch = model_batch or (self.batch_size if cuda else 8)
         self.lanes = lanes or (torch.get_num_threads() if self.device.type == "cpu" else 1)
         if self.lanes < 1:
             raise ImgsentError(f"lanes must be >= 1, got {lanes}")
@@ -230,6 +235,8 @@ class FeatureEngine:
                     module = copy.deepcopy(module).to(dev)  # the caller's module stays as it was
                     if self.channels_last and not scripted:
                         module = module.to(memory_format=torch.channels_last)
+                if scripted and dev.type != "cpu":
+                    module = _check_on_device(bb, module.to(dev), dev, self.channels_last)
                 if self._compile and not scripted:
                     module, self._fixed_shape[i] = torch.compile(module, dynamic=False), True
                 elif not scripted and (self._optimize == "jit" or (self._optimize == "auto" and dev.type == "cpu")):
@@ -262,7 +269,7 @@ class FeatureEngine:
 
     def embed(self, index: int, pixels: torch.Tensor) -> torch.Tensor:
         """Backbone ``index`` on uint8 (n, crops, 3, H, W) -> float32 (n, D), averaged over crops
-        and flips."""
+        and flips; on the backbone's device (``pixels`` may already be there)."""
         self.prepare()
         dev = self._devices[index]
         mean, std = self._norms[index]
@@ -276,7 +283,7 @@ class FeatureEngine:
             if self.amp_dtype is not None and dev.type == self.device.type
             else contextlib.nullcontext()
         )
-        with torch.inference_mode(), amp, _fusion(self._fixed_shape[index] and dev.type == "cpu"):
+        with torch.inference_mode(), amp, _fusion(self._fixed_shape[index] and dev.type == "cpu"), _tf32(self.numerics):
             out = self._forward(index, x)
             if "flip" in self.tta:
                 out = (out + self._forward(index, torch.flip(x, dims=[3]))) / 2
@@ -310,7 +317,10 @@ class FeatureEngine:
             return
         batches = _group_batches(len(refs), groups, self.batch_size)
         dataset = self.dataset(refs)
-        yield from in_lanes(self._features, self._decoded(dataset, batches), self.lanes)
+        check_shared_memory(self.workers, self.batch_size, [bb.preprocess for bb in self.backbones], self.tta)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            # the chosen card is current while loaders pin memory and kernels launch (cuda:N)
+            yield from in_lanes(self._features, self._decoded(dataset, batches), self.lanes)
 
     def _decoded(self, dataset: ImageDataset, batches: list[list[int]]) -> Iterator[_CollatedBatch]:
         received = 0
@@ -335,12 +345,25 @@ class FeatureEngine:
     def embed_views(self, views: dict[tuple, torch.Tensor], ok_pos: list[int], n: int) -> dict[str, np.ndarray]:
         """Features of every backbone for ``n`` rows: uint8 views (of the ``ok_pos`` rows, in order)
         in, float32 (n, D) per backbone key out, NaN on the other rows."""
-        feats: dict[str, np.ndarray] = {}
+        feats = {bb.key: np.full((n, bb.dim), np.nan, dtype=np.float32) for bb in self.backbones}
+        if not ok_pos:
+            return feats
+        on_device: dict[tuple, torch.Tensor] = {}  # shared pixels cross to each device once
+        outs = []
         for idx, bb in enumerate(self.backbones):
-            full = np.full((n, bb.dim), np.nan, dtype=np.float32)
-            if ok_pos:
-                full[ok_pos] = self.embed(idx, views[bb.preprocess.view_key]).cpu().numpy()
-            feats[bb.key] = full
+            key = (bb.preprocess.view_key, self._devices[idx])
+            if key not in on_device:
+                on_device[key] = views[bb.preprocess.view_key].to(self._devices[idx], non_blocking=True)
+            outs.append(self.embed(idx, on_device[key]))
+        # One copy back (one host sync) per device and batch, not one per backbone.
+        host: dict[int, np.ndarray] = {}
+        for dev in dict.fromkeys(self._devices):
+            idxs = [i for i, d in enumerate(self._devices) if d == dev]
+            joined = torch.cat([outs[i] for i in idxs], dim=1).cpu().numpy()
+            for i, part in zip(idxs, np.split(joined, np.cumsum([outs[i].shape[1] for i in idxs])[:-1], axis=1)):
+                host[i] = part
+        for idx, bb in enumerate(self.backbones):
+            feats[bb.key][ok_pos] = host[idx]
         return feats
 
     def _features(self, batch: _CollatedBatch) -> FeatureBatch:
@@ -445,10 +468,75 @@ def _freeze(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_l
 WARMUP_CALLS = 3
 
 
-def default_workers() -> int:
-    """Decoding processes: one per core beyond the first (the main process runs the models)."""
+def default_workers(device: torch.device | None = None) -> int:
+    """Decoding processes: one per core beyond the first (the main process runs the models); on a
+    CPU at most 8 (the models need the cores too), on a GPU host every core but one (decoding is
+    what feeds the card)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
-    return max(1, min(8, cores - 1)) if cores > 1 else 0
+    cap = 64 if device is not None and device.type == "cuda" else 8
+    return max(1, min(cap, cores - 1)) if cores > 1 else 0
+
+
+SHM = "/dev/shm"
+
+
+def check_shared_memory(workers: int, batch_size: int, preprocesses: list[Preprocess], tta: str) -> None:
+    """Decoding processes hand batches over in shared memory (``/dev/shm``); containers give it
+    64 MB by default. Fail at once, saying what to change, when the batches in flight cannot fit."""
+    if workers < 1 or not os.path.isdir(SHM):
+        return
+    crops = 5 if "crops" in tta else 1
+    views = {pp.view_key: pp.input_size for pp in preprocesses}
+    per_batch = batch_size * crops * sum(3 * h * w for h, w in views.values())
+    need = 2 * per_batch * workers * PREFETCH  # batches in flight, and room to hand them over
+    free = shutil.disk_usage(SHM).free
+    if free < need:
+        raise ImgsentError(
+            f"{SHM} has {free / 2**20:.0f} MB free, but {workers} decoding processes with batches of {batch_size} "
+            f"need about {need / 2**20:.0f} MB there; give the container more shared memory (docker run "
+            f"--shm-size=2g), or lower workers or batch_size (workers=0 decodes in this process)"
+        )
+
+
+@contextlib.contextmanager
+def _tf32(numerics: str):
+    """TF32 tensor cores for CUDA matmuls and convolutions only when the run's numerics say tf32
+    (cuDNN allows them by default, which would make "fp32" features something else); restored."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = numerics == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _check_on_device(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_last: bool):
+    """A TorchScript backbone moved to ``dev``: it must run there, and give the features its CPU
+    fingerprint recorded (within GPU rounding); else one clear error before any batch runs."""
+    from .backbones import PROBE_VALUES, probe_image
+
+    if channels_last:
+        try:
+            module = module.to(memory_format=torch.channels_last)
+        except (RuntimeError, TypeError):
+            pass  # a module that keeps its own layout
+    x = probe_image(bb.preprocess).to(dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            got = bb.run(module, x).float()[0, :PROBE_VALUES].cpu().numpy()
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise ImgsentError(f"backbone {bb.key} cannot run on {dev} ({reason}); use device cpu for it") from None
+    want = np.asarray(bb.fingerprint.get("probe", []), dtype=np.float64)
+    scale = max(float(np.abs(want).max()) if want.size else 1.0, 1e-6)
+    if want.size and float(np.abs(got[: want.size] - want).max()) > 1e-2 * scale:
+        raise ImgsentError(f"backbone {bb.key} gives other features on {dev} than on the CPU; use device cpu for it")
+    return module

@@ -162,16 +162,18 @@ def extract(
     check_choice("dtype", dtype, tuple(DTYPES))
     refs = resolve_inputs(inputs, opts, stdin=stdin)
     models = load_backbones(backbones, random_weights=random_weights)
-    output = store_writer(out, models, dtype, opts)
-    return run_sharded(build_engine(models, opts), refs, [output], opts, "extract", out)
+    engine = build_engine(models, opts)
+    output = store_writer(out, models, dtype, opts, engine.numerics)
+    return run_sharded(engine, refs, [output], opts, "extract", out)
 
 
 def store_writer(
-    out: str, models: Sequence[Backbone], dtype: str, options: RunOptions
+    out: str, models: Sequence[Backbone], dtype: str, options: RunOptions, numerics: str
 ) -> tuple[ShardedWriter, Callable[[FeatureBatch], pa.Table]]:
     """The writer of a feature store for ``models`` (and how a batch becomes its rows), as
-    ``run_sharded`` takes it; used by ``extract`` and by ``score --keep-features``."""
-    header = store_header([b.recipe() for b in models], dtype, options.tta)
+    ``run_sharded`` takes it; used by ``extract`` and by ``score --keep-features``. ``numerics``:
+    what the engine computes in (recorded; a store never mixes two)."""
+    header = store_header([b.recipe() for b in models], dtype, options.tta, numerics)
     writer = ShardedWriter(
         out,
         kind=KIND,

@@ -28,10 +28,15 @@ DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 BASE_COLUMNS = ("id", "path", "status", "error", "width", "height")
 
 
-def store_header(recipes: list[dict], dtype: str, tta: str) -> dict:
+def store_header(recipes: list[dict], dtype: str, tta: str, numerics: str = "fp32") -> dict:
+    """What a store's features are: backbone recipes, stored dtype, TTA, and the numerics they were
+    computed in (recorded only when not plain fp32, so fp32 stores of 0.1.0 keep their header)."""
     if dtype not in DTYPES:
         raise ImgsentError(f"dtype must be float32 or float16, got {dtype!r}")
-    return {"backbones": recipes, "dtype": dtype, "tta": tta}
+    header = {"backbones": recipes, "dtype": dtype, "tta": tta}
+    if numerics != "fp32":
+        header["numerics"] = numerics
+    return header
 
 
 def describe_header_difference(old: dict, new: dict) -> str:
@@ -43,9 +48,9 @@ def describe_header_difference(old: dict, new: dict) -> str:
         for field in ("dim", "preprocess", "fingerprint"):
             if o.get(field) != n.get(field):
                 return f"backbone {n.get('key')} differs in {field}"
-    for field in ("dtype", "tta"):
-        if old.get(field) != new.get(field):
-            return f"it has {field}={old.get(field)!r}, this run asks for {new.get(field)!r}"
+    for field, default in (("dtype", None), ("tta", None), ("numerics", "fp32")):
+        if old.get(field, default) != new.get(field, default):
+            return f"it has {field}={old.get(field, default)!r}, this run computes {new.get(field, default)!r}"
     return "settings differ"
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from .decode import DEFAULT_MAX_PIXELS, TTA_MODES
 from .errors import ImgsentError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+NUMERICS = ("fp32", "tf32", "bf16", "fp16")  # what a run's features were computed in ("auto" resolved)
 ENGINES = ("local", "ray")
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_ROWS_PER_SHARD = 10_000
@@ -48,8 +49,10 @@ class RunOptions:
     """Everything about *how* a run goes (not *what* it computes: backbones, model, outputs).
 
     Inputs: ``null`` (NUL-separated lists), ``include_hidden``, ``shard`` (``I/N`` of a job array).
-    Engine: ``device`` (auto, cpu, cuda, cuda:N, mps), ``precision`` (:data:`PRECISIONS`),
-    ``batch_size``, ``workers`` (decoding processes; None = cores - 1), ``compile``, ``tta``,
+    Engine: ``device`` (auto, cpu, cuda, cuda:N, mps), ``precision`` (:data:`PRECISIONS`; ``auto``:
+    float32 on CPU, bf16 autocast on CUDA cards with bf16 tensor cores, else fp16; ``fp32`` on CUDA
+    turns TF32 off, ``tf32`` allows it), ``batch_size`` (None: 64, or 256 on CUDA), ``workers``
+    (decoding processes; None = cores - 1), ``compile``, ``tta``,
     ``max_pixels``; ``engine`` (local or ray) with ``ray_address``, ``ray_workers``,
     ``gpus_per_worker``. Outputs: ``overwrite``, ``rows_per_shard``. ``progress``: progress and
     summaries on stderr.
@@ -57,7 +60,7 @@ class RunOptions:
 
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None
     workers: int | None = None
     compile: bool = False
     tta: str = "none"
@@ -89,7 +92,7 @@ class RunOptions:
         check_choice("tta", self.tta, TTA_MODES)
         check_choice("engine", self.engine, ENGINES)
         for name, low in (("batch_size", 1), ("max_pixels", 1), ("rows_per_shard", 1)):
-            if getattr(self, name) < low:
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ImgsentError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
             raise ImgsentError(f"workers must be >= 0, got {self.workers}")

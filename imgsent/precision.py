@@ -1,4 +1,9 @@
-"""Numeric precision: what ``--precision`` means for the backbones (autocast) and for the head."""
+"""Numeric precision: what ``--precision`` means for the backbones (autocast, TF32) and for the head.
+
+A run's *numerics* is what its features were actually computed in: ``fp32`` (true float32, TF32
+off), ``tf32`` (float32 with TF32 tensor-core matmuls and convolutions, CUDA), ``bf16`` or ``fp16``
+(autocast). Stores and model recipes record it; heads are only fed features of their own numerics.
+"""
 
 from __future__ import annotations
 
@@ -14,21 +19,28 @@ def check_precision(precision: str) -> str:
 
 
 def bf16_native(device: torch.device) -> bool:
-    """Does ``device`` (a CUDA card) have bfloat16 tensor cores, not an emulation of them?"""
-    try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # torch without the keyword: compute capability 8.0 (Ampere) or newer
-        return torch.cuda.get_device_capability(device)[0] >= 8
+    """Does the CUDA card ``device`` have bfloat16 tensor cores (compute capability 8.0, Ampere, or
+    newer), not an emulation of them? Asked of that card, not of the current one."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_numerics(device: torch.device, precision: str) -> str:
+    """What ``precision`` means on ``device``: ``auto`` is fp32 off CUDA, and on CUDA bf16 where the
+    card has bf16 tensor cores, else fp16; ``tf32`` is fp32 off CUDA (there is no TF32 there)."""
+    check_precision(precision)
+    if device.type != "cuda":
+        return "fp32" if precision in ("auto", "tf32") else precision
+    if precision == "auto":
+        return "bf16" if bf16_native(device) else "fp16"
+    return precision
+
+
+AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype of a run: None (float32) unless asked for, or ``auto`` on CUDA."""
-    check_precision(precision)
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if bf16_native(device) else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+    return AUTOCAST[resolve_numerics(device, precision)]
 
 
 def head_precision(precision: str) -> str:

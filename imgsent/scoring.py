@@ -57,6 +57,7 @@ class ScoreTableBuilder:
         self.threshold = threshold
         self.precision = precision
         self.pos = model.classes.index(model.positive_class) if model.positive_class else None
+        self.device = None  # where the head runs (None: the CPU)
 
     def provenance(self, recipes: list[dict]) -> dict:
         """What a single-file output records about how its scores were made."""
@@ -79,7 +80,7 @@ class ScoreTableBuilder:
         already ran (Ray actors)."""
         n, classes = len(ok), self.model.classes
         if proba is None and ok.any():
-            proba = self.model.predict_proba(X, self.precision)
+            proba = self.model.predict_proba(X, self.precision, device=self.device)
             proba[~ok] = np.nan
         elif proba is None:
             proba = np.full((n, len(classes)), np.nan, dtype=np.float32)
@@ -150,13 +151,17 @@ def score(
     sentiment = resolve_model(model)
     builder = ScoreTableBuilder(sentiment, *model_identity(sentiment, model), threshold, head_precision(opts.precision))
     if features:
-        return _score_store(features, out, sentiment, builder, fmt)
+        accept = None if opts.precision == "auto" else opts.precision
+        return _score_store(features, out, sentiment, builder, fmt, accept)
 
     refs = resolve_inputs(inputs, opts, stdin=stdin)
     backbones = model_backbones(sentiment, weights)
-    opts = RunOptions.build(opts, tta=sentiment.feature_header.get("tta", "none"))  # the model's recipe
+    # The model's recipe: its TTA, and (unless the user asks otherwise) the numerics its features had.
+    precision = sentiment.numerics if opts.precision == "auto" else opts.precision
+    opts = RunOptions.build(opts, tta=sentiment.feature_header.get("tta", "none"), precision=precision)
     engine = build_engine(backbones, opts, head_path=model_path(model))
-    outputs = [store_writer(keep_features, backbones, "float32", opts)] if keep_features else []
+    builder.device = getattr(engine, "device", None)  # the local engine's card runs the head too
+    outputs = [store_writer(keep_features, backbones, "float32", opts, engine.numerics)] if keep_features else []
     summary_model = {"model": f"{builder.name} {builder.version}", "weights": _weights_summary(backbones)}
 
     if dir_out:
@@ -219,7 +224,7 @@ def _count_labels(writer: ShardedWriter) -> dict[str, int]:
 
 
 def _score_store(
-    store: str, out: str, model: SentimentModel, builder: ScoreTableBuilder, fmt: str | None
+    store: str, out: str, model: SentimentModel, builder: ScoreTableBuilder, fmt: str | None, accept: str | None
 ) -> RunSummary:
     """Stream a store through the head, one row group at a time on every core (each thread reads
     a part and scores it), reading only the blocks the head needs. Rows come out sorted by id: as read for a
@@ -230,7 +235,7 @@ def _score_store(
             "scoring a store writes one file (or stdout); give out as FILE.parquet|.csv|.tsv|.jsonl or -"
         )
     header = list_store(store, kind=FEATURES_KIND).header
-    model.check_recipe(header, what=f"store {store}")  # before any block is looked up
+    model.check_recipe(header, what=f"store {store}", accept_numerics=accept)  # before any block is looked up
     reader = StoreReader(store, [k for k, _ in model.blocks])
     summary = RunSummary(output=out)
     summary.details["model"] = f"{builder.name} {builder.version}"

@@ -125,7 +125,7 @@ class SentimentModel:
         self.classes = list(classes)
         self.blocks = [(str(k), int(d)) for k, d in blocks]
         self.recipes = recipes
-        self.feature_header = {k: v for k, v in (feature_header or {}).items() if k in ("tta",)}
+        self.feature_header = {k: v for k, v in (feature_header or {}).items() if k in ("tta", "numerics")}
         self.training = training or {}
         self.norm = BlockNorm([d for _, d in self.blocks]) if config.normalize_blocks else None
 
@@ -175,7 +175,7 @@ class SentimentModel:
         return X
 
     @torch.inference_mode()
-    def predict_proba(self, X, precision: str = "fp32") -> np.ndarray:
+    def predict_proba(self, X, precision: str = "fp32", device: torch.device | str | None = None) -> np.ndarray:
         """Class probabilities (N, C), float32.
 
         The head always runs on blocks of exactly :data:`HEAD_ROWS` rows (the last one padded with
@@ -184,31 +184,53 @@ class SentimentModel:
         and scoring their store at once give identical numbers (tested).
         ``precision="bf16"`` runs the head under CPU autocast (bfloat16 inputs, float32
         accumulation): about twice as fast on CPUs with native bfloat16 (AVX512-BF16, AMX);
-        probabilities move by about 1e-3.
+        probabilities move by about 1e-3. ``device``: where the head runs (default the CPU; a GPU run
+        passes its card, the blocks stay fixed, so rows stay independent of their batch there too).
         """
         if precision not in HEAD_PRECISIONS:
             raise ImgsentError(f"head precision must be one of {', '.join(HEAD_PRECISIONS)}, got {precision!r}")
         X = self._matrix(X)
         n, d = X.shape
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        head = self._head_on(dev)
         out = np.empty((n, len(self.classes)), dtype=np.float32)
-        with warnings.catch_warnings(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        amp = torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16")
+        with warnings.catch_warnings(), amp:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             for s in range(0, n, HEAD_ROWS):
                 block = X[s : s + HEAD_ROWS]
                 m = len(block)
                 if m < HEAD_ROWS:
                     block = np.concatenate([block, np.zeros((HEAD_ROWS - m, d), dtype=np.float32)])
-                x = torch.from_numpy(block)
+                x = torch.from_numpy(block).to(dev, non_blocking=True)
                 if self.norm is not None:
                     x = self.norm(x)
-                out[s : s + m] = self.head.proba(self.head(x)).float()[:m].numpy()
+                out[s : s + m] = head.proba(head(x)).float()[:m].cpu().numpy()
         return out
+
+    def _head_on(self, dev: torch.device) -> torch.nn.Module:
+        """The head on ``dev`` (a copy, kept; the model's own head stays on the CPU)."""
+        if dev.type == "cpu":
+            return self.head
+        cache = self.__dict__.setdefault("_heads", {})
+        if dev not in cache:
+            import copy
+
+            cache[dev] = copy.deepcopy(self.head).to(dev).eval()
+        return cache[dev]
 
     def predict(self, X) -> list[str]:
         return [self.classes[i] for i in self.predict_proba(X).argmax(1)]
 
-    def check_recipe(self, header: dict, what: str = "the store") -> None:
-        """Refuse features made otherwise than the training features, naming the difference."""
+    @property
+    def numerics(self) -> str:
+        """What the training features were computed in (fp32, tf32, bf16, fp16)."""
+        return self.feature_header.get("numerics", "fp32")
+
+    def check_recipe(self, header: dict, what: str = "the store", accept_numerics: str | None = None) -> None:
+        """Refuse features made otherwise than the training features, naming the difference.
+        Features of other numerics (bf16 features for an fp32-trained head...) only when
+        ``accept_numerics`` names theirs (the user asked for it)."""
         have = {r.get("key"): r for r in header.get("backbones", [])}
         for key, dim in self.blocks:
             r = have.get(key)
@@ -232,6 +254,12 @@ class SentimentModel:
             raise ImgsentError(
                 f"{what} used test-time augmentation {got_tta!r}; the model was trained with {want_tta!r}"
             )
+        got = header.get("numerics", "fp32")
+        if got != self.numerics and got != accept_numerics:
+            raise ImgsentError(
+                f"{what} holds {got} features; the model was trained on {self.numerics} features (re-extract with "
+                f"precision {self.numerics}, or accept them with precision {got})"
+            )
 
     # --- bundles ---------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -246,6 +274,7 @@ class SentimentModel:
                 "blocks": [{"key": k, "dim": d} for k, d in self.blocks],
                 "normalize_blocks": bool(self.config.normalize_blocks),
                 "tta": self.feature_header.get("tta", "none"),
+                "numerics": self.numerics,
                 "backbones": self.recipes,
             },
             "training": self.training,
@@ -315,9 +344,8 @@ def load_model(path: str) -> SentimentModel:
         head.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise _bad(path, f"{HEAD_FILE} does not match model.json ({str(exc).splitlines()[0]})") from None
-    return SentimentModel(
-        head, config, classes, blocks, recipes, {"tta": feats.get("tta", "none")}, meta.get("training", {})
-    )
+    header = {"tta": feats.get("tta", "none"), "numerics": feats.get("numerics", "fp32")}
+    return SentimentModel(head, config, classes, blocks, recipes, header, meta.get("training", {}))
 
 
 @dataclass

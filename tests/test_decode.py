@@ -99,7 +99,22 @@ def test_big_jpeg_is_draft_decoded_but_reports_full_size(tmp_path):
     path.write_bytes(jpeg_bytes(rgb_array(2400, 3200)))
     out, size = decode_image(str(path), min_short_side=256)
     assert size == (3200, 2400)
-    assert out.size[1] >= 512 and out.size[0] < 3200  # decoded at 1/2 or 1/4 scale, still >= 2x needed
+    assert out.size == (800, 600)  # 1/4 scale: the largest that keeps the short side >= 2 x 256
+
+
+@pytest.mark.parametrize("w,h", [(1920, 1080), (1080, 1920), (4000, 3000), (600, 520)])
+def test_draft_decoded_views_match_a_full_decode(tmp_path, w, h):
+    from imgsent.decode import Preprocess, make_views
+
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(jpeg_bytes(rgb_array(h, w, seed=w), quality=92))
+    pp = Preprocess(input_size=(224, 224), resize_size=256)
+    draft, _ = decode_image(str(path), min_short_side=pp.needed_short_side())
+    full, _ = decode_image(str(path))
+    assert min(draft.size) >= 512 and (min(draft.size) < 2 * 512 or min(w, h) < 1024)
+    a = make_views(draft, [pp])[pp.view_key].astype(np.float32)
+    b = make_views(full, [pp])[pp.view_key].astype(np.float32)
+    assert np.abs(a - b).mean() < 1.0 and np.abs(a - b).max() < 24  # grey levels of 255
 
 
 def test_bomb_limit(tmp_path):
