@@ -4,11 +4,19 @@ _imgsent() {
     cur="${COMP_WORDS[COMP_CWORD]}"
     prev="${COMP_WORDS[COMP_CWORD-1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=( $(compgen -W "backbones evaluate extract models score train version --help --version" -- "$cur") )
+        COMPREPLY=( $(compgen -W "backbones calibrate evaluate extract models prevalence report score train version --help --version" -- "$cur") )
         return
     fi
     cmd="${COMP_WORDS[1]}"
     case "$cmd:$prev" in
+        calibrate:--labels|calibrate:-l) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        calibrate:--out|calibrate:-o) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        calibrate:--features) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        calibrate:--scores) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        calibrate:--method) COMPREPLY=( $(compgen -W "auto platt isotonic temperature" -- "$cur") ); return ;;
+        calibrate:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
+        calibrate:--id-column) COMPREPLY=(); return ;;
+        calibrate:--label-column) COMPREPLY=(); return ;;
         evaluate:--labels|evaluate:-l) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         evaluate:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
         evaluate:--protocol) COMPREPLY=( $(compgen -W "random-splits kfold predefined train-val-test" -- "$cur") ); return ;;
@@ -19,6 +27,7 @@ _imgsent() {
         evaluate:--folds) COMPREPLY=(); return ;;
         evaluate:--split) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         evaluate:--report) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        evaluate:--plots) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         evaluate:--epochs) COMPREPLY=(); return ;;
         evaluate:--lr) COMPREPLY=(); return ;;
         evaluate:--batch-size) COMPREPLY=(); return ;;
@@ -44,6 +53,23 @@ _imgsent() {
         extract:--ray-address) COMPREPLY=(); return ;;
         extract:--ray-workers) COMPREPLY=(); return ;;
         extract:--gpus-per-worker) COMPREPLY=(); return ;;
+        prevalence:--labels|prevalence:-l) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        prevalence:--by) COMPREPLY=(); return ;;
+        prevalence:--meta) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        prevalence:--level) COMPREPLY=(); return ;;
+        prevalence:--bootstrap) COMPREPLY=(); return ;;
+        prevalence:--seed) COMPREPLY=(); return ;;
+        prevalence:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
+        prevalence:--id-column) COMPREPLY=(); return ;;
+        prevalence:--label-column) COMPREPLY=(); return ;;
+        prevalence:--plot) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        report:--out|report:-o) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        report:--by) COMPREPLY=(); return ;;
+        report:--meta) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        report:--labels|report:-l) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        report:--per-class) COMPREPLY=(); return ;;
+        report:--seed) COMPREPLY=(); return ;;
+        report:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
         score:--out|score:-o) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         score:--model|score:-m) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         score:--features) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
@@ -82,9 +108,12 @@ _imgsent() {
     esac
     case "$cmd" in
         backbones) opts="--help" ;;
-        evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --seed --id-column --label-column --quiet -q --help" ;;
+        calibrate) opts="--labels -l --out -o --features --scores --method --map --id-column --label-column --overwrite --no-overwrite --help" ;;
+        evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --plots --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --seed --id-column --label-column --quiet -q --help" ;;
         extract) opts="--out -o --backbones -B --random-weights --no-random-weights --tta --dtype --device --precision --batch-size -b --workers --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
         models) opts="--help" ;;
+        prevalence) opts="--labels -l --by --meta --json --level --bootstrap --seed --map --id-column --label-column --plot --help" ;;
+        report) opts="--out -o --by --meta --labels -l --per-class --seed --map --quiet -q --help" ;;
         score) opts="--out -o --model -m --features --weights --format --threshold --keep-features --device --precision --batch-size -b --workers --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
         train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --blocks --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --cv --seed --id-column --label-column --overwrite --no-overwrite --quiet -q --help" ;;
         version) opts="--help" ;;

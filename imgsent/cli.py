@@ -375,6 +375,10 @@ def evaluate(
     report: Annotated[
         str | None, typer.Option(metavar="FILE", help="Also write the results to FILE.json or FILE.csv.")
     ] = None,
+    plots: Annotated[
+        str | None,
+        typer.Option(metavar="DIR", help="Also draw ROC curves and confusion matrices (PNG and SVG) into DIR."),
+    ] = None,
     epochs: Epochs = None,
     lr: Lr = None,
     batch_size: HeadBatch = None,
@@ -407,6 +411,7 @@ def evaluate(
         split_from_folders=split_from_folders,
         seed=seed,
         report=report,
+        plots=plots,
         progress=not quiet,
         id_column=id_column,
         label_column=label_column,
@@ -515,6 +520,127 @@ def score(
     )
     if not quiet:
         summary.print("imgsent score")
+
+
+@app.command()
+def prevalence(
+    scores: Annotated[
+        str, typer.Argument(metavar="SCORES", help="A score output: a file, a directory of shards, or - (stdin).")
+    ],
+    labels: Annotated[
+        str | None,
+        typer.Option("--labels", "-l", metavar="FILE", help="A labelled random sample of the same collection."),
+    ] = None,
+    by: Annotated[str | None, typer.Option(metavar="COLUMN", help="Also per group of this column.")] = None,
+    meta: Annotated[
+        str | None, typer.Option(metavar="FILE", help="CSV/Parquet metadata with id and the --by column.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON Lines: one object per group, class, method.")] = False,
+    level: Annotated[float, typer.Option(metavar="L", min=0.5, max=0.999, help="Confidence level.")] = 0.95,
+    bootstrap: Annotated[int, typer.Option(metavar="B", min=100, help="Bootstrap resamples.")] = 1000,
+    seed: Seed = 0,
+    map: Map = "auto",
+    id_column: IdColumn = None,
+    label_column: LabelColumn = None,
+    plot: Annotated[
+        str | None, typer.Option(metavar="FILE", help="Also chart the shares over groups (.svg, .png, .pdf).")
+    ] = None,
+) -> None:
+    """Class shares of a scored collection, overall and per group, with confidence intervals
+    (adjusted for the model's errors when given a labelled sample)."""
+    from .collection import prevalence as run
+
+    report = run(
+        scores,
+        labels=labels,
+        by=by,
+        meta=meta,
+        level=level,
+        bootstrap=bootstrap,
+        seed=seed,
+        mapping=map,
+        id_column=id_column,
+        label_column=label_column,
+    )
+    if plot is not None:
+        from .htmlreport import shares_plot
+
+        shares_plot(report, plot)
+    if json_out:
+        sys.stdout.write(report.to_json_lines())
+        for w in report.warnings:
+            typer.echo(f"imgsent: warning: {w}", err=True)
+    else:
+        typer.echo(report.table())
+
+
+@app.command()
+def report(
+    scores: Annotated[str, typer.Argument(metavar="SCORES", help="A score output: a file or a directory of shards.")],
+    out: Annotated[str, typer.Option("--out", "-o", metavar="FILE", help="The HTML file to write.")],
+    by: Annotated[str | None, typer.Option(metavar="COLUMN", help="Shares and contact sheets per group.")] = None,
+    meta: Annotated[
+        str | None, typer.Option(metavar="FILE", help="CSV/Parquet metadata with id and the --by column.")
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option("--labels", "-l", metavar="FILE", help="A labelled sample: adjusted shares, confusion, ROC."),
+    ] = None,
+    per_class: Annotated[
+        int, typer.Option("--per-class", metavar="N", min=1, max=200, help="Images per contact sheet.")
+    ] = 24,
+    seed: Seed = 0,
+    map: Map = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """A self-contained HTML report of a score output: counts, score histogram, class shares, contact
+    sheets of the most positive, most negative and least sure images (pip install 'imgsent[report]')."""
+    from .htmlreport import build_report
+
+    info = build_report(scores, out, by=by, meta=meta, labels=labels, per_class=per_class, seed=seed, mapping=map)
+    if not quiet:
+        typer.echo(f"wrote {out}: {info['rows']} rows, {info['bytes'] / 1e6:.2f} MB", err=True)
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model bundle directory, or 'default'.")],
+    labels: Annotated[
+        str, typer.Option("--labels", "-l", metavar="FILE", help="A labelled random sample of the collection.")
+    ],
+    out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="The recalibrated model bundle to write.")],
+    features: Annotated[
+        str | None, typer.Option("--features", metavar="STORE", help="A feature store holding the sample.")
+    ] = None,
+    scores: Annotated[
+        str | None, typer.Option("--scores", metavar="FILE", help="Or the model's score output holding it.")
+    ] = None,
+    method: Annotated[
+        Literal["auto", "platt", "isotonic", "temperature"],
+        typer.Option(help="auto: Platt (isotonic from 1000 images); temperature for several classes."),
+    ] = "auto",
+    map: Map = "auto",
+    id_column: IdColumn = None,
+    label_column: LabelColumn = None,
+    overwrite: Annotated[bool, typer.Option(help="Write into --out even if it holds other files.")] = False,
+) -> None:
+    """Recalibrate a model's probabilities on a labelled sample of the collection it scores."""
+    from .collection import calibrate as run
+
+    m = run(
+        model,
+        labels=labels,
+        out=out,
+        features=features,
+        scores=scores,
+        method=method,
+        mapping=map,
+        id_column=id_column,
+        label_column=label_column,
+        overwrite=overwrite,
+    )
+    c = m.calibration
+    typer.echo(f"wrote {out}: {c.method} calibration on {c.sample['size']} labelled images", err=True)
 
 
 @app.command()

@@ -11,9 +11,11 @@ actors, ``num_gpus`` each), so weights load once per actor. Ray is an optional e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -129,19 +131,23 @@ class RayEngine:
         opts = RunOptions.build(options, **overrides)
         _check_devices(opts)
         ray = require_ray()
+        if not opts.progress:  # quiet: Ray's and Ray Data's own logs too (Python and the C++ core)
+            _quiet_ray()
         if not ray.is_initialized():
             env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-            ray.init(
-                address=opts.ray_address,
-                num_cpus=num_cpus if opts.ray_address is None else None,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-                logging_level=logging.INFO if opts.progress else logging.ERROR,
-                runtime_env={"env_vars": env},
-            )
-        if not opts.progress:  # quiet: Ray Data's own execution log too
-            logging.getLogger("ray").setLevel(logging.ERROR)
+            quiet = contextlib.nullcontext() if opts.progress else _stderr_silenced()
+            with quiet:  # Ray's C++ core announces its log level on stderr before any setting applies
+                ray.init(
+                    address=opts.ray_address,
+                    num_cpus=num_cpus if opts.ray_address is None else None,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                    logging_level=logging.INFO if opts.progress else logging.ERROR,
+                    runtime_env={"env_vars": env},
+                )
+        if not opts.progress:
+            _quiet_ray()
         if opts.gpus_per_worker > 0 and not ray.cluster_resources().get("GPU", 0):
             raise ImgsentError(
                 f"gpus_per_worker={opts.gpus_per_worker} but the Ray cluster has no GPU; "
@@ -205,7 +211,7 @@ class RayEngine:
             _EmbedActor,
             batch_size=bs,
             batch_format="numpy",
-            concurrency=self.options.ray_workers or 1,
+            compute=ray.data.ActorPoolStrategy(size=self.options.ray_workers or 1),
             num_gpus=self.options.gpus_per_worker or None,
             fn_constructor_kwargs={"specs": self.specs, "options": self.actor_options, "head_path": self.head_path},
         )
@@ -222,6 +228,29 @@ class RayEngine:
             if "proba" in batch:
                 rows = ScoredBatch(**vars(rows), proba=np.asarray(batch["proba"], dtype=np.float32))
             yield rows
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null for the block (output of C++ code included), then back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _quiet_ray() -> None:
+    """Ray's loggers (they set levels of their own) to errors only; the C++ core's log too, for
+    processes started from here on."""
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")] + ["ray"]:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _check_devices(opts: RunOptions) -> None:

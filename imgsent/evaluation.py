@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class ConfigResult:
     features: str
     head: str
     per_split: list[dict] = field(default_factory=list)
+    predictions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)  # (y, proba)
 
     def mean_std(self, metric: str) -> tuple[float, float]:
         vals = np.asarray([s[metric] for s in self.per_split], dtype=float)
@@ -83,6 +85,49 @@ class EvaluationReport:
             write_json_atomic(path, self.to_dict())
         else:
             raise ImgsentError(f"report must end in .json or .csv, got {path!r}")
+
+    def plots(self, directory: str) -> list[str]:
+        """ROC curves (one per split, two-class) and the summed confusion matrix of every head and
+        feature set, as PNG and SVG files in ``directory``; returns their paths."""
+        from .atomicio import atomic_path
+        from .htmlreport import require_matplotlib
+
+        plt = require_matplotlib()
+        os.makedirs(directory, exist_ok=True)
+        written = []
+        for r in self.results:
+            fig, axes = plt.subplots(1, 2 if len(self.classes) == 2 else 1, figsize=(9, 3.8), squeeze=False)
+            cm = np.sum([s["confusion"] for s in r.per_split], axis=0)
+            ax = axes[0][0]
+            ax.imshow(cm, cmap="Blues")
+            for i in range(len(self.classes)):
+                for j in range(len(self.classes)):
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center")
+            ax.set_xticks(range(len(self.classes)), self.classes)
+            ax.set_yticks(range(len(self.classes)), self.classes)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            ax.set_title("confusion, all splits")
+            if len(self.classes) == 2:
+                ax = axes[0][1]
+                for (y, proba), s in zip(r.predictions, r.per_split):
+                    order = np.argsort(-proba[:, 1], kind="mergesort")
+                    tp = np.r_[0, np.cumsum(y[order] == 1) / max((y == 1).sum(), 1)]
+                    fp = np.r_[0, np.cumsum(y[order] == 0) / max((y == 0).sum(), 1)]
+                    ax.plot(fp, tp, label=f"{s['split']} AUC {s['roc_auc']:.3f}")
+                ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+                ax.set_xlabel(f"false positive rate ({self.classes[1]})")
+                ax.set_ylabel("true positive rate")
+                ax.legend(fontsize=7)
+            fig.suptitle(f"{r.head} on {r.features}", fontsize=9)
+            stem = re.sub(r"[^A-Za-z0-9._+-]+", "_", f"{r.head}__{r.features}")[:150]
+            for ext in ("png", "svg"):
+                path = os.path.join(directory, f"{stem}.{ext}")
+                with atomic_path(path) as tmp:
+                    fig.savefig(tmp, format=ext, bbox_inches="tight")
+                written.append(path)
+            plt.close(fig)
+        return written
 
     def print(self) -> None:
         """The results table on stdout (it is the command's data; progress goes to stderr)."""
@@ -148,6 +193,7 @@ def evaluate(
     split_from_folders: bool = False,
     seed: int = 0,
     report: str | None = None,
+    plots: str | None = None,
     progress: bool = False,
     id_column: str | None = None,
     label_column: str | None = None,
@@ -198,7 +244,9 @@ def evaluate(
                 recipes=[recipes[b] for b, _ in blocks],
                 progress=progress,
             )
-            m = metrics(data.y[sp.test], model.predict_proba(X[sp.test]))
+            proba = model.predict_proba(X[sp.test])
+            m = metrics(data.y[sp.test], proba)
+            res.predictions.append((data.y[sp.test], proba))
             if sp.val is not None and len(sp.val):
                 m["val_accuracy"] = metrics(data.y[sp.val], model.predict_proba(X[sp.val]))["accuracy"]
             m["split"] = sp.name
@@ -226,4 +274,6 @@ def evaluate(
     )
     if report:
         out.save(report)
+    if plots:
+        out.plots(plots)
     return out

@@ -4,6 +4,7 @@ recipe names (with their weights checked against it)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from importlib import resources
@@ -43,6 +44,8 @@ def model_identity(model: SentimentModel, path: str | None) -> tuple[str, str]:
     for k, v in sorted(model.head.state_dict().items()):
         h.update(k.encode())
         h.update(v.detach().contiguous().numpy().tobytes())
+    if model.calibration is not None:  # a recalibrated model scores differently: another version
+        h.update(json.dumps(model.calibration.to_json(), sort_keys=True).encode())
     return name, h.hexdigest()[:12]
 
 

@@ -22,6 +22,7 @@ import torch
 from . import __version__
 from .atomicio import write_json_atomic
 from .backbones import fingerprints_match
+from .calibration import Calibration
 from .errors import ImgsentError
 from .features import FeatureSet, load
 from .heads import HEADS, BlockNorm, create_head
@@ -119,6 +120,7 @@ class SentimentModel:
         recipes: list[dict],
         feature_header: dict | None = None,
         training: dict | None = None,
+        calibration: Calibration | None = None,
     ):
         self.head = head.eval()
         self.config = config
@@ -128,6 +130,7 @@ class SentimentModel:
         self.feature_header = {k: v for k, v in (feature_header or {}).items() if k in ("tta", "numerics")}
         self.training = training or {}
         self.norm = BlockNorm([d for _, d in self.blocks]) if config.normalize_blocks else None
+        self.calibration = calibration  # applied after the head (see imgsent.calibration)
 
     @property
     def in_dim(self) -> int:
@@ -160,6 +163,12 @@ class SentimentModel:
             )
         elif ho:
             parts.append(f"no held-out estimate: {ho.get('skipped')}")
+        if self.calibration is not None:
+            c = self.calibration.sample
+            parts.append(
+                f"recalibrated ({self.calibration.method}) on {c.get('size')} labelled images"
+                f"{' of ' + c['source'] if c.get('source') else ''}{' on ' + c['date'] if c.get('date') else ''}"
+            )
         return "; ".join(parts)
 
     @property
@@ -175,7 +184,9 @@ class SentimentModel:
         return X
 
     @torch.inference_mode()
-    def predict_proba(self, X, precision: str = "fp32", device: torch.device | str | None = None) -> np.ndarray:
+    def predict_proba(
+        self, X, precision: str = "fp32", device: torch.device | str | None = None, calibrated: bool = True
+    ) -> np.ndarray:
         """Class probabilities (N, C), float32.
 
         The head always runs on blocks of exactly :data:`HEAD_ROWS` rows (the last one padded with
@@ -186,6 +197,7 @@ class SentimentModel:
         accumulation): about twice as fast on CPUs with native bfloat16 (AVX512-BF16, AMX);
         probabilities move by about 1e-3. ``device``: where the head runs (default the CPU; a GPU run
         passes its card, the blocks stay fixed, so rows stay independent of their batch there too).
+        ``calibrated``: apply the model's recalibration, if it has one (the default).
         """
         if precision not in HEAD_PRECISIONS:
             raise ImgsentError(f"head precision must be one of {', '.join(HEAD_PRECISIONS)}, got {precision!r}")
@@ -206,6 +218,8 @@ class SentimentModel:
                 if self.norm is not None:
                     x = self.norm(x)
                 out[s : s + m] = head.proba(head(x)).float()[:m].cpu().numpy()
+        if calibrated and self.calibration is not None:
+            out = self.calibration.apply(out)
         return out
 
     def _head_on(self, dev: torch.device) -> torch.nn.Module:
@@ -278,6 +292,7 @@ class SentimentModel:
                 "backbones": self.recipes,
             },
             "training": self.training,
+            "calibration": self.calibration.to_json() if self.calibration is not None else None,
             "seed": self.config.seed,
         }
 
@@ -345,7 +360,13 @@ def load_model(path: str) -> SentimentModel:
     except RuntimeError as exc:
         raise _bad(path, f"{HEAD_FILE} does not match model.json ({str(exc).splitlines()[0]})") from None
     header = {"tta": feats.get("tta", "none"), "numerics": feats.get("numerics", "fp32")}
-    return SentimentModel(head, config, classes, blocks, recipes, header, meta.get("training", {}))
+    calibration = None
+    if meta.get("calibration"):
+        try:
+            calibration = Calibration.from_json(meta["calibration"])
+        except (TypeError, KeyError, ImgsentError) as exc:
+            raise _bad(path, f"bad calibration ({exc})") from None
+    return SentimentModel(head, config, classes, blocks, recipes, header, meta.get("training", {}), calibration)
 
 
 @dataclass

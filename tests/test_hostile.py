@@ -258,3 +258,21 @@ def test_kill_9_during_score_then_rerun_equals_uninterrupted(tmp_path):
         assert got["id"].n_unique() == got.height == 19
         mismatches += int(not got.equals(expected))
     assert mismatches == 0
+
+
+def test_score_on_the_hostile_corpus_gives_one_row_per_image_file(hostile, tmp_path):
+    d, expect = hostile
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    for i in range(6):
+        (train_dir / f"{i}.jpg").write_bytes(jpeg_bytes(rgb_array(40, 50, seed=i)))
+    store = str(tmp_path / "store")
+    imgsent.extract([str(train_dir)], store, **KW)
+    (tmp_path / "labels.txt").write_text("".join(f"{i}.jpg {i % 2}\n" for i in range(6)))
+    model = str(tmp_path / "model")
+    imgsent.train(store, labels=str(tmp_path / "labels.txt"), head="nn", epochs=1, cv=0, out=model)
+    out = tmp_path / "scores.csv"
+    s = imgsent.score([str(d)], str(out), model=model, workers=1, batch_size=4)
+    df = pl.read_csv(out)
+    assert sorted(df["id"].to_list()) == sorted(expect), "every image file exactly once, no directory"
+    assert dict(zip(df["id"], df["status"])) == expect and s.errors == sum(v == "error" for v in expect.values())

@@ -103,3 +103,28 @@ def test_heads_run_in_the_ray_actors(cluster, images, tmp_path):
         expected = model.predict_proba(np.concatenate([b.features[k] for k, _ in model.blocks], axis=1)[ok])
         np.testing.assert_array_equal(b.proba[ok], expected)
         assert np.isnan(b.proba[~ok]).all()
+
+
+def test_quiet_silences_rays_own_logging(images, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "imgsent",
+        "extract",
+        str(images),
+        "-o",
+        str(tmp_path / "s"),
+        "-B",
+        TINY,
+        "--random-weights",
+        "--engine",
+        "ray",
+        "-q",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_BACKEND_LOG_LEVEL"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
