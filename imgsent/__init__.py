@@ -53,6 +53,7 @@ _MODULES = {
     "labels",
     "lanes",
     "models",
+    "objects",
     "options",
     "precision",
     "protocols",

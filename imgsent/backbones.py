@@ -10,6 +10,8 @@ Spec grammar (``SOURCE:NAME[.TAG][:probs][@WEIGHTS]``):
   (N,D). Preprocessing comes from an optional ``/path/model.pt.json`` (fields of
   :class:`~imgsent.decode.Preprocess`), else 224 crop of a 256 resize with ImageNet mean/std.
   TorchScript files are code: load only files you trust.
+* ``objects:torchscript:PATH`` / ``objects:torchvision:NAME``: an object detector's findings as a
+  fixed vector (see :mod:`imgsent.objects`).
 * ``:probs`` asks for the softmax class probabilities instead of pooled features (the paper's
   "semantic-level" features). ``@FILE`` loads local weights (safetensors or a torch checkpoint).
 
@@ -105,7 +107,7 @@ class BackboneSpec:
         if rest.endswith(":probs"):
             rest, output = rest[: -len(":probs")], "probs"
         tag = None
-        if source != "torchscript" and "." in rest:
+        if source not in ("torchscript", "objects") and "." in rest:
             rest, tag = rest.split(".", 1)
         if not rest:
             raise ImgsentError(f"backbone spec {spec!r} names no model")
@@ -124,6 +126,8 @@ class Backbone:
     cpu_only: bool = False
     batchable: bool = True  # False for modules traced with a fixed batch of 1
     weights_source: str = ""  # where the weights came from (a file, a hub, random), for summaries
+    optimizable: bool = True  # False: run eagerly as is (no trace, freeze, compile or channels_last)
+    columns: list[str] | None = None  # names of the feature columns, when they have meanings
 
     @property
     def key(self) -> str:
@@ -153,6 +157,7 @@ class Backbone:
             "dim": self.dim,
             "preprocess": self.preprocess.to_dict(),
             "fingerprint": self.fingerprint,
+            **({"columns": self.columns} if self.columns else {}),
         }
 
 
@@ -357,6 +362,16 @@ def _load_torchscript(spec: BackboneSpec, random_weights: bool) -> Loaded:
     return module, pp, cpu_only, path
 
 
+@register_source("objects")
+def _load_objects(spec: BackboneSpec, random_weights: bool) -> Loaded:
+    from .objects import COCO_CLASSES, ObjectsView, load_detector, preprocess
+
+    detector, names, source, cpu_only = load_detector(spec.name, spec.weights, random_weights)
+    view = ObjectsView(detector, len(names) if names else COCO_CLASSES)
+    view.class_names = names
+    return view, preprocess(), cpu_only, source
+
+
 def probe_image(pp: Preprocess) -> torch.Tensor:
     """A fixed synthetic image (smooth colour gradients), normalised as ``pp`` says: (1,3,H,W)."""
     h, w = pp.input_size
@@ -401,6 +416,10 @@ def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0) -
     for p in module.parameters():
         p.requires_grad_(False)
     backbone = Backbone(spec=parsed, module=module, preprocess=pp, cpu_only=cpu_only, weights_source=source)
+    if parsed.source == "objects":  # a detector: per-image loops, variable outputs; runs as it is
+        backbone.optimizable = False
+        names = module.class_names or [f"class{k}" for k in range(module.classes)]
+        backbone.columns = [f"{what}:{n}" for what in ("max_score", "sum_score", "area_share") for n in names]
     with torch.inference_mode():
         probe = backbone(probe_image(pp)).float()[0]
     backbone.dim = int(probe.numel())

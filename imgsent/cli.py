@@ -667,7 +667,8 @@ def list_backbones() -> None:
         lines += [f"    {s}" for s in specs.split(", ")]
     lines += [
         "",
-        "Any backbone: timm:NAME[.TAG], torchvision:NAME[.WEIGHTS_TAG], torchscript:PATH; add :probs for class",
+        "Any backbone: timm:NAME[.TAG], torchvision:NAME[.WEIGHTS_TAG], torchscript:PATH; objects:torchscript:PATH or",
+        "objects:torchvision:NAME for a COCO detector's findings (per class: max score, sum, area share); add :probs for class",
         "probabilities, @FILE for local weights (.safetensors or .pth). Pretrained weights download on first use",
         "(timm: Hugging Face cache, torchvision: torch hub cache); offline, give @FILE.",
     ]

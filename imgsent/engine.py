@@ -230,6 +230,9 @@ class FeatureEngine:
             for i, bb in enumerate(self.backbones):
                 dev = self._devices[i]
                 module = bb.module
+                if not bb.optimizable:  # detectors: as they are, on their device
+                    self._modules[i] = module if dev == _device_of(module) else copy.deepcopy(module).to(dev)
+                    continue
                 scripted = isinstance(module, torch.jit.ScriptModule)
                 if dev != _device_of(module) or (self.channels_last and not scripted):
                     module = copy.deepcopy(module).to(dev)  # the caller's module stays as it was
