@@ -340,15 +340,21 @@ def _load_torchvision(spec: BackboneSpec, random_weights: bool) -> Loaded:
     return model, pp, False, source
 
 
+def load_torchscript_file(path: str, what: str = "TorchScript file") -> torch.jit.ScriptModule:
+    """A TorchScript file on the CPU, or one line saying why not (TorchScript files are code: load
+    only files you trust)."""
+    if not os.path.isfile(path):
+        raise ImgsentError(f"{what} not found: {path}")
+    try:
+        return torch.jit.load(path, map_location="cpu")
+    except Exception as exc:
+        raise ImgsentError(f"cannot load {what} {path}: {' '.join(str(exc).split())[:160]}") from None
+
+
 @register_source("torchscript")
 def _load_torchscript(spec: BackboneSpec, random_weights: bool) -> Loaded:
     path = spec.name
-    if not os.path.isfile(path):
-        raise ImgsentError(f"TorchScript file not found: {path}")
-    try:
-        module = torch.jit.load(path, map_location="cpu")
-    except Exception as exc:
-        raise ImgsentError(f"cannot load TorchScript file {path}: {' '.join(str(exc).split())[:160]}") from None
+    module = load_torchscript_file(path)
     pp = Preprocess()
     sidecar = path + ".json"
     if os.path.isfile(sidecar):

@@ -88,12 +88,9 @@ def load_detector(
     if kind == "torchscript":
         import torchvision  # noqa: F401  (registers torchvision::nms, which exported detectors call)
 
-        if not os.path.isfile(rest):
-            raise ImgsentError(f"TorchScript detector not found: {rest}")
-        try:
-            module = torch.jit.load(rest, map_location="cpu")
-        except Exception as exc:
-            raise ImgsentError(f"cannot load TorchScript detector {rest}: {' '.join(str(exc).split())[:160]}") from None
+        from .backbones import load_torchscript_file
+
+        module = load_torchscript_file(rest, "TorchScript detector")
         names_file = _class_names_file(rest)
         names = None
         if names_file:
