@@ -734,6 +734,10 @@ def _run() -> int:
         return _interrupted(143)
     except (OutputClosed, BrokenPipeError):
         return _quiet_broken_pipe()
+    except OSError as exc:  # an output folder that does not exist, a full disk...: one line, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        typer.echo(f"imgsent: error: {exc.strerror or exc}{where}", err=True)
+        return 2
     if code == 130:  # typer turns Ctrl-C into exit code 130
         return _interrupted(130)
     return code if isinstance(code, int) else 0

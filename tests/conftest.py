@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +120,35 @@ def interrupt_after_commits(monkeypatch):
 
     monkeypatch.setattr(imgsent.shards.ShardFile, "commit", commit)
     return ctl
+
+
+def run_cli(argv, capsys, monkeypatch):
+    """``imgsent ARGV`` in this process: (exit code, stdout, stderr)."""
+    from imgsent.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["imgsent", *map(str, argv)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+CLI_ENV = {"PYTHONWARNINGS": "ignore", "IMGSENT_PROGRESS_EVERY": "1000"}
+
+
+def imgsent_cli(*args, env=None, umask=None, timeout=300, **kw) -> subprocess.CompletedProcess:
+    """``python -m imgsent ARGS`` as a user types it, in a subprocess (text output captured)."""
+
+    def preexec():
+        if umask is not None:
+            os.umask(umask)
+
+    return subprocess.run(
+        [sys.executable, "-m", "imgsent", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **CLI_ENV, **(env or {})},
+        preexec_fn=preexec,
+        **kw,
+    )

@@ -12,28 +12,13 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY, write_images
+from conftest import CLI_ENV, TINY, imgsent_cli, write_images
 
 import imgsent
 from imgsent.shards import read_manifest
 
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "IMGSENT_PROGRESS_EVERY": "1000"}
-
-
-def cli(*args, env=None, umask=None, **kw) -> subprocess.CompletedProcess:
-    def preexec():
-        if umask is not None:
-            os.umask(umask)
-
-    return subprocess.run(
-        [sys.executable, "-m", "imgsent", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**ENV, **(env or {})},
-        preexec_fn=preexec,
-        **kw,
-    )
+ENV = {**os.environ, **CLI_ENV}
+cli = imgsent_cli
 
 
 def one_error_line(r: subprocess.CompletedProcess, fragment: str) -> None:
@@ -258,3 +243,24 @@ def test_single_file_outputs_carry_provenance_and_summaries_name_the_model(setup
     assert f"model {meta['model_version']}" in r.stderr and "random (seeded)" in r.stderr
     r = cli("models")
     assert r.returncode == 0 and "backbone weights a score would use now" in r.stdout
+
+
+def test_an_output_in_a_missing_folder_is_one_line_not_a_traceback(setup, tmp_path):
+    lab = tmp_path / "labels.txt"
+    lab.write_text("".join(f"img{i:03d}.jpg {i % 2}\n" for i in range(12)))
+    r = cli(
+        "evaluate",
+        setup["store"],
+        "-l",
+        lab,
+        "--heads",
+        "nn",
+        "--splits",
+        "1",
+        "--epochs",
+        "1",
+        "-q",
+        "--report",
+        tmp_path / "no" / "such" / "r.json",
+    )
+    one_error_line(r, "No such file or directory")

@@ -5,20 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, write_images
+from conftest import TINY, run_cli, write_images
 
-from imgsent.cli import main
 from imgsent.completions import scripts
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(argv, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["imgsent", *argv])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture

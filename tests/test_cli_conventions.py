@@ -7,20 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, TINY2
+from conftest import TINY, TINY2, run_cli
 
 import imgsent
-from imgsent.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(argv, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["imgsent", *map(str, argv)])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,11 @@
 """Class shares of a collection with confidence intervals, and recalibration to it."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import polars as pl
 import pytest
-from conftest import SHARED_WEIGHTS, TINY, TWITTER, needs_twitter
+from conftest import SHARED_WEIGHTS, TINY, TWITTER, imgsent_cli, needs_twitter
 
 import imgsent
 from imgsent.calibration import fit_calibration, fit_isotonic, fit_platt, fit_temperature
@@ -104,28 +102,22 @@ def test_groups_from_a_metadata_file_and_error_rows(tmp_path):
     assert set(lines[0]) == {"group", "class", "method", "estimate", "ci_low", "ci_high", "n"}
 
 
-def _cli(*args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "imgsent", *map(str, args)], capture_output=True, text=True, timeout=120, **kw
-    )
-
-
 def test_prevalence_cli_json_stdin_and_bad_samples(tmp_path):
     y = synthetic_scores(tmp_path / "s.parquet", 1000, 0.4, seed=5)
     write_sample(tmp_path / "sample.txt", y, 150, 5)
-    r = _cli("prevalence", tmp_path / "s.parquet", "-l", tmp_path / "sample.txt", "--json", "--bootstrap", "200")
+    r = imgsent_cli("prevalence", tmp_path / "s.parquet", "-l", tmp_path / "sample.txt", "--json", "--bootstrap", "200")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in r.stdout.splitlines()]
     assert {x["method"] for x in rows} == {"adjusted_count", "calibrated_probability"}
     pl.read_parquet(tmp_path / "s.parquet").write_ndjson(tmp_path / "s.jsonl")
-    r = _cli("prevalence", "-", input=(tmp_path / "s.jsonl").read_text())
+    r = imgsent_cli("prevalence", "-", input=(tmp_path / "s.jsonl").read_text())
     assert r.returncode == 0 and "classify_and_count" in r.stdout and "biased" in r.stdout
     (tmp_path / "odd.txt").write_text("img000001.jpg maybe\n")
     for bad, fragment in ((tmp_path / "nope.txt", "cannot read labels file"), (tmp_path / "odd.txt", "not classes")):
-        r = _cli("prevalence", tmp_path / "s.parquet", "-l", bad)
+        r = imgsent_cli("prevalence", tmp_path / "s.parquet", "-l", bad)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr
     (tmp_path / "few.txt").write_text("img000001.jpg 1\nimg000002.jpg 0\n")
-    r = _cli("prevalence", tmp_path / "s.parquet", "-l", tmp_path / "few.txt")
+    r = imgsent_cli("prevalence", tmp_path / "s.parquet", "-l", tmp_path / "few.txt")
     assert r.returncode == 2 and "at least 5 of each class" in r.stderr
 
 
@@ -161,7 +153,7 @@ def test_calibrate_writes_a_new_bundle_that_scores_calibrated(tiny_dataset, tmp_
     ids = [f"positive/pos{i:02d}.{'png' if i % 3 == 0 else 'jpg'}" for i in range(20)]
     ids += [f"negative/neg{i:02d}.{'png' if i % 3 == 0 else 'jpg'}" for i in range(20)]
     sample.write_text("id,label\n" + "".join(f"{i},{i.split('/')[0]}\n" for i in ids))
-    r = _cli("calibrate", model, "-l", sample, "--features", store, "-o", tmp_path / "cal")
+    r = imgsent_cli("calibrate", model, "-l", sample, "--features", store, "-o", tmp_path / "cal")
     assert r.returncode == 0, r.stderr
     cal = imgsent.load_model(str(tmp_path / "cal"))
     assert cal.calibration.method == "platt" and cal.calibration.sample["size"] == 40
@@ -171,10 +163,10 @@ def test_calibrate_writes_a_new_bundle_that_scores_calibrated(tiny_dataset, tmp_
     np.testing.assert_allclose(cal.predict_proba(X, calibrated=False), raw.predict_proba(X))
     a = imgsent.models.model_identity(raw, model)[1]
     assert a != imgsent.models.model_identity(cal, str(tmp_path / "cal"))[1]  # another version
-    r = _cli("models", tmp_path / "cal")
+    r = imgsent_cli("models", tmp_path / "cal")
     assert "recalibrated (platt) on 40 labelled images" in r.stdout
     (tmp_path / "few.csv").write_text("id,label\n" + "".join(f"{i},{i.split('/')[0]}\n" for i in ids[18:24]))
-    r = _cli("calibrate", model, "-l", tmp_path / "few.csv", "--features", store, "-o", tmp_path / "c2")
+    r = imgsent_cli("calibrate", model, "-l", tmp_path / "few.csv", "--features", store, "-o", tmp_path / "c2")
     assert r.returncode == 2 and "at least 20" in r.stderr
 
 
