@@ -278,12 +278,17 @@ def _preprocess_from_transforms(transforms) -> Preprocess:
     )
 
 
+def cached_float_weights(spec: BackboneSpec):
+    """Where imgsent caches the float conversion of a quantized torchvision checkpoint."""
+    return cache_dir() / "weights" / f"{spec.name}.{spec.tag}.float32.safetensors"
+
+
 def quantized_weights_path(spec: BackboneSpec) -> str:
     """Local float weights for torchvision's quantized MobileNetV2: env, then cache, then download."""
     env = os.environ.get(WEIGHTS_ENV)
     if env:
         return env
-    cached = cache_dir() / "weights" / f"{spec.name}.{spec.tag}.float32.safetensors"
+    cached = cached_float_weights(spec)
     if cached.is_file():
         return str(cached)
     try:

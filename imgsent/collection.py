@@ -41,11 +41,10 @@ def read_scores(source: str, stdin=None, extra: tuple[str, ...] = ()):
     """A score output as a polars DataFrame: a file (.parquet, .csv, .tsv, .jsonl), a directory
     of shards, or ``-`` (JSON Lines or CSV/TSV on stdin). Needs ``id``, ``status``, ``label`` and
     ``p_<class>`` columns; of Parquet only those, :data:`SCORE_COLUMNS` and ``extra`` are read."""
-    import glob
-
     import polars as pl
 
-    from .sinks import format_of
+    from .shards import list_store
+    from .sinks import SCORES_KIND, format_of
 
     try:
         if source == "-":
@@ -56,11 +55,8 @@ def read_scores(source: str, stdin=None, extra: tuple[str, ...] = ()):
             else:
                 first = data.split(b"\n", 1)[0]
                 df = pl.read_csv(io.BytesIO(data), separator="\t" if b"\t" in first else ",")
-        elif os.path.isdir(source):
-            parts = sorted(glob.glob(os.path.join(glob.escape(source), "part-*.parquet")))
-            if not parts:
-                raise ImgsentError(f"{source} holds no score shards (part-*.parquet)")
-            df = _read_parquet_columns(parts, extra)
+        elif os.path.isdir(source):  # every job's finished shards, as the manifests list them
+            df = _read_parquet_columns(list_store(source, kind=SCORES_KIND).files, extra)
         else:
             if not os.path.isfile(source):
                 raise ImgsentError(f"scores {source!r} do not exist")
@@ -124,6 +120,7 @@ class PrevalenceReport:
     sample: dict | None = None
     by: str | None = None
     warnings: list[str] = field(default_factory=list)
+    sample_scores: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # (y, proba)
 
     def to_json_lines(self) -> str:
         import json
@@ -150,9 +147,9 @@ class PrevalenceReport:
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
-def _sample(df, classes: list[str], labels: str, mapping: str, id_column, label_column):
-    """The labelled sample joined to the scores by id: (p (n, C), y (n,), predicted (n,), info)."""
-    raw = map_labels(read_labels(labels, id_column=id_column, label_column=label_column), mapping)
+def _sample(df, classes: list[str], raw: dict[str, str], labels: str):
+    """The labelled sample ``raw`` ({id or path: class}, read from the file ``labels``) joined to the
+    scores by id or path: (p (n, C), y (n,), predicted (n,), info)."""
     unknown = sorted({v for v in raw.values() if v not in classes})
     if unknown:
         raise ImgsentError(
@@ -221,25 +218,54 @@ def prevalence(
     scores, or of the ``meta`` table joined on ``id``). With a labelled random sample of the same
     collection (``labels``, any format ``train`` reads), adjusted and calibrated estimates with
     bootstrap intervals at ``level``; without one, the biased counts and a warning."""
-    import polars as pl
 
-    if not 0.5 <= level < 1:
-        raise ImgsentError(f"level must be in [0.5, 1), got {level}")
-    if bootstrap < 100:
-        raise ImgsentError(f"bootstrap must be >= 100 resamples, got {bootstrap}")
+    df, classes = load_collection(scores, by=by, meta=meta, stdin=stdin)
+    raw = None if labels is None else read_sample(labels, mapping, id_column, label_column)
+    return shares(df, classes, sample=raw, sample_name=labels, by=by, level=level, bootstrap=bootstrap, seed=seed)
+
+
+def read_sample(labels: str, mapping: str = "auto", id_column=None, label_column=None) -> dict[str, str]:
+    """A labelled sample file (any format ``train`` reads) as {id or path: class}."""
+    return map_labels(read_labels(labels, id_column=id_column, label_column=label_column), mapping)
+
+
+def load_collection(scores: str, *, by: str | None = None, meta: str | None = None, stdin=None):
+    """(scores DataFrame, classes) with the ``by`` column there: from the scores, or joined on id
+    from the ``meta`` table."""
     df, classes = read_scores(scores, stdin, extra=(by,) if by else ())
-    rows = df.height
     if meta is not None:
         if by is None:
             raise ImgsentError("meta needs by: the column of the metadata table to group by")
         df = df.join(_read_meta(meta, by), on="id", how="left")
     elif by is not None and by not in df.columns:
         raise ImgsentError(f"the scores have no column {by!r} (columns: {', '.join(df.columns)}); give meta FILE")
-    sample = None
+    return df, classes
+
+
+def shares(
+    df,
+    classes: list[str],
+    *,
+    sample: dict[str, str] | None = None,
+    sample_name: str | None = None,
+    by: str | None = None,
+    level: float = 0.95,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> PrevalenceReport:
+    """The estimates of :func:`prevalence` on scores already loaded (:func:`load_collection`) and a
+    labelled ``sample`` already read ({id or path: class}; ``sample_name`` names it in messages)."""
+    import polars as pl
+
+    if not 0.5 <= level < 1:
+        raise ImgsentError(f"level must be in [0.5, 1), got {level}")
+    if bootstrap < 100:
+        raise ImgsentError(f"bootstrap must be >= 100 resamples, got {bootstrap}")
+    rows = df.height
+    info = None
     warnings: list[str] = []
-    if labels is not None:
-        proba_s, y_s, pred_s, info = _sample(df, classes, labels, mapping, id_column, label_column)
-        sample = info
+    if sample is not None:
+        proba_s, y_s, pred_s, info = _sample(df, classes, sample, sample_name or "(sample)")
     ok_df = df.filter(pl.col("status") == "ok")
     groups = [(ALL, ok_df)]
     if by is not None:
@@ -251,11 +277,11 @@ def prevalence(
     rng = np.random.default_rng(seed)
     alpha = (1 - level) / 2
     estimates: list[Estimate] = []
-    if sample is not None:
+    if info is not None:
         counts = np.bincount(y_s, minlength=len(classes))
         if counts.min() < 5:
             raise ImgsentError(
-                f"the labelled sample has {sample['size']} usable images ({', '.join(f'{c} {n}' for c, n in zip(classes, counts))}); "
+                f"the labelled sample has {info['size']} usable images ({', '.join(f'{c} {n}' for c, n in zip(classes, counts))}); "
                 "adjusted estimates need at least 5 of each class (a few hundred images in all are better)"
             )
         boot = rng.integers(0, len(y_s), size=(bootstrap, len(y_s)))
@@ -279,7 +305,7 @@ def prevalence(
         pred = np.asarray([classes.index(v) for v in part["label"].to_list()])
         proba = part.select([f"p_{c}" for c in classes]).to_numpy().astype(np.float64)
         cc = np.bincount(pred, minlength=len(classes)) / n
-        if sample is None:
+        if info is None:
             for k, c in enumerate(classes):
                 estimates.append(Estimate(name, c, "classify_and_count", float(cc[k]), None, None, n))
                 estimates.append(Estimate(name, c, "mean_probability", float(proba[:, k].mean()), None, None, n))
@@ -301,7 +327,7 @@ def prevalence(
             cal_p = cal.apply(proba).mean(0)
             for k, c in enumerate(classes):
                 estimates.append(Estimate(name, c, "calibrated_probability", float(cal_p[k]), None, None, n))
-    if sample is None:
+    if info is None:
         warnings.append(
             "without a labelled sample these shares are biased whenever this collection differs from the "
             "model's training data (other years, places, topics, image kinds): classify-and-count moves with "
@@ -316,9 +342,10 @@ def prevalence(
         rows=rows,
         error_rows=rows - ok_df.height,
         level=level,
-        sample=sample,
+        sample=info,
         by=by,
         warnings=warnings,
+        sample_scores=(y_s, proba_s) if info is not None else None,
     )
 
 
@@ -383,7 +410,7 @@ def calibrate(
         raise ImgsentError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     check_model_output(out, overwrite)
     m = resolve_model(model)
-    raw = map_labels(read_labels(labels, id_column=id_column, label_column=label_column), mapping)
+    raw = read_sample(labels, mapping, id_column, label_column)
     if features is not None:
         fs = load(features, backbones=[k for k, _ in m.blocks], only_ok=False)
         m.check_recipe(fs.header, what=f"store {features}")
@@ -402,7 +429,7 @@ def calibrate(
             raise ImgsentError(f"scores {scores} were made by another model (or version) than {model_path(model)}")
         if m.calibration is not None:
             raise ImgsentError("this model is already calibrated: its scores are too; recalibrate from a feature store")
-        proba, y, _, _ = _sample(df, classes, labels, mapping, id_column, label_column)
+        proba, y, _, _ = _sample(df, classes, raw, labels)
         source = os.path.abspath(scores)
     info = {"date": datetime.date.today().isoformat(), "source": source}
     m.calibration = fit_calibration(

@@ -522,7 +522,7 @@ def _tf32(numerics: str):
 def _check_on_device(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_last: bool):
     """A TorchScript backbone moved to ``dev``: it must run there, and give the features its CPU
     fingerprint recorded (within GPU rounding); else one clear error before any batch runs."""
-    from .backbones import PROBE_VALUES, probe_image
+    from .backbones import PROBE_VALUES, fingerprints_match, probe_image
 
     if channels_last:
         try:
@@ -534,12 +534,11 @@ def _check_on_device(bb: Backbone, module: torch.nn.Module, dev: torch.device, c
         x = x.contiguous(memory_format=torch.channels_last)
     try:
         with torch.inference_mode():
-            got = bb.run(module, x).float()[0, :PROBE_VALUES].cpu().numpy()
+            got = bb.run(module, x).float()[0].cpu()
     except Exception as exc:
         reason = " ".join(str(exc).split())[:160]
         raise ImgsentError(f"backbone {bb.key} cannot run on {dev} ({reason}); use device cpu for it") from None
-    want = np.asarray(bb.fingerprint.get("probe", []), dtype=np.float64)
-    scale = max(float(np.abs(want).max()) if want.size else 1.0, 1e-6)
-    if want.size and float(np.abs(got[: want.size] - want).max()) > 1e-2 * scale:
+    here = {"probe": [float(v) for v in got[:PROBE_VALUES]], "probe_norm": float(got.norm())}
+    if not fingerprints_match(bb.fingerprint, here, rtol=1e-2):
         raise ImgsentError(f"backbone {bb.key} gives other features on {dev} than on the CPU; use device cpu for it")
     return module

@@ -90,31 +90,19 @@ class EvaluationReport:
         """ROC curves (one per split, two-class) and the summed confusion matrix of every head and
         feature set, as PNG and SVG files in ``directory``; returns their paths."""
         from .atomicio import atomic_path
-        from .htmlreport import require_matplotlib
+        from .htmlreport import draw_confusion, require_matplotlib, roc_points
 
         plt = require_matplotlib()
         os.makedirs(directory, exist_ok=True)
         written = []
         for r in self.results:
             fig, axes = plt.subplots(1, 2 if len(self.classes) == 2 else 1, figsize=(9, 3.8), squeeze=False)
-            cm = np.sum([s["confusion"] for s in r.per_split], axis=0)
-            ax = axes[0][0]
-            ax.imshow(cm, cmap="Blues")
-            for i in range(len(self.classes)):
-                for j in range(len(self.classes)):
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center")
-            ax.set_xticks(range(len(self.classes)), self.classes)
-            ax.set_yticks(range(len(self.classes)), self.classes)
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("true")
-            ax.set_title("confusion, all splits")
+            draw_confusion(axes[0][0], np.sum([s["confusion"] for s in r.per_split], axis=0), self.classes)
+            axes[0][0].set_title("confusion, all splits")
             if len(self.classes) == 2:
                 ax = axes[0][1]
                 for (y, proba), s in zip(r.predictions, r.per_split):
-                    order = np.argsort(-proba[:, 1], kind="mergesort")
-                    tp = np.r_[0, np.cumsum(y[order] == 1) / max((y == 1).sum(), 1)]
-                    fp = np.r_[0, np.cumsum(y[order] == 0) / max((y == 0).sum(), 1)]
-                    ax.plot(fp, tp, label=f"{s['split']} AUC {s['roc_auc']:.3f}")
+                    ax.plot(*roc_points(y == 1, proba[:, 1]), label=f"{s['split']} AUC {s['roc_auc']:.3f}")
                 ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
                 ax.set_xlabel(f"false positive rate ({self.classes[1]})")
                 ax.set_ylabel("true positive rate")

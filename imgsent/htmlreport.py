@@ -128,27 +128,36 @@ def shares_plot(report, path: str) -> None:
     plt.close(fig)
 
 
+def draw_confusion(ax, cm: np.ndarray, classes: list[str]) -> None:
+    """A confusion matrix (rows true, columns predicted) with its counts, on a matplotlib axis."""
+    ax.imshow(cm, cmap="Blues")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+
+
+def roc_points(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rates, true positive rates) of the ROC curve, from (0, 0): ``positive`` is
+    a boolean per row, ``score`` its score for the positive class."""
+    order = np.argsort(-score, kind="mergesort")
+    hits = positive[order].astype(np.float64)
+    tp = np.cumsum(hits) / max(hits.sum(), 1)
+    fp = np.cumsum(1 - hits) / max((1 - hits).sum(), 1)
+    return np.r_[0, fp], np.r_[0, tp]
+
+
 def _confusion_and_roc(plt, y: np.ndarray, proba: np.ndarray, classes: list[str], pos: int) -> str:
     from .protocols import confusion, metrics
 
-    cm = confusion(y, proba.argmax(1), len(classes))
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.4))
-    a.imshow(cm, cmap="Blues")
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            a.text(j, i, str(cm[i, j]), ha="center", va="center")
-    a.set_xticks(range(len(classes)), classes)
-    a.set_yticks(range(len(classes)), classes)
-    a.set_xlabel("predicted")
-    a.set_ylabel("true")
-    target = (y == pos).astype(int)
-    order = np.argsort(-proba[:, pos], kind="mergesort")
-    tp = np.cumsum(target[order]) / max(target.sum(), 1)
-    fp = np.cumsum(1 - target[order]) / max((1 - target).sum(), 1)
-    b.plot(np.r_[0, fp], np.r_[0, tp], color="#4a7bb7")
+    draw_confusion(a, confusion(y, proba.argmax(1), len(classes)), classes)
+    b.plot(*roc_points(y == pos, proba[:, pos]), color="#4a7bb7")
     b.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    auc = metrics(y, proba)["roc_auc"]
-    b.set_title(f"ROC ({classes[pos]}), AUC {auc:.3f}")
+    b.set_title(f"ROC ({classes[pos]}), AUC {metrics(y, proba)['roc_auc']:.3f}")
     b.set_xlabel("false positive rate")
     b.set_ylabel("true positive rate")
     return svg(fig)
@@ -177,16 +186,12 @@ def build_report(
     import polars as pl
 
     from .atomicio import write_text_atomic
-    from .collection import prevalence, read_scores
+    from .collection import load_collection, read_sample, shares
 
     if not 1 <= per_class <= 200:
         raise ImgsentError(f"per_class must be between 1 and 200, got {per_class}")
     plt = require_matplotlib()
-    df, classes = read_scores(scores, extra=(by,) if by else ())
-    if meta is not None:
-        from .collection import _read_meta
-
-        df = df.join(_read_meta(meta, by or ""), on="id", how="left") if by else df
+    df, classes = load_collection(scores, by=by, meta=meta)  # read once, for every section
     pos = classes.index("positive") if "positive" in classes else len(classes) - 1
     ok = df.filter(pl.col("status") == "ok")
     sections = []
@@ -216,7 +221,8 @@ def build_report(
     )
     score_col = f"p_{classes[pos]}"
     sections.append(f"<h2>Scores</h2>{_histogram(plt, ok[score_col].to_numpy(), score_col)}")
-    rep = prevalence(scores, labels=labels, by=by, meta=meta, seed=seed, mapping=mapping)
+    sample = None if labels is None else read_sample(labels, mapping)
+    rep = shares(df, classes, sample=sample, sample_name=labels, by=by, seed=seed)
     method = "calibrated_probability" if labels else "classify_and_count"
     cls = "negative" if "negative" in classes else classes[0]
     table = "".join(
@@ -248,12 +254,11 @@ def build_report(
             + _card(_pick(keyed, p, unsure, per_class), "least sure")
         )
     sections.append("<h2>Contact sheets</h2>" + "".join(sheets))
-    if labels is not None:
-        from .collection import _sample
-
-        proba, y, _, info = _sample(df, classes, labels, mapping, None, None)
+    if rep.sample_scores is not None:
+        y, proba = rep.sample_scores
         sections.append(
-            f"<h2>On the labelled sample ({info['size']} images)</h2>{_confusion_and_roc(plt, y, proba, classes, pos)}"
+            f"<h2>On the labelled sample ({rep.sample['size']} images)</h2>"
+            + _confusion_and_roc(plt, y, proba, classes, pos)
         )
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>imgsent report: {html.escape(str(scores))}</title>"

@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from importlib import resources
 
-from .backbones import Backbone, BackboneSpec, create_backbone, fingerprints_match
+from .backbones import Backbone, BackboneSpec, cached_float_weights, create_backbone, fingerprints_match
 from .errors import ImgsentError
 from .training import SentimentModel, load_model
 
@@ -109,7 +109,8 @@ def describe_model(model: str | None = None) -> str:
     lines += [f"  {k}: {v}" for k, v in m.training.get("card", {}).items()]
     if is_default(model):
         env = os.environ.get(WEIGHTS_ENV)
-        cached = cache_dir() / "weights" / "mobilenet_v2.IMAGENET1K_QNNPACK_V1.float32.safetensors"
+        m_spec = BackboneSpec.parse(m.recipes[0]["key"])
+        cached = cached_float_weights(m_spec)
         if env:
             now = f"{env} (from ${WEIGHTS_ENV})"
         elif cached.is_file():

@@ -30,10 +30,8 @@ from .options import RunOptions
 from .precision import head_precision
 from .report import RunSummary
 from .shards import ShardedWriter, list_store
-from .sinks import FileSink, format_of, is_dir_output
+from .sinks import SCORES_KIND, FileSink, format_of, is_dir_output
 from .training import SentimentModel
-
-SCORES_KIND = "scores"
 
 
 class ScoreTableBuilder:

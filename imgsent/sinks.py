@@ -14,6 +14,7 @@ from .atomicio import commit, discard, temp_path
 from .errors import ImgsentError, OutputClosed
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
+SCORES_KIND = "scores"  # the kind of a directory of score shards (feature stores are "features")
 EXTENSIONS = {
     ".parquet": "parquet",
     ".pq": "parquet",
