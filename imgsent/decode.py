@@ -150,10 +150,11 @@ def decode_image(
     (width, height) of that oriented image (the pixels may be smaller, see ``min_short_side``).
 
     ``min_short_side``: libjpeg decodes big JPEGs at the largest reduced scale (1/2, 1/4, 1/8) that
-    keeps both sides >= 2 * min_short_side (a 1920x1080 photo for a 256-pixel resize: 960x540, 40-60 %
-    less time). Not smaller: decoding to 1x the resize (480x270) would save another 25-40 %, but
+    keeps both sides >= 2 * min_short_side (a 1920x1080 photo for a 256-pixel resize: 960x540, 44-57 %
+    less time). Not smaller: decoding to 1x the resize (480x270) would save another 24-38 %, but
     changed real MobileNetV2 features of the 447 Twitter I photos it would touch by cosine 0.9946 on
-    average and 0.938 at worst, where 2x keeps them as a full decode gives them (tested).
+    average and 0.938 at worst (``bench/draft_check.py``); 2x keeps views within a few grey levels of a
+    full decode (tested).
     ``max_pixels`` guards against decompression bombs.
     """
     _check_regular_file(path)
