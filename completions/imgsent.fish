@@ -28,7 +28,7 @@ complete -c imgsent -n '__fish_seen_subcommand_from evaluate' -l labels-from-fol
 complete -c imgsent -n '__fish_seen_subcommand_from evaluate' -l map -x -a 'auto polarity none' -d 'Label mapping - auto (0/1, pos/neg -> polarity), polarity (emotions too), none'
 complete -c imgsent -n '__fish_seen_subcommand_from evaluate' -l protocol -x -a 'random-splits kfold predefined train-val-test' -d 'Evaluation protocol'
 complete -c imgsent -n '__fish_seen_subcommand_from evaluate' -l heads -x -a 'nn moe moe1 moe2' -d 'Comma-separated heads - nn, moe1, moe2 (moe = moe1)'
-complete -c imgsent -n '__fish_seen_subcommand_from evaluate' -l ablation -l no-ablation -d 'Also each feature block alone with the NN head'
+complete -c imgsent -n '__fish_seen_subcommand_from evaluate' -l ablation -l no-ablation -d 'The papers Table II - each view alone (NN), all views (every head), all views but one (NN)'
 complete -c imgsent -n '__fish_seen_subcommand_from evaluate' -l blocks -x -d 'Feature blocks (backbone keys) to use; repeat or comma-separate'
 complete -c imgsent -n '__fish_seen_subcommand_from evaluate' -l splits -x -d 'random-splits - how many splits'
 complete -c imgsent -n '__fish_seen_subcommand_from evaluate' -l test-size -x -d 'random-splits - test fraction'

@@ -1,6 +1,6 @@
 """Backbones: frozen pretrained networks named by one spec string, resolved by one function.
 
-Spec grammar (``SOURCE:NAME[.TAG][:probs][@WEIGHTS]``):
+Spec grammar (``SOURCE:NAME[.TAG][:probs|:head][@WEIGHTS]``):
 
 * ``timm:efficientnet_b2.ra_in1k``: any timm model; pooled pre-classifier features.
 * ``torchvision:resnet152`` / ``torchvision:mobilenet_v2.IMAGENET1K_V1``: torchvision
@@ -10,13 +10,16 @@ Spec grammar (``SOURCE:NAME[.TAG][:probs][@WEIGHTS]``):
   (N,D). Preprocessing comes from an optional ``/path/model.pt.json`` (fields of
   :class:`~imgsent.decode.Preprocess`), else 224 crop of a 256 resize with ImageNet mean/std.
   TorchScript files are code: load only files you trust.
-* ``objects:torchscript:PATH`` / ``objects:torchvision:NAME``: an object detector's findings as a
-  fixed vector (see :mod:`imgsent.objects`).
-* ``:probs`` asks for the softmax class probabilities instead of pooled features (the paper's
-  "semantic-level" features). ``@FILE`` loads local weights (safetensors or a torch checkpoint).
+* ``objects:DETECTOR`` / ``regions:DETECTOR+SPEC[+k=K][+min=S]``: an object detector's findings
+  as a fixed vector, or SPEC's features of the detected object crops (see :mod:`imgsent.objects`).
+* ``:probs`` asks for the softmax class probabilities instead of pooled features (class scores of
+  another dataset, e.g. ImageNet-21k concepts); ``:head`` for the classifier head's raw outputs
+  (for timm's CLIP towers, the projection into the image-text space). ``@FILE`` loads local weights
+  (safetensors or a torch checkpoint).
 
 Preprocessing is read from each model's own config (timm ``resolve_model_data_config``,
-torchvision ``weights.transforms()``), never typed in here. Presets are data: see ``PRESETS``.
+torchvision ``weights.transforms()``), never typed in here. Presets are data: see ``PRESETS``
+(``{models}`` in a preset's specs is the folder ``$IMGSENT_MODELS`` names).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,12 +47,40 @@ from .weights import (
     state_dict_sha256,
 )
 
+MODELS_ENV = "IMGSENT_MODELS"  # the folder a preset's {models} names
+MODELS = "{models}"
+
 # name -> (specs, description). The first entry is the paper's in-domain pair.
 PRESETS: dict[str, tuple[tuple[str, ...], str]] = {
     "paper": (
+        (
+            "timm:efficientnet_b2.ra_in1k",
+            "timm:resnetv2_101x1_bit.goog_in21k",
+            "timm:vit_base_patch16_224.augreg_in21k:probs",
+            "timm:vit_base_patch16_clip_224.openai:head",
+            "objects:torchvision:fasterrcnn_resnet50_fpn_v2",
+        ),
+        "The paper's five views from public models: E EfficientNet-B2 (ImageNet-1k, 1408-d); R a BiT ResNet-v2 "
+        "(ImageNet-21k, 2048-d); Y the 21,843 ImageNet-21k concept probabilities of a ViT-B/16 (for YouTube-8M's "
+        "3,862 concepts); S CLIP ViT-B/16's image embedding (512-d, image-text contrastive, for the video-text "
+        "retrieval signatures); G a COCO Faster R-CNN's objects view (273-d, for the object graph)",
+    ),
+    "indomain": (
         ("timm:efficientnet_b2.ra_in1k", "timm:resnetv2_101x1_bit.goog_in21k"),
         "The paper's in-domain pair: EfficientNet-B2 (ImageNet-1k, 1408-d) + a BiT ResNet-v2 trained on "
         "ImageNet-21k (2048-d; the paper's ResNet-152 was trained on ImageNet-11k, whose weights are not public)",
+    ),
+    "lab": (
+        (
+            f"torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1@{MODELS}/mobilenet_v2_imagenet1k.safetensors",
+            f"torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1:probs@{MODELS}/mobilenet_v2_imagenet1k.safetensors",
+            f"objects:torchscript:{MODELS}/d2go_coco_objects.pt",
+            f"regions:torchscript:{MODELS}/d2go_coco_objects.pt"
+            f"+torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1@{MODELS}/mobilenet_v2_imagenet1k.safetensors",
+        ),
+        f"Four views that run offline from two local files in ${MODELS_ENV}: MobileNetV2 pooled (1280-d) and its "
+        "ImageNet-1k probabilities (1000-d), a D2Go COCO detector's objects view (276-d) and its regions view "
+        "over MobileNetV2 (1280-d)",
     ),
     "default": (
         ("torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1",),
@@ -67,6 +99,7 @@ PRESETS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
 }
 
+OUTPUTS = ("features", "probs", "head")  # pooled features; softmax of the head; the head's raw outputs
 PROBE_VALUES = 16  # how many feature values of the probe image a fingerprint keeps
 
 
@@ -75,15 +108,18 @@ class BackboneSpec:
     source: str
     name: str
     tag: str | None = None
-    output: str = "features"  # or "probs"
+    output: str = "features"  # or "probs", "head" (see OUTPUTS)
     weights: str | None = None
+    text: str = ""  # regions: the spec as written (its parts may name local weight files)
 
     @property
     def key(self) -> str:
         """Column name in stores and recipes: the spec without the local weights path."""
+        if self.source == "regions":
+            return f"regions:{self.name}"
         tag = f".{self.tag}" if self.tag else ""
-        probs = ":probs" if self.output == "probs" else ""
-        return f"{self.source}:{self.name}{tag}{probs}"
+        output = f":{self.output}" if self.output != "features" else ""
+        return f"{self.source}:{self.name}{tag}{output}"
 
     @classmethod
     def parse(cls, spec: str) -> BackboneSpec:
@@ -98,14 +134,17 @@ class BackboneSpec:
             raise ImgsentError(
                 f"unknown backbone source {source!r} in {spec!r}; use one of {', '.join(sorted(_SOURCES))}"
             )
+        if source == "regions":
+            return cls(source=source, name=_regions_key(rest), text=spec)
         weights = None
         if "@" in rest:
             rest, weights = rest.rsplit("@", 1)
             if not weights:
                 raise ImgsentError(f"backbone spec {spec!r}: nothing after '@' (expected a weights file)")
         output = "features"
-        if rest.endswith(":probs"):
-            rest, output = rest[: -len(":probs")], "probs"
+        for kind in OUTPUTS[1:]:
+            if rest.endswith(f":{kind}"):
+                rest, output = rest[: -len(kind) - 1], kind
         tag = None
         if source not in ("torchscript", "objects") and "." in rest:
             rest, tag = rest.split(".", 1)
@@ -153,7 +192,8 @@ class Backbone:
         """What a store or model bundle records about this backbone."""
         return {
             "key": self.key,
-            "spec": self.spec.key if self.spec.weights is None else f"{self.spec.key}@{self.spec.weights}",
+            "spec": self.spec.text
+            or (self.spec.key if self.spec.weights is None else f"{self.spec.key}@{self.spec.weights}"),
             "dim": self.dim,
             "preprocess": self.preprocess.to_dict(),
             "fingerprint": self.fingerprint,
@@ -375,12 +415,31 @@ def _load_torchscript(spec: BackboneSpec, random_weights: bool) -> Loaded:
 
 @register_source("objects")
 def _load_objects(spec: BackboneSpec, random_weights: bool) -> Loaded:
-    from .objects import COCO_CLASSES, ObjectsView, load_detector, preprocess
+    from .objects import ObjectsView, load_detector, view_preprocess
 
-    detector, names, source, cpu_only = load_detector(spec.name, spec.weights, random_weights)
-    view = ObjectsView(detector, len(names) if names else COCO_CLASSES)
-    view.class_names = names
-    return view, preprocess(), cpu_only, source
+    name = spec.name + (f"@{spec.weights}" if spec.weights else "")
+    detector, names, source, cpu_only = load_detector(name, random_weights)
+    return ObjectsView(detector, names), view_preprocess(detector), cpu_only, source
+
+
+def _regions_key(rest: str) -> str:
+    from .objects import detector_key, parse_regions
+
+    detector, inner, k, min_score = parse_regions(rest)
+    return f"{detector_key(detector)}+{BackboneSpec.parse(inner).key}+k={k}+min={min_score:g}"
+
+
+@register_source("regions")
+def _load_regions(spec: BackboneSpec, random_weights: bool) -> Loaded:
+    from .objects import RegionsView, load_detector, parse_regions, view_preprocess
+
+    detector_name, inner_spec, k, min_score = parse_regions(spec.text.partition(":")[2])
+    if BackboneSpec.parse(inner_spec).source in ("objects", "regions"):
+        raise ImgsentError(f"{spec.key}: the crops' backbone must be an image classifier, not a detector view")
+    detector, _names, source, cpu_only = load_detector(detector_name, random_weights)
+    inner = create_backbone(inner_spec, random_weights=random_weights)
+    view = RegionsView(detector, inner, k, min_score)
+    return view, view_preprocess(detector), cpu_only or inner.cpu_only, f"{source} + {inner.weights_source}"
 
 
 def probe_image(pp: Preprocess) -> torch.Tensor:
@@ -400,12 +459,26 @@ def _seeded(seed: int):
         yield
 
 
+def _preset_specs(name: str) -> tuple[str, ...]:
+    specs = PRESETS[name][0]
+    if not any(MODELS in s for s in specs):
+        return specs
+    folder = os.environ.get(MODELS_ENV)
+    if not folder:
+        raise ImgsentError(
+            f"preset {name} reads its model files from ${MODELS_ENV}: set it to a folder holding "
+            f"{', '.join(sorted({f for s in specs for f in re.findall(re.escape(MODELS) + r'/([^+@:]+)', s)}))}"
+        )
+    return tuple(s.replace(MODELS, folder.rstrip("/") or "/") for s in specs)
+
+
 def expand_presets(names: list[str] | tuple[str, ...]) -> list[str]:
-    """Replace preset names (``paper``, ``clip``...) by their specs; keep order, drop repeats."""
+    """Replace preset names (``paper``, ``clip``...) by their specs; keep order, drop repeats.
+    ``{models}`` in a preset's specs is the folder ``$IMGSENT_MODELS`` names."""
     out: list[str] = []
     for item in names:
         for part in [p.strip() for p in item.split(",") if p.strip()]:
-            specs = PRESETS[part][0] if part in PRESETS else (part,)
+            specs = _preset_specs(part) if part in PRESETS else (part,)
             for s in specs:
                 if s not in out:
                     out.append(s)
@@ -427,10 +500,9 @@ def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0) -
     for p in module.parameters():
         p.requires_grad_(False)
     backbone = Backbone(spec=parsed, module=module, preprocess=pp, cpu_only=cpu_only, weights_source=source)
-    if parsed.source == "objects":  # a detector: per-image loops, variable outputs; runs as it is
+    if parsed.source in ("objects", "regions"):  # a detector: per-image loops, variable outputs; runs as it is
         backbone.optimizable = False
-        names = module.class_names or [f"class{k}" for k in range(module.classes)]
-        backbone.columns = [f"{what}:{n}" for what in ("max_score", "sum_score", "area_share") for n in names]
+        backbone.columns = module.columns
     with torch.inference_mode():
         probe = backbone(probe_image(pp)).float()[0]
     backbone.dim = int(probe.numel())
@@ -464,8 +536,8 @@ def fingerprints_match(expected: dict, actual: dict, rtol: float = 2e-3) -> bool
         a = np.asarray(actual["probe"] + [actual["probe_norm"]], dtype=np.float64)
     except (KeyError, TypeError):
         return False
-    if e.shape != a.shape:
-        return False
+    if e.shape != a.shape or not (e.any() or a.any()):
+        return False  # an all-zero probe (a detector view that found nothing) says nothing: hashes decide
     scale = max(float(np.abs(e).max()), 1e-6)
     return bool(np.abs(e - a).max() <= rtol * scale)
 

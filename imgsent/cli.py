@@ -360,7 +360,12 @@ def evaluate(
             autocompletion=_complete_heads,
         ),
     ] = "nn,moe1,moe2",
-    ablation: Annotated[bool, typer.Option(help="Also each feature block alone with the NN head.")] = False,
+    ablation: Annotated[
+        bool,
+        typer.Option(
+            help="The paper's Table II: each view alone (NN), all views (every head), all views but one (NN)."
+        ),
+    ] = False,
     blocks: Blocks = None,
     splits: Annotated[int, typer.Option(metavar="N", min=1, help="random-splits: how many splits.")] = 5,
     test_size: Annotated[float, typer.Option(metavar="F", help="random-splits: test fraction.")] = 0.2,
@@ -659,7 +664,7 @@ def models(
 @app.command(name="backbones")
 def list_backbones() -> None:
     """List backbone presets and the spec syntax (one spec a line, never cut)."""
-    from .backbones import describe_presets
+    from .backbones import MODELS_ENV, describe_presets
 
     lines = []
     for name, specs, desc in describe_presets():
@@ -667,9 +672,13 @@ def list_backbones() -> None:
         lines += [f"    {s}" for s in specs.split(", ")]
     lines += [
         "",
-        "Any backbone: timm:NAME[.TAG], torchvision:NAME[.WEIGHTS_TAG], torchscript:PATH; objects:torchscript:PATH or",
-        "objects:torchvision:NAME for a COCO detector's findings (per class: max score, sum, area share); add :probs for class",
-        "probabilities, @FILE for local weights (.safetensors or .pth). Pretrained weights download on first use",
+        "Any backbone: timm:NAME[.TAG], torchvision:NAME[.WEIGHTS_TAG], torchscript:PATH; add :probs for class",
+        "probabilities or :head for the raw head outputs (CLIP: the image embedding), @FILE for local weights",
+        "(.safetensors or .pth). Detector views, DETECTOR = torchscript:PATH or torchvision:NAME[@FILE]:",
+        "  objects:DETECTOR              per COCO class: max score, sum of scores, area share (3 x classes)",
+        "  regions:DETECTOR+SPEC[+k=K][+min=S]  SPEC's features of the top-K object crops scoring >= S,",
+        "                                score-weighted mean (default k=5, min=0.3)",
+        f"{{models}} in a preset is the folder ${MODELS_ENV} names. Pretrained weights download on first use",
         "(timm: Hugging Face cache, torchvision: torch hub cache); offline, give @FILE.",
     ]
     typer.echo("\n".join(lines))

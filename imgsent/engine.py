@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import shutil
 import sys
@@ -231,7 +232,7 @@ class FeatureEngine:
                 dev = self._devices[i]
                 module = bb.module
                 if not bb.optimizable:  # detectors: as they are, on their device
-                    self._modules[i] = module if dev == _device_of(module) else copy.deepcopy(module).to(dev)
+                    self._modules[i] = self._prepare_view(i, module, dev)
                     continue
                 scripted = isinstance(module, torch.jit.ScriptModule)
                 if dev != _device_of(module) or (self.channels_last and not scripted):
@@ -242,10 +243,30 @@ class FeatureEngine:
                     module = _check_on_device(bb, module.to(dev), dev, self.channels_last)
                 if self._compile and not scripted:
                     module, self._fixed_shape[i] = torch.compile(module, dynamic=False), True
-                elif not scripted and (self._optimize == "jit" or (self._optimize == "auto" and dev.type == "cpu")):
+                elif not scripted and self._traces(dev):
                     module, self._fixed_shape[i] = _freeze(bb, module, dev, self.channels_last, self.model_batch)
                 self._modules[i] = module
             self._prepared = True
+
+    def _traces(self, dev: torch.device) -> bool:
+        return self._optimize == "jit" or (self._optimize == "auto" and dev.type == "cpu")
+
+    def _prepare_view(self, index: int, module: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+        """A detector view runs as it is, except the classifier a regions view runs on its crops
+        (``inner``, ``inner_backbone``): on CPU traced and frozen for its fixed crop batch."""
+        if dev != _device_of(module):
+            module = copy.deepcopy(module).to(dev)  # the caller's module stays as it was
+        inner = getattr(module, "inner_backbone", None)
+        if inner is None or self._compile or not self._traces(dev):
+            return module
+        from .objects import CROP_BATCH
+
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        own = copy.deepcopy(module.inner).to(memory_format=fmt)
+        frozen, ok = _freeze(inner, own, dev, self.channels_last, CROP_BATCH)
+        if not ok:
+            return module
+        return module.with_inner(frozen, fmt, functools.partial(_fusion, dev.type == "cpu"))
 
     @property
     def keys(self) -> list[str]:

@@ -36,6 +36,7 @@ METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "roc_auc")
 class ConfigResult:
     features: str
     head: str
+    views: str = "all"  # ablation rows: "alone", "all", "all but KEY"
     per_split: list[dict] = field(default_factory=list)
     predictions: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)  # (y, proba)
 
@@ -44,7 +45,7 @@ class ConfigResult:
         return float(np.nanmean(vals)), float(np.nanstd(vals))
 
     def to_dict(self) -> dict:
-        d = {"features": self.features, "head": self.head}
+        d = {"features": self.features, "head": self.head, "views": self.views}
         for m in METRICS:
             d[f"{m}_mean"], d[f"{m}_std"] = self.mean_std(m)
         d["confusion"] = np.sum([s["confusion"] for s in self.per_split], axis=0).tolist()
@@ -74,13 +75,15 @@ class EvaluationReport:
             with atomic_open(path, "w", newline="") as fh:
                 w = csv.writer(fh)
                 w.writerow(
-                    ["features", "head"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")] + ["confusion"]
+                    ["features", "head"]
+                    + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+                    + ["confusion", "views"]
                 )
                 for r in self.results:
                     row = [r.features, r.head]
                     for m in METRICS:
                         row += [f"{v:.6f}" for v in r.mean_std(m)]
-                    w.writerow(row + [json.dumps(r.to_dict()["confusion"])])
+                    w.writerow(row + [json.dumps(r.to_dict()["confusion"]), r.views])
         elif path.lower().endswith(".json"):
             write_json_atomic(path, self.to_dict())
         else:
@@ -125,6 +128,9 @@ class EvaluationReport:
         t = Table(
             title=f"imgsent evaluate ({self.protocol}, {len(self.splits)} split(s), {self.data['labelled']} images)"
         )
+        ablation = any(r.views != "all" for r in self.results)
+        if ablation:
+            t.add_column("views")
         t.add_column("features")
         t.add_column("head")
         for m in METRICS:
@@ -132,7 +138,8 @@ class EvaluationReport:
         t.add_column("confusion (rows = true " + "/".join(self.classes) + ")")
         for r in self.results:
             cells = [f"{100 * mu:.2f} ± {100 * sd:.2f}" for mu, sd in (r.mean_std(m) for m in METRICS)]
-            t.add_row(r.features, r.head, *cells, str(r.to_dict()["confusion"]))
+            features = r.features if r.views != "all" or not ablation else "all views"
+            t.add_row(*([r.views] if ablation else []), features, r.head, *cells, str(r.to_dict()["confusion"]))
         Console(width=None if sys.stdout.isatty() else 200).print(t)
 
 
@@ -164,6 +171,20 @@ def make_splits(
     raise ImgsentError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
 
 
+def ablation_configs(
+    blocks: list[tuple[str, int]], heads: Sequence[str]
+) -> list[tuple[list[tuple[str, int]], str, str]]:
+    """The paper's Table II rows: each view alone with the NN head, all views with every head, then
+    (three views or more) all views but one with the NN head. (blocks, head, label) each."""
+    if len(blocks) == 1:
+        return [(blocks, h, "all") for h in heads]
+    rows = [([b], "nn", "alone") for b in blocks]
+    rows += [(blocks, h, "all") for h in heads]
+    if len(blocks) > 2:
+        rows += [([o for o in blocks if o != b], "nn", f"all but {b[0]}") for b in blocks]
+    return rows
+
+
 def evaluate(
     store: str,
     *,
@@ -188,8 +209,8 @@ def evaluate(
     **hyper,
 ) -> EvaluationReport:
     """Evaluate heads (``nn``, ``moe`` = ``moe1``, ``moe1``, ``moe2``) under a protocol, on the
-    store's ``blocks`` (default all). With ``ablation``, each feature block alone with the NN head
-    first, then the concatenation with every head. Same seed, same numbers."""
+    store's ``blocks`` (default all). With ``ablation``, the rows of :func:`ablation_configs`
+    (each view alone, all views with every head, all views but one). Same seed, same numbers."""
     for h in heads:
         TrainConfig.named(h)  # one vocabulary of head names: an unknown one is refused here
     data = load_labelled(
@@ -211,16 +232,13 @@ def evaluate(
         split_from_folders=split_from_folders,
         seed=seed,
     )
-    configs: list[tuple[list[tuple[str, int]], str]] = []
-    if ablation and len(data.blocks) > 1:
-        configs += [([b], "nn") for b in data.blocks]
-    configs += [(data.blocks, h) for h in heads]
+    configs = ablation_configs(data.blocks, heads) if ablation else [(data.blocks, h, "all") for h in heads]
     layout = Blocks.of(data.blocks)
     recipes = {r["key"]: r for r in data.recipes}
     results = []
-    for blocks, head in configs:
+    for blocks, head, views in configs:
         X = data.X if len(blocks) == len(data.blocks) else data.X[:, layout.columns([k for k, _ in blocks])]
-        res = ConfigResult(features=" + ".join(k for k, _ in blocks), head=head)
+        res = ConfigResult(features=" + ".join(k for k, _ in blocks), head=head, views=views)
         for k, sp in enumerate(split_list):
             config = TrainConfig.named(head, seed=seed + k, **hyper)
             model = fit(

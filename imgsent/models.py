@@ -82,6 +82,8 @@ def model_backbones(model: SentimentModel, weights: Sequence[str] = ()) -> list[
         spec = BackboneSpec.parse(recipe.get("spec", key))
         path = given.get(key) or (spec.weights if spec.weights and os.path.isfile(spec.weights) else None)
         spec_str = key + (f"@{path}" if path else "")
+        if spec.source == "regions":  # its weight files are inside the spec (detector, crop backbone)
+            spec_str = recipe.get("spec", key)
         # A model trained on random (seeded, test-only) backbone weights gets them again.
         random_weights = bool(recipe.get("fingerprint", {}).get("random")) and not path
         bb = create_backbone(spec_str, random_weights=random_weights)

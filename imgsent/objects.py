@@ -1,61 +1,138 @@
-"""The objects view (the paper's G, from public detectors): what a COCO object detector finds in an
+"""Detector views (the paper's G, from public detectors): what a COCO object detector finds in an
 image, as a fixed-length vector.
 
-Spec: ``objects:torchscript:PATH`` (a detector taking a list of float RGB (3, H, W) tensors in [0, 1]
-and returning boxes / labels / scores, as D2Go's exported models do) or ``objects:torchvision:NAME``
-(torchvision's detection models: ``fasterrcnn_mobilenet_v3_large_320_fpn``,
-``fasterrcnn_resnet50_fpn_v2``, ``retinanet_resnet50_fpn_v2``...; COCO weights downloaded as
-torchvision does, ``@FILE`` offline, ``--random-weights`` for tests).
+Detectors: ``torchscript:PATH`` (a detector taking a list of float RGB (3, H, W) tensors in [0, 1]
+and returning boxes / labels / scores, as D2Go's exported models do; it sees the image at 320 x 320)
+or ``torchvision:NAME`` (torchvision's detection models: ``fasterrcnn_mobilenet_v3_large_320_fpn``,
+``fasterrcnn_resnet50_fpn_v2``, ``retinanet_resnet50_fpn_v2``...; each sees the image at its own
+``min_size``; COCO weights downloaded as torchvision does, ``@FILE`` offline, ``--random-weights``
+for tests).
 
-Layout, for C classes (category ids 0..C-1; ids a detector never returns stay 0): columns
-``[0, C)`` the highest score of each class, ``[C, 2C)`` the sum of its scores (a soft count),
-``[2C, 3C)`` the score-weighted share of the image area its boxes cover (sum of score x box area /
-image area). An image with no detection is all zeros. The detector sees the decoded image resized to
-``SIZE`` x ``SIZE`` (all of it, aspect squashed), one image per call, so an image's vector never
-depends on the others in its batch. Class names are recorded in the store header when known
-(torchvision's weights metadata, or a ``PATH.classes.txt`` / ``NAME.classes.txt`` file beside a
-TorchScript detector, one name per line for ids 1..).
+Both views read the same uint8 view of the image (all of it, squashed to ``max(512, detector
+size)`` square, so the two views of one detector decode once) and share one detector pass per image
+(:class:`Detector` keeps the detections of recent inputs, keyed by their exact bytes). One image per
+detector call, so an image's vector never depends on the others in its batch.
+
+**Objects view** ``objects:DETECTOR``, for C classes (category ids 0..C-1; ids a detector never
+returns stay 0): columns ``[0, C)`` the highest score of each class, ``[C, 2C)`` the sum of its
+scores (a soft count), ``[2C, 3C)`` the score-weighted share of the image area its boxes cover
+(sum of score x box area / image area). An image with no detection is all zeros. Class names are
+recorded in the store header when known (torchvision's weights metadata, or a ``PATH.classes.txt`` /
+``NAME.classes.txt`` file beside a TorchScript detector, one name per line for ids 1..).
+
+**Regions view** ``regions:DETECTOR+BACKBONE[+k=K][+min=S]`` (closer to the paper's object graph,
+whose nodes are detected objects): the ``k`` highest-scoring detections (default 5) scoring at
+least ``min`` (default 0.3), each cropped from the decoded view, resized to BACKBONE's input size
+(bilinear or bicubic as BACKBONE's config says, antialiased) and normalised as BACKBONE wants, run
+through BACKBONE (any spec, ``:probs`` included), then averaged with the detection scores as
+weights. Zeros when nothing passes. Crops go through BACKBONE in passes of exactly ``CROP_BATCH``
+(the last one padded), so a crop's features do not depend on the others. Paths must not contain
+``+``. Example: ``regions:torchscript:d2go.pt+torchvision:mobilenet_v2@mnv2.safetensors+k=3``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import math
 import os
+import threading
+from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .decode import Preprocess
 from .errors import ImgsentError
 
-SIZE = 320  # the detector input: D2Go rescales to 320 itself; torchvision's 320 models too
+VIEW_MIN = 512  # the shared view's side: crops for the regions view come from it
+TORCHSCRIPT_SIZE = 320  # what exported D2Go detectors expect (they rescale to 320 themselves)
 COCO_CLASSES = 91  # COCO category ids 0 (background) .. 90
+CROP_BATCH = 8  # regions view: crops per backbone pass, fixed
+REGIONS_DEFAULTS = {"k": 5, "min": 0.3}
+MEMO_SIZE = 4096  # detections kept per thread (a few batches; each entry is a few hundred floats)
+
+_memo = threading.local()
+
+
+@dataclasses.dataclass(frozen=True)
+class Detections:
+    """One image's detections, boxes (N, 4) x1, y1, x2, y2 in the pixels of the view given."""
+
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+
+
+class Detector(nn.Module):
+    """A detector behind one call: ``detect(x)`` for a (N, 3, S, S) batch in [0, 1] -> one
+    :class:`Detections` per image, boxes in the batch's pixels. The image goes in at ``size``
+    (antialiased), one image per call. Results are remembered per thread by the detector's
+    weights and the image's exact bytes, so the objects and regions views of one detector (or
+    copies of it on other lanes) run it once per image."""
+
+    def __init__(self, module: nn.Module, size: int, identity: str):
+        super().__init__()
+        self.module = module
+        self.size = size
+        self.identity = identity
+
+    def _run(self, image: torch.Tensor) -> Detections:
+        out = self.module([image])
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):  # (losses | inputs, detections)
+            out = out[1]
+        det = out[0]
+        return Detections(det["boxes"].float().cpu(), det["labels"].long().cpu(), det["scores"].float().cpu())
+
+    def detect(self, x: torch.Tensor) -> list[Detections]:
+        memo: OrderedDict | None = getattr(_memo, "entries", None)
+        if memo is None:
+            memo = _memo.entries = OrderedDict()
+        side = x.shape[-1]
+        small = x.float()
+        if side != self.size:
+            small = F.interpolate(small, size=(self.size, self.size), mode="bilinear", antialias=True)
+        scale = side / self.size
+        out = []
+        for i in range(len(x)):
+            image = small[i].contiguous()
+            key = (self.identity, side, hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest())
+            found = memo.get(key)
+            if found is None:
+                det = self._run(image)
+                found = Detections(det.boxes * scale, det.labels, det.scores)
+                memo[key] = found
+                if len(memo) > MEMO_SIZE:
+                    memo.popitem(last=False)
+            else:
+                memo.move_to_end(key)
+            out.append(found)
+        return out
 
 
 class ObjectsView(nn.Module):
-    """Wraps a detector: (N, 3, H, W) in [0, 1] -> (N, 3 * classes) (see the module docstring)."""
+    """(N, 3, S, S) in [0, 1] -> (N, 3 * classes) (see the module docstring)."""
 
-    def __init__(self, detector: nn.Module, classes: int):
+    def __init__(self, detector: Detector, names: list[str] | None):
         super().__init__()
         self.detector = detector
-        self.classes = classes
+        self.classes = len(names) if names else COCO_CLASSES
+        self.names = names or [f"class{k}" for k in range(self.classes)]
 
-    def _detect(self, image: torch.Tensor) -> dict:
-        out = self.detector([image])
-        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):  # (losses | inputs, detections)
-            out = out[1]
-        return out[0]
+    @property
+    def columns(self) -> list[str]:
+        return [f"{what}:{n}" for what in ("max_score", "sum_score", "area_share") for n in self.names]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         c = self.classes
         feats = torch.zeros((n, 3 * c), dtype=torch.float32)
-        for i in range(n):
-            det = self._detect(x[i].float().contiguous())
-            labels = det["labels"].long().cpu()
-            scores = det["scores"].float().cpu()
-            boxes = det["boxes"].float().cpu()
-            keep = (labels >= 0) & (labels < c)
-            labels, scores, boxes = labels[keep], scores[keep], boxes[keep]
+        for i, det in enumerate(self.detector.detect(x)):
+            keep = (det.labels >= 0) & (det.labels < c)
+            labels, scores, boxes = det.labels[keep], det.scores[keep], det.boxes[keep]
             if len(labels) == 0:
                 continue
             area = ((boxes[:, 2] - boxes[:, 0]).clamp(min=0) * (boxes[:, 3] - boxes[:, 1]).clamp(min=0)) / (h * w)
@@ -65,9 +142,84 @@ class ObjectsView(nn.Module):
         return feats
 
 
-def preprocess() -> Preprocess:
-    """The whole image squashed to SIZE x SIZE, pixels / 255 (detectors normalise themselves)."""
-    return Preprocess(input_size=(SIZE, SIZE), resize_size=(SIZE, SIZE), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+class RegionsView(nn.Module):
+    """(N, 3, S, S) in [0, 1] -> (N, D): the score-weighted mean of an inner backbone's features
+    over the top-``k`` detected object crops (see the module docstring)."""
+
+    columns = None
+
+    def __init__(self, detector: Detector, inner, k: int, min_score: float):
+        super().__init__()
+        self.detector = detector
+        self.inner = inner.module  # registered: moved, fingerprinted and copied with the view
+        # the inner spec without its module: its output kind (:probs) and preprocessing; an engine
+        # may swap ``inner`` for a traced copy built for CROP_BATCH crops in ``memory_format``
+        self.inner_backbone = dataclasses.replace(inner, module=None)
+        self.memory_format = torch.contiguous_format
+        self.inner_context = contextlib.nullcontext
+        self.dim = inner.dim
+        self.k, self.min_score = k, min_score
+        pp = inner.preprocess
+        self.crop_size = tuple(pp.input_size)
+        self.mode = pp.interpolation if pp.interpolation in ("bilinear", "bicubic") else "bilinear"
+        self.register_buffer("mean", torch.tensor(pp.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(pp.std).view(1, 3, 1, 1), persistent=False)
+
+    def with_inner(self, inner: nn.Module, memory_format: torch.memory_format, context=None) -> RegionsView:
+        """A copy of this view that shares its detector (exported detectors do not survive a deep
+        copy) and runs its crops through ``inner`` (e.g. a traced copy) in ``memory_format``,
+        inside ``context()`` (a settings context the traced copy wants, not the detector)."""
+        view = copy.copy(self)
+        view._modules = dict(self._modules)
+        view.inner = inner
+        view.memory_format = memory_format
+        view.inner_context = context or contextlib.nullcontext
+        return view
+
+    def crop(self, image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        """One detection's crop of a (3, S, S) image, resized to the inner backbone's input."""
+        side_h, side_w = image.shape[-2:]
+        x0, y0, x1, y1 = (float(v) for v in box)
+        x0, y0 = min(max(math.floor(x0), 0), side_w - 2), min(max(math.floor(y0), 0), side_h - 2)
+        x1, y1 = max(min(math.ceil(x1), side_w), x0 + 2), max(min(math.ceil(y1), side_h), y0 + 2)
+        part = image[None, :, y0:y1, x0:x1].float()
+        return F.interpolate(part, size=self.crop_size, mode=self.mode, antialias=True, align_corners=False)
+
+    def _run_inner(self, part: torch.Tensor) -> torch.Tensor:
+        m = len(part)
+        if m < CROP_BATCH:
+            part = torch.cat([part, part.new_zeros((CROP_BATCH - m, *part.shape[1:]))])
+        part = part.contiguous(memory_format=self.memory_format)
+        return self.inner_backbone.run(self.inner, part)[:m].float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        crops, owners, weights = [], [], []
+        for i, det in enumerate(self.detector.detect(x)):
+            keep = torch.nonzero(det.scores >= self.min_score).flatten()
+            keep = keep[torch.argsort(det.scores[keep], descending=True, stable=True)][: self.k]
+            for j in keep.tolist():
+                crops.append(self.crop(x[i], det.boxes[j]))
+                owners.append(i)
+                weights.append(float(det.scores[j]))
+        out = torch.zeros((n, self.dim), dtype=torch.float32, device=x.device)
+        if not crops:
+            return out
+        batch = (torch.cat(crops).clamp(0, 1) - self.mean) / self.std
+        with self.inner_context():
+            parts = [self._run_inner(batch[s : s + CROP_BATCH]) for s in range(0, len(batch), CROP_BATCH)]
+        feats = torch.cat(parts)
+        w = torch.tensor(weights, dtype=torch.float32, device=feats.device)
+        idx = torch.tensor(owners, dtype=torch.long, device=feats.device)
+        out.index_add_(0, idx, feats * w[:, None])
+        total = torch.zeros(n, dtype=torch.float32, device=feats.device).index_add_(0, idx, w)
+        return out / total.clamp(min=1e-12)[:, None]
+
+
+def view_preprocess(detector: Detector) -> Preprocess:
+    """The whole image squashed to a square of ``max(VIEW_MIN, detector size)``, pixels / 255."""
+    side = max(VIEW_MIN, detector.size)
+    return Preprocess(input_size=(side, side), resize_size=(side, side), mean=(0.0,) * 3, std=(1.0,) * 3)
 
 
 def _class_names_file(path: str) -> str | None:
@@ -77,14 +229,19 @@ def _class_names_file(path: str) -> str | None:
     return None
 
 
-def load_detector(
-    name: str, weights: str | None, random_weights: bool
-) -> tuple[nn.Module, list[str] | None, str, bool]:
+def detector_key(name: str) -> str:
+    """A detector's part of a view key: the spec without a local weights file."""
+    return name.rsplit("@", 1)[0] if name.startswith("torchvision:") else name
+
+
+def load_detector(name: str, random_weights: bool) -> tuple[Detector, list[str] | None, str, bool]:
     """(detector, class names for ids 0.., weights source, cpu_only) for ``torchscript:PATH`` or
-    ``torchvision:NAME``."""
+    ``torchvision:NAME[@FILE]``."""
+    from .weights import state_dict_sha256
+
     kind, sep, rest = name.partition(":")
     if not sep or kind not in ("torchscript", "torchvision") or not rest:
-        raise ImgsentError(f"objects:{name}: give objects:torchscript:PATH or objects:torchvision:NAME")
+        raise ImgsentError(f"detector {name!r}: give torchscript:PATH or torchvision:NAME")
     if kind == "torchscript":
         import torchvision  # noqa: F401  (registers torchvision::nms, which exported detectors call)
 
@@ -97,9 +254,10 @@ def load_detector(
             with open(names_file, encoding="utf-8") as fh:
                 names = ["__background__"] + [ln.strip() for ln in fh if ln.strip()]
         quantized = any("quantized" in str(n.kind()) for n in module.inlined_graph.nodes())
-        return module, names, rest, quantized
+        return Detector(module, TORCHSCRIPT_SIZE, state_dict_sha256(module)), names, rest, quantized
     import torchvision.models as tvm
 
+    rest, _, weights = rest.partition("@")
     try:
         enum = tvm.get_model_weights(rest)
     except Exception:
@@ -118,7 +276,28 @@ def load_detector(
             module = tvm.get_model(rest, weights=entry)
         except Exception as exc:
             raise ImgsentError(
-                f"cannot get COCO weights for {rest} ({type(exc).__name__}); offline, give objects:torchvision:{rest}@FILE"
+                f"cannot get COCO weights for {rest} ({type(exc).__name__}); offline, give torchvision:{rest}@FILE"
             ) from None
         source = f"torchvision {entry} (torch hub cache)"
-    return module.eval(), names, source, False
+    module.eval()
+    size = int(getattr(getattr(module, "transform", None), "min_size", (800,))[0])
+    return Detector(module, size, state_dict_sha256(module)), names, source, False
+
+
+def parse_regions(rest: str) -> tuple[str, str, int, float]:
+    """``DETECTOR+BACKBONE[+k=K][+min=S]`` -> (detector, backbone spec, k, min score)."""
+    parts = rest.split("+")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise ImgsentError(f"regions:{rest}: give regions:DETECTOR+BACKBONE[+k=K][+min=S]")
+    settings = dict(REGIONS_DEFAULTS)
+    for p in parts[2:]:
+        name, sep, value = p.partition("=")
+        if not sep or name not in settings:
+            raise ImgsentError(f"regions:{rest}: unknown setting {p!r} (k=K, min=S)")
+        try:
+            settings[name] = int(value) if name == "k" else float(value)
+        except ValueError:
+            raise ImgsentError(f"regions:{rest}: {name} must be a number, got {value!r}") from None
+    if settings["k"] < 1 or not 0 <= settings["min"] <= 1:
+        raise ImgsentError(f"regions:{rest}: k must be >= 1 and min in [0, 1]")
+    return parts[0], parts[1], int(settings["k"]), float(settings["min"])

@@ -27,8 +27,9 @@ def test_spec_parsing():
 
 
 def test_presets_expand_and_dedupe():
-    specs = expand_presets(["paper", "timm:efficientnet_b2.ra_in1k,clip"])
+    specs = expand_presets(["indomain", "timm:efficientnet_b2.ra_in1k,clip"])
     assert specs[0] == "timm:efficientnet_b2.ra_in1k" and len(specs) == 3
+    assert len(expand_presets(["paper", "indomain"])) == 5  # the paper's five views include the pair
 
 
 def test_timm_backbone_features_and_probs():
@@ -41,6 +42,10 @@ def test_timm_backbone_features_and_probs():
     with torch.inference_mode():
         p = probs(x)
     assert p.shape[1] == probs.dim and torch.allclose(p.sum(1), torch.ones(2), atol=1e-5)
+    head = create_backbone(TINY + ":head", random_weights=True)  # the raw head: what :probs softmaxes
+    assert head.key == TINY + ":head" and head.dim == probs.dim
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.softmax(head(x), dim=1), p)
 
 
 def test_random_weights_are_seeded():

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from conftest import SHARED, TWITTER, write_images
 from PIL import Image
 
@@ -53,3 +54,141 @@ def test_the_real_d2go_detector_sees_people_and_nothing_in_a_blank_image(images,
     assert rows["people.jpg"][person] > 0.9
     assert 0 < rows["people.jpg"][columns.index("area_share:person")] < 1  # a small figure in this photo
     assert not rows["plain.jpg"].any()  # no detection: zeros, not an error
+
+
+# --- the regions view: a scripted detector and classifier whose outputs are known -------------
+
+
+class HalvesDetector(torch.nn.Module):
+    """Two boxes, the image's left and right halves, each scored by its mean brightness."""
+
+    def forward(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        x = images[0]
+        h, w = x.shape[1], x.shape[2]
+        half = w // 2
+        scores = torch.stack([x[:, :, :half].mean(), x[:, :, half:].mean()])
+        boxes = torch.tensor([[0.0, 0.0, float(half), float(h)], [float(half), 0.0, float(w), float(h)]])
+        order = torch.argsort(scores, descending=True)
+        return images, [{"boxes": boxes[order], "labels": torch.tensor([1, 2])[order], "scores": scores[order]}]
+
+
+class MeanColour(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scripted")
+    torch.jit.script(HalvesDetector()).save(str(d / "halves.pt"))
+    torch.jit.script(MeanColour()).save(str(d / "mean.pt"))
+    imgs = d / "imgs"
+    imgs.mkdir()
+    arr = np.zeros((100, 200, 3), np.uint8)
+    arr[:, :100] = (255, 0, 0)  # left red: score 1/3
+    arr[:, 100:] = 255  # right white: score 1
+    Image.fromarray(arr).save(imgs / "red_white.png")
+    Image.new("RGB", (120, 80)).save(imgs / "black.png")  # both halves score 0
+    write_images(imgs, 3, size=(160, 120))
+    return d
+
+
+RED, WHITE = np.array([1.0, 0.0, 0.0]), np.ones(3)
+
+
+def _normalised(rgb):  # what MeanColour sees for a crop of one colour (ImageNet mean / std)
+    return (rgb - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+
+
+def test_regions_view_is_the_score_weighted_mean_of_the_crops_features(scripted, tmp_path):
+    det, inner = f"torchscript:{scripted / 'halves.pt'}", f"torchscript:{scripted / 'mean.pt'}"
+    specs = [f"regions:{det}+{inner}", f"regions:{det}+{inner}+k=1", f"regions:{det}+{inner}+min=0.5"]
+    out = str(tmp_path / "s")
+    s = imgsent.extract([str(scripted / "imgs")], out, backbones=specs, workers=0)
+    assert s.errors == 0
+    fs = imgsent.features.load(out)
+    assert [r["key"] for r in fs.recipes] == [
+        f"regions:{det}+{inner}+k=5+min=0.3",
+        f"regions:{det}+{inner}+k=1+min=0.3",
+        f"regions:{det}+{inner}+k=5+min=0.5",
+    ]
+    rows = dict(zip(fs.ids, fs.X))
+    both = (_normalised(RED) / 3 + _normalised(WHITE)) / (1 / 3 + 1)
+    got = rows["red_white.png"]
+    np.testing.assert_allclose(got[0:3], both, atol=0.03)
+    np.testing.assert_allclose(got[3:6], _normalised(WHITE), atol=0.03)  # k=1: the best box only
+    np.testing.assert_allclose(got[6:9], _normalised(WHITE), atol=0.03)  # min=0.5: the red half is out
+    assert not rows["black.png"].any()  # nothing scores 0.3: zeros, not an error
+
+
+def test_objects_and_regions_of_one_detector_run_it_once_per_image_whatever_the_batch(scripted, tmp_path, monkeypatch):
+    from imgsent import objects
+
+    calls = []
+    run = objects.Detector._run
+    monkeypatch.setattr(objects.Detector, "_run", lambda self, image: calls.append(1) or run(self, image))
+    det, inner = f"torchscript:{scripted / 'halves.pt'}", f"torchscript:{scripted / 'mean.pt'}"
+    specs = [f"objects:{det}", f"regions:{det}+{inner}"]
+    stores = []
+    for batch in (5, 2):
+        objects._memo.entries = None  # a fresh process
+        calls.clear()
+        out = str(tmp_path / f"b{batch}")
+        imgsent.extract([str(scripted / "imgs")], out, backbones=specs, workers=0, batch_size=batch)
+        assert len(calls) == 6  # five images and the fingerprint's probe image: one pass each, not two
+        stores.append(imgsent.features.load(out).X)
+    np.testing.assert_array_equal(stores[0], stores[1])  # features do not depend on the batch
+
+
+def test_regions_specs_are_checked_and_keyed_without_local_files():
+    from imgsent.backbones import BackboneSpec, create_backbone
+    from imgsent.errors import ImgsentError
+
+    spec = BackboneSpec.parse(
+        "regions:torchvision:fasterrcnn_mobilenet_v3_large_320_fpn@/w/d.pth+timm:resnet18@/w/r.st"
+    )
+    assert spec.key == "regions:torchvision:fasterrcnn_mobilenet_v3_large_320_fpn+timm:resnet18+k=5+min=0.3"
+    for bad in ("regions:torchscript:d.pt", "regions:torchscript:d.pt+timm:resnet18+k=0", "regions:a+b+size=3"):
+        with pytest.raises(ImgsentError):
+            BackboneSpec.parse(bad)
+    with pytest.raises(ImgsentError, match="not a detector view"):
+        create_backbone("regions:torchvision:fasterrcnn_mobilenet_v3_large_320_fpn+objects:torchscript:x.pt")
+
+
+def test_a_random_torchvision_regions_view_runs_and_records_its_recipe(images, tmp_path):
+    spec = "regions:torchvision:fasterrcnn_mobilenet_v3_large_320_fpn+timm:resnet18+k=2+min=0"
+    out = str(tmp_path / "s")
+    s = imgsent.extract([str(images)], out, backbones=[spec], random_weights=True, workers=0)
+    assert s.errors == 0
+    recipe = imgsent.features.load(out).recipes[0]
+    assert recipe["dim"] == 512 and recipe["preprocess"]["input_size"] == [512, 512]
+    assert recipe["spec"] == spec
+
+
+def test_presets_with_model_files_name_the_folder_they_need(monkeypatch, tmp_path):
+    from imgsent.backbones import expand_presets
+    from imgsent.errors import ImgsentError
+
+    monkeypatch.delenv("IMGSENT_MODELS", raising=False)
+    with pytest.raises(ImgsentError, match=r"IMGSENT_MODELS.*d2go_coco_objects.pt"):
+        expand_presets(["lab"])
+    monkeypatch.setenv("IMGSENT_MODELS", str(tmp_path))
+    specs = expand_presets(["lab"])
+    assert len(specs) == 4 and all(str(tmp_path) in s for s in specs)
+    assert len(expand_presets(["paper"])) == 5
+
+
+@pytest.mark.skipif(
+    not D2GO.is_file() or not (TWITTER / "images").is_dir(), reason=f"D2Go detector or Twitter I not under {SHARED}"
+)
+def test_the_lab_preset_runs_offline_on_real_photos(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGSENT_MODELS", str(SHARED / "models"))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "people.jpg").symlink_to(TWITTER / "images" / PERSON_PHOTO)
+    out = str(tmp_path / "s")
+    imgsent.extract([str(tmp_path / "imgs")], out, backbones=["lab"], workers=0)
+    fs = imgsent.features.load(out)
+    assert [d for _, d in fs.blocks] == [1280, 1000, 3 * 92, 1280]
+    regions = fs.X[0, fs.layout.columns([fs.blocks[3][0]])]
+    pooled = fs.X[0, :1280]
+    assert regions.any() and np.abs(regions - pooled).max() > 0.1  # the crops are not the whole photo

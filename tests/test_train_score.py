@@ -226,3 +226,23 @@ def test_bad_precision_refused_when_scoring_a_store(store, model_dir, tmp_path):
     with pytest.raises(ImgsentError, match="precision must be one of"):
         imgsent.score(features=store, out=str(tmp_path / "x.parquet"), model=model_dir, precision="fp8")
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_ablation_rows_follow_the_papers_table_two():
+    from imgsent.evaluation import ablation_configs
+
+    blocks = [("a", 1), ("b", 2), ("c", 3)]
+    rows = [([k for k, _ in bl], head, label) for bl, head, label in ablation_configs(blocks, ["nn", "moe1", "moe2"])]
+    assert rows == [
+        (["a"], "nn", "alone"),
+        (["b"], "nn", "alone"),
+        (["c"], "nn", "alone"),
+        (["a", "b", "c"], "nn", "all"),
+        (["a", "b", "c"], "moe1", "all"),
+        (["a", "b", "c"], "moe2", "all"),
+        (["b", "c"], "nn", "all but a"),
+        (["a", "c"], "nn", "all but b"),
+        (["a", "b"], "nn", "all but c"),
+    ]
+    assert [r[2] for r in ablation_configs(blocks[:2], ["nn"])] == ["alone", "alone", "all"]  # no "all but" of two
+    assert ablation_configs(blocks[:1], ["nn", "moe2"]) == [(blocks[:1], "nn", "all"), (blocks[:1], "moe2", "all")]
