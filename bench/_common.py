@@ -13,6 +13,8 @@ SHARED = Path(os.environ.get("IMGSENT_SHARED", ROOT.parent / "shared"))
 WEIGHTS = SHARED / "models" / "mobilenet_v2_imagenet1k.safetensors"
 TWITTER = SHARED / "data" / "twitter_i" / "images"
 MOBILENET = f"torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1@{WEIGHTS}"
+INT8_WEIGHTS = SHARED / "models" / "mobilenet_v2_quantized_torchscript.pt"  # the same network, int8
+MOBILENET_INT8 = f"torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1@{INT8_WEIGHTS}"  # with --precision int8
 
 
 def require_shared() -> None:

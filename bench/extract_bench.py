@@ -5,7 +5,8 @@
 Times, on the same Twitter I images in one run:
   (a) a naive loop: PIL open, torchvision transforms, model, one image and one backbone at a time
       (with two backbones it decodes every image twice);
-  (b) imgsent's engine (imgsent.extract), one and two backbones;
+  (b) imgsent's engine (imgsent.extract), one and two backbones, and the one in int8
+      (``--precision int8``: the official int8 MobileNetV2, run natively);
   (c) the model alone on ready tensors (batched, all cores, the engine's lanes);
   (d) decoding alone (imgsent's decoder in worker processes on all cores, no model).
   (e) decode-bound: a tiny backbone (timm test_resnet, random weights) over ``--resolution-images``
@@ -25,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import MOBILENET, Timer, naive_loop, require_shared, twitter_images, warm_page_cache
+from _common import MOBILENET, MOBILENET_INT8, Timer, naive_loop, require_shared, twitter_images, warm_page_cache
 
 import imgsent
 from imgsent.backbones import create_backbone
@@ -48,11 +49,11 @@ def naive(paths, specs) -> float:
     return t.seconds
 
 
-def model_alone(paths, specs, batch_size) -> float:
+def model_alone(paths, specs, batch_size, precision="fp32") -> float:
     """imgsent's model step (normalise + optimised forward) on ready uint8 tensors, all cores, run
     the engine's fastest way (its lanes: one batch per core side by side)."""
-    models = [create_backbone(s, random_weights=(s == SECOND)) for s in specs]
-    engine = FeatureEngine(models, device="cpu", batch_size=batch_size, workers=0)
+    models = [create_backbone(s, random_weights=(s == SECOND), int8=precision == "int8") for s in specs]
+    engine = FeatureEngine(models, device="cpu", batch_size=batch_size, workers=0, precision=precision)
     engine.prepare()
     n = len(paths)
     x = torch.randint(0, 256, (batch_size, 1, 3, 224, 224), dtype=torch.uint8)
@@ -68,9 +69,9 @@ def model_alone(paths, specs, batch_size) -> float:
     return t.seconds
 
 
-def decode_alone(refs, specs, batch_size, workers) -> float:
+def decode_alone(refs, specs, batch_size, workers, precision="fp32") -> float:
     """The engine's loader with no model: decode + resize/crop on every core."""
-    models = [create_backbone(s, random_weights=(s == SECOND)) for s in specs]
+    models = [create_backbone(s, random_weights=(s == SECOND), int8=precision == "int8") for s in specs]
     engine = FeatureEngine(models, device="cpu", batch_size=batch_size, workers=max(workers, 2))
     with Timer() as t:
         batches = [list(range(s, min(s + batch_size, len(refs)))) for s in range(0, len(refs), batch_size)]
@@ -135,9 +136,10 @@ def main() -> None:
         refs = find_images([str(tmp / "images")])
         workers = default_workers() if args.workers is None else args.workers
         print(f"{args.images} Twitter I images, {torch.get_num_threads()} torch threads, {workers} decode workers")
-        for specs in ([MOBILENET], [MOBILENET, SECOND]):
+        rates = {}
+        for specs, precision in (([MOBILENET], "fp32"), ([MOBILENET_INT8], "int8"), ([MOBILENET, SECOND], "fp32")):
             n = len(specs)
-            t_naive = naive(paths, specs)
+            t_naive = naive(paths, [MOBILENET] if precision == "int8" else specs)  # the same float naive loop
             with Timer() as t:
                 if n == 1:  # the public entry point, real weights
                     imgsent.extract(
@@ -147,19 +149,22 @@ def main() -> None:
                         batch_size=args.batch_size,
                         workers=workers,
                         overwrite=True,
+                        precision=precision,
                     )
                 else:  # the second backbone has random weights, which extract() would apply to both
                     _extract_mixed(tmp, specs, args.batch_size, workers)
-            t_model = model_alone(paths, specs, args.batch_size)
-            t_decode = decode_alone(refs, specs, args.batch_size, workers)
+            t_model = model_alone(paths, specs, args.batch_size, precision)
+            t_decode = decode_alone(refs, specs, args.batch_size, workers, precision)
             bound = args.images / (t_model + t_decode)
-            rate = args.images / t.seconds
-            print(f"\n{n} backbone(s): {', '.join(specs)}")
+            rate = rates[n, precision] = args.images / t.seconds
+            print(f"\n{n} backbone(s), {precision}: {', '.join(specs)}")
             print(f"  (a) naive loop        {args.images / t_naive:8.1f} images/s")
             print(f"  (b) imgsent extract   {rate:8.1f} images/s   = {rate * t_naive / args.images:.2f}x naive")
             print(f"  (c) model alone       {args.images / t_model:8.1f} images/s")
             print(f"  (d) decode alone      {args.images / t_decode:8.1f} images/s")
             print(f"  bound 1/(c+d)         {bound:8.1f} images/s   imgsent reaches {rate / bound:.2f} of it")
+            if precision == "int8":
+                print(f"  int8 extract / fp32 extract in this run: {rate / rates[1, 'fp32']:.2f}x")
         if args.resolution_images:
             print(f"\ndecode-bound, {args.resolution_images} synthetic JPEGs per size:")
             resolution_ratio(tmp, args.resolution_images, workers)

@@ -3,7 +3,7 @@
     python bench/memory_bench.py [--sizes 1000,8000]
 
 Runs ``imgsent extract`` in a subprocess on n Twitter I images (cycled under new names) with the
-default backbone, sampling the memory (PSS) of the whole process tree (main + decode workers)
+default backbone (float32, then int8 from the official int8 MobileNetV2), sampling the memory (PSS) of the whole process tree (main + decode workers)
 every 0.1 s, and prints the peak per size and the ratio of the largest to the smallest.
 """
 
@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import MOBILENET, require_shared, tree_pss_mb, twitter_images
+from _common import MOBILENET, MOBILENET_INT8, require_shared, tree_pss_mb, twitter_images
 
 
-def peak_pss(n: int, tmp: Path) -> tuple[float, float]:
+def peak_pss(n: int, tmp: Path, precision: str = "fp32") -> tuple[float, float]:
     images = tmp / f"images{n}"
     twitter_images(n, images)
     cmd = [
@@ -31,9 +31,11 @@ def peak_pss(n: int, tmp: Path) -> tuple[float, float]:
         "extract",
         str(images),
         "--out",
-        str(tmp / f"store{n}"),
+        str(tmp / f"store{n}{precision}"),
         "-B",
-        MOBILENET,
+        MOBILENET_INT8 if precision == "int8" else MOBILENET,
+        "--precision",
+        precision,
         "-q",
     ]
     start = time.perf_counter()
@@ -54,13 +56,17 @@ def main() -> None:
     require_shared()
     tmp = Path(tempfile.mkdtemp(prefix="imgsent-mem-bench-"))
     try:
-        peaks = {}
-        for n in [int(x) for x in args.sizes.split(",")]:
-            peak, secs = peak_pss(n, tmp)
-            peaks[n] = peak
-            print(f"{n:6d} images: peak PSS (main + workers) {peak:7.0f} MB, {secs:.0f} s, {n / secs:.1f} images/s")
-        lo, hi = min(peaks), max(peaks)
-        print(f"peak at {hi} / peak at {lo}: {peaks[hi] / peaks[lo]:.3f}")
+        for precision in ("fp32", "int8"):
+            peaks = {}
+            for n in [int(x) for x in args.sizes.split(",")]:
+                peak, secs = peak_pss(n, tmp, precision)
+                peaks[n] = peak
+                print(
+                    f"{precision} {n:6d} images: peak PSS (main + workers) {peak:7.0f} MB, {secs:.0f} s, "
+                    f"{n / secs:.1f} images/s"
+                )
+            lo, hi = min(peaks), max(peaks)
+            print(f"{precision} peak at {hi} / peak at {lo}: {peaks[hi] / peaks[lo]:.3f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -7,7 +7,9 @@
     recipe check, head, write; with the head in float32 (the default) and in bfloat16
     (``--precision bf16``), ``--repeat`` times each. (2) With ../shared present, scores ``--images`` Twitter I images end to
     end with the default model (weights from ../shared via IMGSENT_WEIGHTS) and compares with the
-    naive loop of extract_bench (PIL, torchvision transforms, model, one image at a time, then head).
+    naive loop of extract_bench (PIL, torchvision transforms, model, one image at a time, then head);
+    then again with its backbone in int8 (``--precision int8``, the official int8 MobileNetV2 from
+    ../shared; the float-trained head accepts int8 features only because the run names them).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import WEIGHTS, Timer, naive_loop, twitter_images
+from _common import INT8_WEIGHTS, WEIGHTS, Timer, naive_loop, twitter_images
 
 import imgsent
 from imgsent.batches import FeatureBatch
@@ -84,6 +86,13 @@ def main() -> None:
             print(
                 f"score images end to end: {rate:.1f} images/s; naive loop {naive:.1f} images/s ({rate / naive:.2f}x)"
             )
+            if INT8_WEIGHTS.is_file():
+                with Timer() as t8:
+                    imgsent.score(
+                        [str(images)], str(tmp / "int8_scores.parquet"), weights=[str(INT8_WEIGHTS)], precision="int8"
+                    )
+                rate8 = args.images / t8.seconds
+                print(f"score images end to end, backbone int8: {rate8:.1f} images/s ({rate8 / rate:.2f}x float32)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -43,7 +43,7 @@ _imgsent() {
         extract:--tta) COMPREPLY=( $(compgen -W "none flip crops flip+crops" -- "$cur") ); return ;;
         extract:--dtype) COMPREPLY=( $(compgen -W "float32 float16" -- "$cur") ); return ;;
         extract:--device) COMPREPLY=( $(compgen -W "auto cpu cuda mps cuda:0 cuda:1" -- "$cur") ); return ;;
-        extract:--precision) COMPREPLY=( $(compgen -W "auto fp32 tf32 bf16 fp16" -- "$cur") ); return ;;
+        extract:--precision) COMPREPLY=( $(compgen -W "auto fp32 tf32 bf16 fp16 int8" -- "$cur") ); return ;;
         extract:--batch-size|extract:-b) COMPREPLY=(); return ;;
         extract:--workers) COMPREPLY=(); return ;;
         extract:--shard) COMPREPLY=(); return ;;
@@ -78,7 +78,7 @@ _imgsent() {
         score:--threshold) COMPREPLY=(); return ;;
         score:--keep-features) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         score:--device) COMPREPLY=( $(compgen -W "auto cpu cuda mps cuda:0 cuda:1" -- "$cur") ); return ;;
-        score:--precision) COMPREPLY=( $(compgen -W "auto fp32 tf32 bf16 fp16" -- "$cur") ); return ;;
+        score:--precision) COMPREPLY=( $(compgen -W "auto fp32 tf32 bf16 fp16 int8" -- "$cur") ); return ;;
         score:--batch-size|score:-b) COMPREPLY=(); return ;;
         score:--workers) COMPREPLY=(); return ;;
         score:--shard) COMPREPLY=(); return ;;

@@ -166,6 +166,7 @@ class Backbone:
     batchable: bool = True  # False for modules traced with a fixed batch of 1
     weights_source: str = ""  # where the weights came from (a file, a hub, random), for summaries
     optimizable: bool = True  # False: run eagerly as is (no trace, freeze, compile or channels_last)
+    int8: bool = False  # torchvision's official quantized weights, run natively (CPU)
     columns: list[str] | None = None  # names of the feature columns, when they have meanings
 
     @property
@@ -198,6 +199,7 @@ class Backbone:
             "preprocess": self.preprocess.to_dict(),
             "fingerprint": self.fingerprint,
             **({"columns": self.columns} if self.columns else {}),
+            **({"numerics": "int8"} if self.int8 else {}),
         }
 
 
@@ -487,19 +489,44 @@ def expand_presets(names: list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
-def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0) -> Backbone:
+def _load_int8(spec: BackboneSpec, random_weights: bool) -> Loaded | None:
+    """torchvision's official int8 version of ``spec`` (CPU), or None (with a one-line warning)."""
+    import warnings
+
+    from .errors import ImgsentWarning
+    from .quantized import int8_entry, load_int8
+
+    entry = int8_entry(spec.name, spec.tag) if spec.source == "torchvision" else None
+    if entry is None:
+        warnings.warn(
+            f"{spec.key} has no official int8 weights (torchvision publishes them for MobileNetV2/V3, ResNet-18/50, "
+            f"ResNeXt, ShuffleNetV2, GoogLeNet, Inception-v3): it runs in float32",
+            ImgsentWarning,
+            stacklevel=3,
+        )
+        return None
+    module, source = load_int8(spec.name, entry, spec.weights, random_weights, spec.output)
+    return module, _preprocess_from_transforms(entry.transforms()), True, source
+
+
+def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0, int8: bool = False) -> Backbone:
     """Build one frozen backbone from its spec string (see the module docstring), on the CPU.
 
     Raises :class:`ImgsentError` for unknown names, unreadable weights, or pretrained weights that
     cannot be downloaded. With ``random_weights`` the weights are random but seeded (reproducible).
+    ``int8``: torchvision's official quantized weights run natively where they exist (see
+    :mod:`imgsent.quantized`; ``@FILE`` then names int8 weights), float32 otherwise.
     """
     parsed = BackboneSpec.parse(spec)
     with _seeded(seed):
-        module, pp, cpu_only, source = _SOURCES[parsed.source](parsed, random_weights)
+        loaded = _load_int8(parsed, random_weights) if int8 else None
+        module, pp, cpu_only, source = loaded or _SOURCES[parsed.source](parsed, random_weights)
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    backbone = Backbone(spec=parsed, module=module, preprocess=pp, cpu_only=cpu_only, weights_source=source)
+    backbone = Backbone(
+        spec=parsed, module=module, preprocess=pp, cpu_only=cpu_only, weights_source=source, int8=loaded is not None
+    )
     if parsed.source in ("objects", "regions"):  # a detector: per-image loops, variable outputs; runs as it is
         backbone.optimizable = False
         backbone.columns = module.columns

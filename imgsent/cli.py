@@ -114,11 +114,14 @@ Device = Annotated[
     ),
 ]
 Precision = Annotated[
-    Literal["auto", "fp32", "tf32", "bf16", "fp16"],
-    typer.Option(help="auto: fp32 on CPU, bf16 (fp16 on pre-Ampere cards) on CUDA; fp32 on CUDA has TF32 off."),
+    Literal["auto", "fp32", "tf32", "bf16", "fp16", "int8"],
+    typer.Option(
+        help="auto: fp32 on CPU, bf16 (fp16 on pre-Ampere cards) on CUDA; fp32 on CUDA has TF32 off; "
+        "int8: torchvision's official quantized weights on the CPU (others stay fp32)."
+    ),
 ]
 ScorePrecision = Annotated[
-    Literal["auto", "fp32", "tf32", "bf16", "fp16"],
+    Literal["auto", "fp32", "tf32", "bf16", "fp16", "int8"],
     typer.Option(help="auto: what the model's training features used (fp32 for the default); bf16: the head too."),
 ]
 BatchSize = Annotated[

@@ -71,7 +71,7 @@ class _EmbedActor:
     def __init__(self, specs: list[tuple[str, bool, dict]], options: RunOptions, head_path: str | None = None):
         backbones = []
         for spec, random_weights, fingerprint in specs:
-            bb = create_backbone(spec, random_weights=random_weights)
+            bb = create_backbone(spec, random_weights=random_weights, int8=options.precision == "int8")
             if not fingerprints_match(fingerprint, bb.fingerprint):
                 raise ImgsentError(f"{spec}: this Ray worker resolved other weights than the driver")
             backbones.append(bb)

@@ -296,12 +296,8 @@ class FeatureEngine:
         and flips; on the backbone's device (``pixels`` may already be there)."""
         self.prepare()
         dev = self._devices[index]
-        mean, std = self._norms[index]
         n, crops = pixels.shape[:2]
-        x = pixels.to(dev, non_blocking=True).flatten(0, 1)
-        x = (x.float() - mean) / std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = pixels.to(dev, non_blocking=True).flatten(0, 1)  # uint8; normalised pass by pass
         amp = (
             torch.autocast(device_type=dev.type, dtype=self.amp_dtype)
             if self.amp_dtype is not None and dev.type == self.device.type
@@ -314,17 +310,21 @@ class FeatureEngine:
         return out.view(n, crops, -1).mean(dim=1)
 
     def _forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Forward passes of ``model_batch`` images; a frozen or compiled module always gets
-        exactly that many (the last pass padded), so its kernels are built for one shape only and
-        an image's features do not depend on how many others share its pass."""
+        """Forward passes of ``model_batch`` uint8 images, each normalised just before its pass
+        (while it is in cache: on CPU this costs as much as an int8 model otherwise); a frozen or
+        compiled module always gets exactly that many (the last pass padded), so its kernels are
+        built for one shape only and an image's features do not depend on how many others share
+        its pass."""
         bb, module, step = self.backbones[index], self._modules[index], self.model_batch
+        mean, std = self._norms[index]
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         outs = []
         for s in range(0, len(x), step):
             part = x[s : s + step]
             m = len(part)
             if m < step and self._fixed_shape[index]:
-                pad = part.new_zeros((step - m, *part.shape[1:]))
-                part = torch.cat([part, pad]).contiguous(memory_format=part_format(part))
+                part = torch.cat([part, part.new_zeros((step - m, *part.shape[1:]))])
+            part = part.contiguous(memory_format=fmt).float().sub_(mean).div_(std)
             outs.append(bb.run(module, part)[:m].float())
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

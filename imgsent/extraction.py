@@ -17,9 +17,10 @@ from .report import RunProgress, RunSummary
 from .shards import Chunk, ShardedWriter, plan_chunks
 
 
-def load_backbones(specs: Sequence[str], *, random_weights: bool = False) -> list[Backbone]:
-    """Create every backbone named by ``specs`` (spec strings or preset names)."""
-    return [create_backbone(s, random_weights=random_weights) for s in expand_presets(list(specs))]
+def load_backbones(specs: Sequence[str], *, random_weights: bool = False, int8: bool = False) -> list[Backbone]:
+    """Create every backbone named by ``specs`` (spec strings or preset names); ``int8``: official
+    quantized weights where they exist."""
+    return [create_backbone(s, random_weights=random_weights, int8=int8) for s in expand_presets(list(specs))]
 
 
 def build_engine(models: Sequence[Backbone], options: RunOptions, *, head_path: str | None = None) -> Engine:
@@ -161,7 +162,7 @@ def extract(
     opts = RunOptions.build(options, **overrides)
     check_choice("dtype", dtype, tuple(DTYPES))
     refs = resolve_inputs(inputs, opts, stdin=stdin)
-    models = load_backbones(backbones, random_weights=random_weights)
+    models = load_backbones(backbones, random_weights=random_weights, int8=opts.precision == "int8")
     engine = build_engine(models, opts)
     output = store_writer(out, models, dtype, opts, engine.numerics)
     return run_sharded(engine, refs, [output], opts, "extract", out)

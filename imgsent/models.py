@@ -66,8 +66,10 @@ def _weights_for(model: SentimentModel, weights: Sequence[str]) -> dict[str, str
     return out
 
 
-def model_backbones(model: SentimentModel, weights: Sequence[str] = ()) -> list[Backbone]:
-    """Build exactly the backbones the model's recipe names, and check their weights' fingerprints.
+def model_backbones(model: SentimentModel, weights: Sequence[str] = (), *, int8: bool = False) -> list[Backbone]:
+    """Build exactly the backbones the model's recipe names, and check their weights' fingerprints
+    (``int8``: official int8 weights where they exist; a backbone whose numerics differ from its
+    recipe's, because the run asked for other numerics by name, is not compared).
 
     Weights, in order: ``weights`` (``--weights``), the file named in the recipe if it exists
     here, then the backbone's own resolution (imgsent's cache, environment, download).
@@ -86,8 +88,9 @@ def model_backbones(model: SentimentModel, weights: Sequence[str] = ()) -> list[
             spec_str = recipe.get("spec", key)
         # A model trained on random (seeded, test-only) backbone weights gets them again.
         random_weights = bool(recipe.get("fingerprint", {}).get("random")) and not path
-        bb = create_backbone(spec_str, random_weights=random_weights)
-        if not fingerprints_match(recipe.get("fingerprint", {}), bb.fingerprint):
+        bb = create_backbone(spec_str, random_weights=random_weights, int8=int8)
+        same_numerics = recipe.get("numerics", "fp32") == ("int8" if bb.int8 else "fp32")
+        if same_numerics and not fingerprints_match(recipe.get("fingerprint", {}), bb.fingerprint):
             raise ImgsentError(
                 f"weights for {key}{' (' + path + ')' if path else ''} are not the ones this model was trained on "
                 f"(their probe features differ); point --weights at the right file"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .decode import DEFAULT_MAX_PIXELS, TTA_MODES
 from .errors import ImgsentError
 
-PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16", "int8")
 NUMERICS = ("fp32", "tf32", "bf16", "fp16")  # what a run's features were computed in ("auto" resolved)
 ENGINES = ("local", "ray")
 DEFAULT_BATCH_SIZE = 64

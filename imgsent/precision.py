@@ -2,7 +2,9 @@
 
 A run's *numerics* is what its features were actually computed in: ``fp32`` (true float32, TF32
 off), ``tf32`` (float32 with TF32 tensor-core matmuls and convolutions, CUDA), ``bf16`` or ``fp16``
-(autocast). Stores and model recipes record it; heads are only fed features of their own numerics.
+(autocast), or ``int8`` (torchvision's official quantized weights run natively on the CPU, see
+:mod:`imgsent.quantized`; backbones without them stay float32). Stores and model recipes record
+it; heads are only fed features of their own numerics.
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ def bf16_native(device: torch.device) -> bool:
 
 def resolve_numerics(device: torch.device, precision: str) -> str:
     """What ``precision`` means on ``device``: ``auto`` is fp32 off CUDA, and on CUDA bf16 where the
-    card has bf16 tensor cores, else fp16; ``tf32`` is fp32 off CUDA (there is no TF32 there)."""
+    card has bf16 tensor cores, else fp16; ``tf32`` is fp32 off CUDA (there is no TF32 there);
+    ``int8`` backbones run on the CPU whatever the device."""
     check_precision(precision)
-    if device.type != "cuda":
+    if device.type != "cuda" or precision == "int8":
         return "fp32" if precision in ("auto", "tf32") else precision
     if precision == "auto":
         return "bf16" if bf16_native(device) else "fp16"
     return precision
 
 
-AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:

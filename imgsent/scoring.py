@@ -153,10 +153,10 @@ def score(
         return _score_store(features, out, sentiment, builder, fmt, accept)
 
     refs = resolve_inputs(inputs, opts, stdin=stdin)
-    backbones = model_backbones(sentiment, weights)
     # The model's recipe: its TTA, and (unless the user asks otherwise) the numerics its features had.
     precision = sentiment.numerics if opts.precision == "auto" else opts.precision
     opts = RunOptions.build(opts, tta=sentiment.feature_header.get("tta", "none"), precision=precision)
+    backbones = model_backbones(sentiment, weights, int8=precision == "int8")
     engine = build_engine(backbones, opts, head_path=model_path(model))
     builder.device = getattr(engine, "device", None)  # the local engine's card runs the head too
     outputs = [store_writer(keep_features, backbones, "float32", opts, engine.numerics)] if keep_features else []

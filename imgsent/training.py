@@ -258,6 +258,8 @@ class SentimentModel:
             theirs = have[mine["key"]]
             if theirs.get("preprocess") != mine.get("preprocess"):
                 raise ImgsentError(f"{what}: {mine['key']} used other preprocessing than the model's training features")
+            if mine.get("numerics", "fp32") != theirs.get("numerics", "fp32"):
+                continue  # int8 weights against float ones: accepted below only when asked for by name
             if not fingerprints_match(mine.get("fingerprint", {}), theirs.get("fingerprint", {})):
                 raise ImgsentError(
                     f"{what}: {mine['key']} features come from other weights than the model was trained on "

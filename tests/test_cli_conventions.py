@@ -74,7 +74,7 @@ def test_help_lists_choices_and_readable_metavars(capsys, monkeypatch):
         assert code == 0
         assert not re.search(r"<(str|int|float|list\[[^]]*\])>", out), f"{cmd} --help shows a Python type:\n{out}"
     _, out, _ = run_cli(["score", "--help"], capsys, monkeypatch)
-    assert "<auto|fp32|tf32|bf16|fp16>" in out and "auto|cpu|cuda|cuda:N|mps" in out and "I/N" in out
+    assert "<auto|fp32|tf32|bf16|fp16|int8>" in out and "auto|cpu|cuda|cuda:N|mps" in out and "I/N" in out
     assert "INPUT..." in out
     _, out, _ = run_cli(["extract", "--help"], capsys, monkeypatch)
     assert "INPUT..." in out and "SPEC" in out and "<none|flip|crops|flip+crops>" in out

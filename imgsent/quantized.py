@@ -1,0 +1,192 @@
+"""int8 backbones (``--precision int8``, CPU): torchvision's official quantized checkpoints, run
+natively with the fastest quantized engine this CPU has (``x86``, else ``fbgemm``, else ``qnnpack``).
+
+Which weights: the tag's own entry when it is a quantized one (``mobilenet_v2.IMAGENET1K_QNNPACK_V1``),
+else the quantized entry made from the tag's float weights (``resnet50.IMAGENET1K_V2`` ->
+``IMAGENET1K_FBGEMM_V2``). They come from ``@FILE`` (torchvision's quantized state dict, or, for
+MobileNetV2, a traced int8 TorchScript of the same network such as ``mobilenet_v2_quantized_torchscript.pt``),
+else from torchvision's download. Their activation ranges were calibrated by torchvision when it
+published them: nothing here depends on which images a run sees. Other models have no official
+int8 weights; :func:`int8_entry` says so and they stay float32 (a one-line warning).
+
+Features are the input of the last quantized Linear, dequantized (as the float path takes the input
+of the last ``nn.Linear``); ``:probs`` the softmax of the dequantized logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from .errors import ImgsentError
+
+ENGINES = ("x86", "fbgemm", "qnnpack")  # fastest first
+
+
+def engine_name() -> str:
+    """The quantized engine int8 backbones use here."""
+    for name in ENGINES:
+        if name in torch.backends.quantized.supported_engines:
+            return name
+    raise ImgsentError("this PyTorch build has no quantized CPU engine (x86, fbgemm or qnnpack): int8 is unavailable")
+
+
+@contextlib.contextmanager
+def quantized_engine():
+    """The int8 engine, for as long as modules are built and their weights packed (the packed
+    weights keep their engine's kernels afterwards); the previous setting is restored. torch.ao's
+    notices (eager quantization is deprecated in favour of torchao; observers on random weights)
+    are not shown: imgsent only reads torchvision's published int8 models with it."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine_name()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"torch\.ao\..*")
+            warnings.filterwarnings("ignore", module=r"torchvision\.models\.quantization\..*")
+            warnings.filterwarnings("ignore", message=r".*(quantiz|migrat|torchao).*")
+            yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def int8_entry(name: str, tag: str | None):
+    """torchvision's official quantized weights entry for ``name`` with weights ``tag``, or None."""
+    import torchvision.models as tvm
+
+    try:
+        enum = tvm.get_model_weights(f"quantized_{name}")
+    except Exception:
+        return None
+    tag = tag or "DEFAULT"
+    if tag in enum.__members__:
+        return enum[tag]
+    try:
+        float_entry = tvm.get_model_weights(name)[tag]
+    except KeyError:
+        return None
+    return next((e for e in enum if e.meta.get("unquantized") == float_entry), None)
+
+
+def _repack(model: nn.Module) -> nn.Module:
+    """Pack every quantized weight again under the current engine (torchvision packs them for
+    the backend they were calibrated for, whose kernels may be slow on this CPU)."""
+    for mod in model.modules():
+        if hasattr(mod, "set_weight_bias") and callable(getattr(mod, "weight", None)):
+            mod.set_weight_bias(mod.weight(), mod.bias())
+    return model
+
+
+def _structure(name: str) -> nn.Module:
+    """An int8 model of torchvision's ``quantized_NAME`` layout (random weights, seeded by the caller)."""
+    import torchvision.models as tvm
+
+    kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
+    previous = torch.backends.quantized.engine
+    try:
+        model = tvm.get_model(f"quantized_{name}", weights=None, quantize=True, **kwargs)
+    finally:
+        torch.backends.quantized.engine = previous  # torchvision sets its backend globally
+    return model
+
+
+def _load_file(model: nn.Module, name: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise ImgsentError(f"int8 weights not found: {path}")
+    try:
+        scripted = torch.jit.load(path, map_location="cpu")
+    except Exception:
+        scripted = None
+    if scripted is not None:
+        if name != "mobilenet_v2":
+            raise ImgsentError(f"{path}: int8 TorchScript files are read for mobilenet_v2 only; give a state dict")
+        _from_traced_mobilenet_v2(model, scripted)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except Exception as exc:
+        raise ImgsentError(
+            f"cannot read {path} as int8 weights of {name} ({' '.join(str(exc).split())[:160]}); give torchvision's "
+            f"quantized state dict (quantized_{name})"
+        ) from None
+
+
+def _from_traced_mobilenet_v2(model: nn.Module, traced: torch.jit.ScriptModule) -> None:
+    """Copy a traced int8 MobileNetV2 (torchvision's quantized one, traced and frozen) into ``model``:
+    packed weights by their module names, activation scales and zero points from the graph."""
+    prefix = "_jit_pass_hoist_conv_packed_params."
+    adds = [block.skip_add for block in model.features if getattr(block, "use_res_connect", False)]
+    done = {"quant": 0, "conv": 0, "add": 0, "linear": 0}
+    for node in traced.graph.nodes():
+        kind, ins = node.kind(), list(node.inputs())
+        if kind == "aten::quantize_per_tensor":
+            model.quant.scale = torch.tensor([float(ins[1].toIValue())])
+            model.quant.zero_point = torch.tensor([int(ins[2].toIValue())])
+            done["quant"] += 1
+        elif kind in ("quantized::conv2d", "quantized::conv2d_relu"):
+            attr = ins[1].node().s("name")
+            module = model.get_submodule(attr[len(prefix) :].rsplit("._packed_params", 1)[0])
+            module.set_weight_bias(*torch.ops.quantized.conv2d_unpack(getattr(traced, attr)))
+            module.scale, module.zero_point = float(ins[2].toIValue()), int(ins[3].toIValue())
+            done["conv"] += 1
+        elif kind == "quantized::add":
+            if done["add"] >= len(adds):
+                raise ImgsentError("the TorchScript file is not torchvision's quantized mobilenet_v2 (extra adds)")
+            adds[done["add"]].scale, adds[done["add"]].zero_point = float(ins[2].toIValue()), int(ins[3].toIValue())
+            done["add"] += 1
+        elif kind == "quantized::linear":
+            linear = model.classifier[1]
+            packed = traced.classifier._modules["1"]._packed_params._packed_params
+            linear.set_weight_bias(*torch.ops.quantized.linear_unpack(packed))
+            linear.scale, linear.zero_point = float(ins[2].toIValue()), int(ins[3].toIValue())
+            done["linear"] += 1
+    import torch.ao.nn.quantized as nnq
+
+    convs = sum(1 for m in model.modules() if isinstance(m, nnq.Conv2d))
+    if done != {"quant": 1, "conv": convs, "add": len(adds), "linear": 1}:
+        raise ImgsentError(f"the TorchScript file is not torchvision's quantized mobilenet_v2 (found {done})")
+
+
+def _drop_last_linear(model: nn.Module) -> None:
+    """Features: the last quantized Linear becomes an identity (its input comes out, dequantized)."""
+    import torch.ao.nn.quantized as nnq
+
+    last = [n for n, m in model.named_modules() if isinstance(m, nnq.Linear)]
+    if not last:
+        raise ImgsentError("this quantized model has no final Linear to take pooled features before")
+    parent_name, _, child = last[-1].rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+
+
+def load_int8(name: str, entry, weights: str | None, random_weights: bool, output: str) -> tuple[nn.Module, str]:
+    """(int8 module in eval mode, weights source) for torchvision's ``name`` with quantized ``entry``."""
+    import torchvision.models as tvm
+
+    with quantized_engine():
+        if random_weights or weights:
+            model = _structure(name)
+            if weights:
+                _load_file(model, name, weights)
+            source = weights or "random (seeded)"
+        else:
+            kwargs = {"aux_logits": False} if name in ("inception_v3", "googlenet") else {}
+            previous = torch.backends.quantized.engine
+            try:
+                model = tvm.get_model(f"quantized_{name}", weights=entry, quantize=True, **kwargs)
+            except Exception as exc:
+                reason = " ".join(str(exc).split())[:160]
+                raise ImgsentError(
+                    f"cannot get torchvision's int8 weights {entry} ({type(exc).__name__}: {reason}); offline, give "
+                    f"torchvision:{name}@FILE with its quantized state dict"
+                ) from None
+            finally:
+                torch.backends.quantized.engine = previous
+            source = f"torchvision {entry} (torch hub cache)"
+        _repack(model)
+        if output == "features":
+            _drop_last_linear(model)
+    return model.eval(), source
