@@ -166,7 +166,7 @@ class Backbone:
     batchable: bool = True  # False for modules traced with a fixed batch of 1
     weights_source: str = ""  # where the weights came from (a file, a hub, random), for summaries
     optimizable: bool = True  # False: run eagerly as is (no trace, freeze, compile or channels_last)
-    int8: bool = False  # torchvision's official quantized weights, run natively (CPU)
+    int8: dict | None = None  # how it was quantized (official weights or post-training); None: float
     columns: list[str] | None = None  # names of the feature columns, when they have meanings
 
     @property
@@ -199,7 +199,7 @@ class Backbone:
             "preprocess": self.preprocess.to_dict(),
             "fingerprint": self.fingerprint,
             **({"columns": self.columns} if self.columns else {}),
-            **({"numerics": "int8"} if self.int8 else {}),
+            **({"numerics": "int8", "int8": self.int8} if self.int8 else {}),
         }
 
 
@@ -489,24 +489,33 @@ def expand_presets(names: list[str] | tuple[str, ...]) -> list[str]:
     return out
 
 
-def _load_int8(spec: BackboneSpec, random_weights: bool) -> Loaded | None:
-    """torchvision's official int8 version of ``spec`` (CPU), or None (with a one-line warning)."""
+def _load_int8(spec: BackboneSpec, random_weights: bool) -> tuple[Loaded, dict] | None:
+    """torchvision's official int8 version of ``spec`` (CPU) and its recipe entry, or None."""
+    from .quantized import int8_entry, load_int8
+
+    entry = int8_entry(spec.name, spec.tag, spec.weights is not None) if spec.source == "torchvision" else None
+    if entry is None:
+        return None
+    module, source = load_int8(spec.name, entry, spec.weights, random_weights, spec.output)
+    return (module, _preprocess_from_transforms(entry.transforms()), True, source), {"weights": f"official {entry}"}
+
+
+def _post_training_int8(spec: BackboneSpec, module: nn.Module, pp: Preprocess) -> tuple[nn.Module, dict | None]:
+    """``module`` quantized after training (see :mod:`imgsent.quantized`) and its recipe entry, or
+    ``module`` as it is (float32) with a one-line warning saying why."""
     import warnings
 
     from .errors import ImgsentWarning
-    from .quantized import int8_entry, load_int8
+    from .quantized import CALIBRATION, not_quantizable, post_training_int8
 
-    entry = int8_entry(spec.name, spec.tag) if spec.source == "torchvision" else None
-    if entry is None:
-        warnings.warn(
-            f"{spec.key} has no official int8 weights (torchvision publishes them for MobileNetV2/V3, ResNet-18/50, "
-            f"ResNeXt, ShuffleNetV2, GoogLeNet, Inception-v3): it runs in float32",
-            ImgsentWarning,
-            stacklevel=3,
-        )
-        return None
-    module, source = load_int8(spec.name, entry, spec.weights, random_weights, spec.output)
-    return module, _preprocess_from_transforms(entry.transforms()), True, source
+    reason = not_quantizable(module) if spec.source in ("timm", "torchvision", "torchscript") else "a detector view"
+    if reason is None:
+        try:
+            return post_training_int8(module, pp.mean, pp.std, pp.input_size), dict(CALIBRATION)
+        except ImgsentError as exc:
+            reason = str(exc)
+    warnings.warn(f"{spec.key} stays float32 under int8: {reason}", ImgsentWarning, stacklevel=3)
+    return module, None
 
 
 def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0, int8: bool = False) -> Backbone:
@@ -514,18 +523,24 @@ def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0, i
 
     Raises :class:`ImgsentError` for unknown names, unreadable weights, or pretrained weights that
     cannot be downloaded. With ``random_weights`` the weights are random but seeded (reproducible).
-    ``int8``: torchvision's official quantized weights run natively where they exist (see
-    :mod:`imgsent.quantized`; ``@FILE`` then names int8 weights), float32 otherwise.
+    ``int8``: torchvision's official quantized weights run natively where they exist (``@FILE`` then
+    names int8 weights), else post-training int8 for convolutional networks, else float32 with a
+    warning (see :mod:`imgsent.quantized`).
     """
     parsed = BackboneSpec.parse(spec)
     with _seeded(seed):
-        loaded = _load_int8(parsed, random_weights) if int8 else None
-        module, pp, cpu_only, source = loaded or _SOURCES[parsed.source](parsed, random_weights)
+        official = _load_int8(parsed, random_weights) if int8 else None
+        quantization = official[1] if official else None
+        module, pp, cpu_only, source = official[0] if official else _SOURCES[parsed.source](parsed, random_weights)
+        if int8 and not official:
+            module.eval()
+            module, quantization = _post_training_int8(parsed, module, pp)
+            cpu_only = cpu_only or quantization is not None
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
     backbone = Backbone(
-        spec=parsed, module=module, preprocess=pp, cpu_only=cpu_only, weights_source=source, int8=loaded is not None
+        spec=parsed, module=module, preprocess=pp, cpu_only=cpu_only, weights_source=source, int8=quantization
     )
     if parsed.source in ("objects", "regions"):  # a detector: per-image loops, variable outputs; runs as it is
         backbone.optimizable = False

@@ -6,8 +6,14 @@ else the quantized entry made from the tag's float weights (``resnet50.IMAGENET1
 ``IMAGENET1K_FBGEMM_V2``). They come from ``@FILE`` (torchvision's quantized state dict, or, for
 MobileNetV2, a traced int8 TorchScript of the same network such as ``mobilenet_v2_quantized_torchscript.pt``),
 else from torchvision's download. Their activation ranges were calibrated by torchvision when it
-published them: nothing here depends on which images a run sees. Other models have no official
-int8 weights; :func:`int8_entry` says so and they stay float32 (a one-line warning).
+published them: nothing here depends on which images a run sees.
+
+Other convolutional networks (timm, torchvision without official int8 weights) get post-training
+static quantization (:func:`post_training_int8`: torch.ao FX, the engine's default qconfig), calibrated
+on :data:`CALIBRATION`: seeded synthetic images with natural-image statistics, generated in float64
+and rounded to uint8, so the calibration is the same on every machine and every run and never
+depends on the images being processed. Transformers (more Linear than convolution weights),
+TorchScript files and models FX cannot trace stay float32, with a one-line warning.
 
 Features are the input of the last quantized Linear, dequantized (as the float path takes the input
 of the last ``nn.Linear``); ``:probs`` the softmax of the dequantized logits.
@@ -53,8 +59,11 @@ def quantized_engine():
         torch.backends.quantized.engine = previous
 
 
-def int8_entry(name: str, tag: str | None):
-    """torchvision's official quantized weights entry for ``name`` with weights ``tag``, or None."""
+def int8_entry(name: str, tag: str | None, float_file: bool = False):
+    """torchvision's official quantized weights entry for ``name`` with weights ``tag``, or None:
+    the tag itself when it names a quantized entry; else (a float tag, or none: DEFAULT) the
+    quantized entry made from that float entry, unless ``float_file`` (local float weights, which
+    get post-training int8 instead)."""
     import torchvision.models as tvm
 
     try:
@@ -62,13 +71,77 @@ def int8_entry(name: str, tag: str | None):
     except Exception:
         return None
     tag = tag or "DEFAULT"
-    if tag in enum.__members__:
+    if tag != "DEFAULT" and tag in enum.__members__:
         return enum[tag]
+    if float_file:
+        return None
     try:
         float_entry = tvm.get_model_weights(name)[tag]
     except KeyError:
         return None
     return next((e for e in enum if e.meta.get("unquantized") == float_entry), None)
+
+
+CALIBRATION = {
+    "method": "post-training static (torch.ao FX, default qconfig of the engine)",
+    "images": 64,
+    "seed": 0,
+    "kind": "synthetic, 1/f amplitude spectrum, correlated colours, uint8",
+}
+
+
+def calibration_images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """``n`` seeded uint8 (3, H, W) images with natural-image statistics: a 1/f amplitude spectrum,
+    random phases, correlated colour channels, varied contrast and mean (float64, then rounded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+    amplitude = 1.0 / np.maximum(np.sqrt(fx**2 + fy**2), 1.0 / max(height, width))
+    out = np.empty((n, 3, height, width), dtype=np.uint8)
+    for i in range(n):
+        phase = rng.uniform(0, 2 * np.pi, size=(3, height, width // 2 + 1))
+        img = np.fft.irfft2(amplitude * np.exp(1j * phase), s=(height, width))
+        img = np.einsum("ij,jhw->ihw", rng.uniform(0, 0.5, size=(3, 3)) + np.eye(3), img)
+        img = (img - img.mean()) / img.std() * rng.uniform(0.18, 0.28) + rng.uniform(0.35, 0.65, size=(3, 1, 1))
+        out[i] = np.rint(np.clip(img, 0, 1) * 255)
+    return torch.from_numpy(out)
+
+
+def not_quantizable(module: nn.Module) -> str | None:
+    """Why static int8 does not suit ``module`` (None when it does)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return "a TorchScript file cannot be re-quantized"
+    conv = sum(p.numel() for m in module.modules() if isinstance(m, nn.Conv2d) for p in m.parameters())
+    linear = sum(p.numel() for m in module.modules() if isinstance(m, nn.Linear) for p in m.parameters())
+    if conv == 0 or linear > conv:
+        return "not a convolutional network (a transformer's attention and norms do not quantize statically)"
+    return None
+
+
+def post_training_int8(
+    module: nn.Module, mean, std, input_size: tuple[int, int], images: torch.Tensor | None = None
+) -> nn.Module:
+    """``module`` (float, eval) quantized with torch.ao FX and calibrated on :data:`CALIBRATION`
+    (or on ``images``, uint8 (N, 3, H, W), for experiments); raises ImgsentError when FX cannot
+    trace it."""
+    import copy
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    if images is None:
+        images = calibration_images(CALIBRATION["images"], *input_size, seed=CALIBRATION["seed"])
+    x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with quantized_engine():
+        try:
+            prepared = prepare_fx(copy.deepcopy(module).eval(), get_default_qconfig_mapping(engine_name()), (x[:2],))
+        except Exception as exc:
+            raise ImgsentError(f"FX cannot trace it ({type(exc).__name__})") from None
+        with torch.inference_mode():
+            for s in range(0, len(x), 16):
+                prepared(x[s : s + 16])
+        return convert_fx(prepared).eval()
 
 
 def _repack(model: nn.Module) -> nn.Module:

@@ -37,10 +37,33 @@ def test_an_int8_backbone_is_quantized_cpu_only_and_batch_independent(images, tm
     np.testing.assert_array_equal(stores[0].X, stores[1].X)
 
 
-def test_models_without_official_int8_weights_stay_float32_and_say_so():
-    with pytest.warns(ImgsentWarning, match="no official int8 weights.*float32"):
-        bb = create_backbone(TINY, random_weights=True, int8=True)
+def test_convolutional_networks_without_official_weights_get_a_deterministic_post_training_int8(images, tmp_path):
+    from imgsent.quantized import CALIBRATION, calibration_images
+
+    a = create_backbone(TINY, random_weights=True, int8=True)
+    b = create_backbone(TINY, random_weights=True, int8=True)
+    assert a.int8 == CALIBRATION and a.cpu_only and a.recipe()["int8"]["images"] == 64
+    assert a.fingerprint == b.fingerprint  # same calibration, same quantized weights and scales
+    assert a.fingerprint != create_backbone(TINY, random_weights=True).fingerprint
+    cal = calibration_images(4, 32, 48, seed=0)
+    assert cal.dtype == torch.uint8 and cal.shape == (4, 3, 32, 48) and torch.equal(cal, calibration_images(4, 32, 48))
+    assert 60 < cal.float().mean() < 200 and cal.float().std() > 20  # mid-grey photos with contrast
+    stores = []
+    for batch in (8, 3):
+        out = str(tmp_path / f"b{batch}")
+        imgsent.extract([str(images)], out, backbones=[TINY], precision="int8", **{**KW, "batch_size": batch})
+        stores.append(imgsent.features.load(out).X)
+    np.testing.assert_array_equal(stores[0], stores[1])
+
+
+def test_transformers_and_torchscript_stay_float32_and_say_so(tmp_path):
+    with pytest.warns(ImgsentWarning, match="stays float32 under int8: not a convolutional network"):
+        bb = create_backbone("timm:test_vit", random_weights=True, int8=True)
     assert not bb.int8 and "numerics" not in bb.recipe()
+    path = tmp_path / "net.pt"
+    torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1))).save(str(path))
+    with pytest.warns(ImgsentWarning, match="TorchScript file cannot be re-quantized"):
+        assert not create_backbone(f"torchscript:{path}", int8=True).int8
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")  # torchvision:resnet18 has official int8 weights: no warning
         bb = create_backbone("torchvision:resnet18", random_weights=True, int8=True)
