@@ -13,6 +13,8 @@ with 16 cores. Measures:
   independence          GPU features at batch 64 vs 256 and in reversed order: max abs difference
   memory                peak GPU memory (torch.cuda.max_memory_allocated)
   score vs extract      imgsent.score on the images (head on the GPU) vs imgsent.extract, images/s
+  detector views        objects + regions views of a torchvision detector (random weights, so it
+                        finds little) over 200 images on the device: images/s, or the error
 Runs on the CPU too (``--device cpu --images 64``: a smoke test of this script, not a measurement).
 """
 
@@ -140,6 +142,26 @@ def independence(images: Path, device: str, tmp: Path) -> dict:
     }
 
 
+def detector_views(images: Path, device: str, tmp: Path) -> dict:
+    """The objects and regions views of one torchvision detector on the device (decode once, one
+    detector pass per image for both views)."""
+    sub = tmp / "views"
+    sub.mkdir(exist_ok=True)
+    picked = sorted(images.iterdir())[:200]
+    for p in picked:
+        (sub / p.name).symlink_to(p)
+    detector = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"
+    specs = [f"objects:{detector}", f"regions:{detector}+timm:efficientnet_b2+min=0"]
+    try:
+        t = time.perf_counter()
+        s = imgsent.extract([str(sub)], str(tmp / "views_store"), backbones=specs, random_weights=True, device=device)
+        rate = len(picked) / (time.perf_counter() - t)
+    except Exception as exc:  # a new path on a GPU: record why, keep the rest of the check
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    x = imgsent.features.load(str(tmp / "views_store")).X
+    return {"images_per_s": round(rate, 1), "errors": s.errors, "rows_with_detections": int((x != 0).any(1).sum())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
@@ -197,6 +219,8 @@ def main() -> None:
         "extract": round(extract_rate, 1),
         "score": round(args.images / (time.perf_counter() - t), 1),
     }
+    save()
+    result["detector_views"] = detector_views(images, args.device, tmp)
     save()
     print(json.dumps(result, indent=1))
 

@@ -192,3 +192,20 @@ def test_the_lab_preset_runs_offline_on_real_photos(tmp_path, monkeypatch):
     regions = fs.X[0, fs.layout.columns([fs.blocks[3][0]])]
     pooled = fs.X[0, :1280]
     assert regions.any() and np.abs(regions - pooled).max() > 0.1  # the crops are not the whole photo
+
+
+def test_an_interrupted_detector_view_store_resumes_to_the_same_numbers(scripted, tmp_path, interrupt_after_commits):
+    det, inner = f"torchscript:{scripted / 'halves.pt'}", f"torchscript:{scripted / 'mean.pt'}"
+    specs = [f"objects:{det}", f"regions:{det}+{inner}+k=1"]
+    kw = {"backbones": specs, "workers": 0, "batch_size": 2, "rows_per_shard": 2}
+    whole = str(tmp_path / "whole")
+    imgsent.extract([str(scripted / "imgs")], whole, **kw)
+    out = str(tmp_path / "resumed")
+    interrupt_after_commits.arm(1, KeyboardInterrupt("simulated kill"))
+    with pytest.raises(KeyboardInterrupt):
+        imgsent.extract([str(scripted / "imgs")], out, **kw)
+    interrupt_after_commits.disarm()
+    imgsent.extract([str(scripted / "imgs")], out, **kw)
+    a, b = imgsent.features.load(whole), imgsent.features.load(out)
+    assert a.ids == b.ids and len(a.ids) == 5
+    np.testing.assert_array_equal(a.X, b.X)
