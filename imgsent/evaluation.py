@@ -129,17 +129,23 @@ class EvaluationReport:
             title=f"imgsent evaluate ({self.protocol}, {len(self.splits)} split(s), {self.data['labelled']} images)"
         )
         ablation = any(r.views != "all" for r in self.results)
-        if ablation:
-            t.add_column("views")
-        t.add_column("features")
+        names = short_names([k for r in self.results for k in r.features.split(" + ")])
+        t.add_column("views" if ablation else "features", no_wrap=ablation)
         t.add_column("head")
         for m in METRICS:
             t.add_column(m.replace("_", " "), justify="right")
         t.add_column("confusion (rows = true " + "/".join(self.classes) + ")")
         for r in self.results:
             cells = [f"{100 * mu:.2f} ± {100 * sd:.2f}" for mu, sd in (r.mean_std(m) for m in METRICS)]
-            features = r.features if r.views != "all" or not ablation else "all views"
-            t.add_row(*([r.views] if ablation else []), features, r.head, *cells, str(r.to_dict()["confusion"]))
+            if not ablation:
+                label = r.features
+            elif r.views == "all":
+                label = "all views"
+            elif r.views == "alone":
+                label = f"alone: {names[r.features]}"
+            else:
+                label = f"all but {names[r.views[len('all but ') :]]}"
+            t.add_row(label, r.head, *cells, str(r.to_dict()["confusion"]))
         Console(width=None if sys.stdout.isatty() else 200).print(t)
 
 
@@ -169,6 +175,22 @@ def make_splits(
     if protocol == "train-val-test":
         return train_val_test(n, fractions, seed)
     raise ImgsentError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Readable names for feature keys in a table: no ``timm:`` / ``torchvision:`` prefix,
+    TorchScript paths cut to their file names; a key whose short name would be ambiguous keeps
+    its full name."""
+
+    def short(key: str) -> str:
+        key = re.sub(r"torchscript:([^+]*)", lambda m: "torchscript:" + os.path.basename(m.group(1)), key)
+        return re.sub(r"^(timm|torchvision):", "", key)
+
+    unique = list(dict.fromkeys(keys))
+    counts: dict[str, int] = {}
+    for k in unique:
+        counts[short(k)] = counts.get(short(k), 0) + 1
+    return {k: short(k) if counts[short(k)] == 1 else k for k in unique}
 
 
 def ablation_configs(

@@ -246,3 +246,24 @@ def test_ablation_rows_follow_the_papers_table_two():
     ]
     assert [r[2] for r in ablation_configs(blocks[:2], ["nn"])] == ["alone", "alone", "all"]  # no "all but" of two
     assert ablation_configs(blocks[:1], ["nn", "moe2"]) == [(blocks[:1], "nn", "all"), (blocks[:1], "moe2", "all")]
+
+
+def test_ablation_tables_name_views_briefly_and_unambiguously():
+    from imgsent.evaluation import short_names
+
+    keys = [
+        "torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1",
+        "torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1:probs",
+        "objects:torchscript:/models/d2go.pt",
+        "regions:torchscript:/models/d2go.pt+torchvision:mobilenet_v2+k=5+min=0.3",
+        "torchscript:/a/net.pt",
+        "torchscript:/b/net.pt",
+    ]
+    assert short_names(keys) == {
+        keys[0]: "mobilenet_v2.IMAGENET1K_QNNPACK_V1",
+        keys[1]: "mobilenet_v2.IMAGENET1K_QNNPACK_V1:probs",
+        keys[2]: "objects:torchscript:d2go.pt",
+        keys[3]: "regions:torchscript:d2go.pt+torchvision:mobilenet_v2+k=5+min=0.3",
+        keys[4]: "torchscript:/a/net.pt",  # two files of one name: full paths
+        keys[5]: "torchscript:/b/net.pt",
+    }
