@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +41,38 @@ def resolve_inputs(inputs: Sequence[str], options: RunOptions, *, stdin=None) ->
     """The job's image references: everything ``inputs`` names, then this job's ``options.shard``."""
     refs = find_images(inputs, null=options.null, include_hidden=options.include_hidden, stdin=stdin)
     return select_shard(refs, options.shard)
+
+
+class _WriterThread:
+    """Runs the shard writing (Arrow tables, Parquet encoding, fsync and rename at each commit) on
+    one thread of its own, in order, at most ``depth`` batches behind the loop that feeds the engine,
+    so that the main thread goes back to the engine (and the GPU) at once. An error in a write comes
+    out of the next ``submit`` or of ``drain``; leaving the context after an error waits for the
+    write in progress (so that unfinished shards are aborted after it, never under it)."""
+
+    def __init__(self, depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="imgsent-writer")
+        self.pending: collections.deque = collections.deque()
+        self.depth = depth
+
+    def __enter__(self) -> _WriterThread:
+        return self
+
+    def submit(self, fn: Callable, *args) -> None:
+        while self.pending and (self.pending[0].done() or len(self.pending) >= self.depth):
+            self.pending.popleft().result()  # raises what the write raised
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def __exit__(self, exc_type, *exc) -> None:
+        for f in self.pending:
+            f.cancel()
+        self.pool.shutdown(wait=True)  # the write in progress ends before anything is aborted
 
 
 class _ShardSinks:
@@ -120,6 +153,7 @@ def run_sharded(
         summary.resumed = sum(c.stop - c.start for c in skipped)
         summary.errors = skipped_errors
         sinks = stack.enter_context(_ShardSinks(outputs, pending_by_writer, todo))
+        writing = stack.enter_context(_WriterThread())  # left first: its write ends before sinks abort
 
         with RunProgress(len(refs), description, enabled=options.progress) as bar:
             bar.advance(summary.resumed, skipped_errors, resumed=True)
@@ -129,8 +163,9 @@ def run_sharded(
                     stream(batch)
                 n_err = int((~batch.ok_mask).sum())
                 summary.errors += n_err
-                sinks.add(batch, n_err)
+                writing.submit(sinks.add, batch, n_err)
                 bar.advance(len(batch), n_err)
+            writing.drain()
         for writer, _ in outputs:
             writer.finish()
     summary.ok = summary.total - summary.errors

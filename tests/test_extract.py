@@ -210,3 +210,24 @@ def test_shards_are_written_in_fixed_row_groups(images, tmp_path, monkeypatch):
     ]
     assert sizes == [[3, 3, 1], [3, 1]]
     assert load(out, only_ok=False).ids == sorted(os.listdir(images))
+
+
+def test_shard_writing_runs_in_order_off_the_main_thread_and_its_errors_come_back():
+    import threading
+
+    from imgsent.extraction import _WriterThread
+
+    seen = []
+
+    def write(i):
+        seen.append((i, threading.current_thread() is threading.main_thread()))
+        if i == 3:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        with _WriterThread(depth=2) as w:
+            for i in range(10):
+                w.submit(write, i)
+            w.drain()
+    assert [i for i, _ in seen][:4] == [0, 1, 2, 3] and not any(main for _, main in seen)
+    assert len(seen) <= 3 + 1 + 2  # at most `depth` writes queued after the failing one, never all ten
