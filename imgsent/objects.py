@@ -139,7 +139,7 @@ class ObjectsView(nn.Module):
             feats[i, :c] = torch.zeros(c).scatter_reduce(0, labels, scores, reduce="amax")
             feats[i, c : 2 * c] = torch.zeros(c).index_add(0, labels, scores)
             feats[i, 2 * c :] = torch.zeros(c).index_add(0, labels, scores * area.clamp(max=1))
-        return feats
+        return feats.to(x.device)  # with the other backbones on the run's device
 
 
 class RegionsView(nn.Module):
