@@ -129,3 +129,11 @@ def test_fingerprints_tolerate_rounding_only():
     assert fingerprints_match(fp, {"sha256": "b", "probe": [1.0001, 2.0, 3.0], "probe_norm": 10.0})
     assert not fingerprints_match(fp, {"sha256": "b", "probe": [1.5, 2.0, 3.0], "probe_norm": 10.0})
     assert not fingerprints_match(fp, {})
+
+
+def test_all_zero_probes_say_nothing_about_the_weights():
+    from imgsent.backbones import fingerprints_match
+
+    blank = {"probe": [0.0] * 4, "probe_norm": 0.0}
+    assert not fingerprints_match({**blank, "sha256": "a"}, {**blank, "sha256": "b"})  # a detector that saw nothing
+    assert fingerprints_match({**blank, "sha256": "a"}, {**blank, "sha256": "a"})

@@ -209,3 +209,33 @@ def test_an_interrupted_detector_view_store_resumes_to_the_same_numbers(scripted
     a, b = imgsent.features.load(whole), imgsent.features.load(out)
     assert a.ids == b.ids and len(a.ids) == 5
     np.testing.assert_array_equal(a.X, b.X)
+
+
+def test_the_objects_vector_comes_back_on_the_device_of_its_input():
+    from imgsent import objects
+
+    class Fixed(torch.nn.Module):  # stands in for a detector on another device
+        def detect(self, x):
+            return [objects.Detections(torch.tensor([[0.0, 0.0, 4.0, 4.0]]), torch.tensor([1]), torch.tensor([0.9]))]
+
+    view = objects.ObjectsView(Fixed(), None)
+    out = view(torch.empty((1, 3, 8, 8), device="meta"))  # any device but the CPU the loop builds on
+    assert out.device.type == "meta" and out.shape == (1, 3 * objects.COCO_CLASSES)
+
+
+def test_a_model_on_a_regions_view_rebuilds_it_with_its_local_weight_files(scripted, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file(timm.create_model("test_resnet").state_dict(), str(weights))
+    spec = f"regions:torchscript:{scripted / 'halves.pt'}+timm:test_resnet@{weights}"
+    store = str(tmp_path / "s")
+    imgsent.extract([str(scripted / "imgs")], store, backbones=[spec], workers=0)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{n} {i % 2}\n" for i, n in enumerate(imgsent.features.load(store).ids)))
+    model = str(tmp_path / "m")
+    imgsent.train(store, labels=str(labels), head="nn", epochs=1, cv=0, out=model)
+    # the recipe's key has no file in it; the model finds the crop backbone's weights in its spec
+    s = imgsent.score([str(scripted / "imgs")], str(tmp_path / "scores.csv"), model=model, workers=0)
+    assert s.errors == 0
