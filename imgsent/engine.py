@@ -452,14 +452,6 @@ def _fusion(on: bool):
                 torch.jit.enable_onednn_fusion(_fusion_users[1])
 
 
-def part_format(x: torch.Tensor) -> torch.memory_format:
-    return (
-        torch.channels_last
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        else torch.contiguous_format
-    )
-
-
 def _freeze(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_last: bool, batch: int):
     """Trace and freeze ``module`` for batches of exactly ``batch`` images (folds batch-norm; on CPU
     oneDNN fuses the graph on the first calls, done here). Returns (module, frozen): eager when

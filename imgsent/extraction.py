@@ -19,8 +19,8 @@ from .shards import Chunk, ShardedWriter, plan_chunks
 
 
 def load_backbones(specs: Sequence[str], *, random_weights: bool = False, int8: bool = False) -> list[Backbone]:
-    """Create every backbone named by ``specs`` (spec strings or preset names); ``int8``: official
-    quantized weights where they exist."""
+    """Create every backbone named by ``specs`` (spec strings or preset names); ``int8``: quantized
+    where it can be (see :mod:`imgsent.quantized`)."""
     return [create_backbone(s, random_weights=random_weights, int8=int8) for s in expand_presets(list(specs))]
 
 

@@ -2,9 +2,9 @@
 
 A run's *numerics* is what its features were actually computed in: ``fp32`` (true float32, TF32
 off), ``tf32`` (float32 with TF32 tensor-core matmuls and convolutions, CUDA), ``bf16`` or ``fp16``
-(autocast), or ``int8`` (torchvision's official quantized weights run natively on the CPU, see
-:mod:`imgsent.quantized`; backbones without them stay float32). Stores and model recipes record
-it; heads are only fed features of their own numerics.
+(autocast), or ``int8`` (on the CPU: torchvision's official quantized weights, else post-training
+int8 for convolutional networks, else float32; see :mod:`imgsent.quantized`). Stores and model
+recipes record it; heads are only fed features of their own numerics.
 """
 
 from __future__ import annotations

@@ -153,17 +153,25 @@ def _repack(model: nn.Module) -> nn.Module:
     return model
 
 
-def _structure(name: str) -> nn.Module:
-    """An int8 model of torchvision's ``quantized_NAME`` layout (random weights, seeded by the caller)."""
+def _torchvision_int8(name: str, entry=None) -> nn.Module:
+    """torchvision's ``quantized_NAME`` with the weights ``entry`` (downloaded), or random weights
+    (seeded by the caller) when ``entry`` is None."""
     import torchvision.models as tvm
 
     kwargs = {"aux_logits": False, "init_weights": False} if name in ("inception_v3", "googlenet") else {}
     previous = torch.backends.quantized.engine
     try:
-        model = tvm.get_model(f"quantized_{name}", weights=None, quantize=True, **kwargs)
+        return tvm.get_model(f"quantized_{name}", weights=entry, quantize=True, **kwargs)
+    except Exception as exc:
+        if entry is None:
+            raise
+        reason = " ".join(str(exc).split())[:160]
+        raise ImgsentError(
+            f"cannot get torchvision's int8 weights {entry} ({type(exc).__name__}: {reason}); offline, give "
+            f"torchvision:{name}@FILE with its quantized state dict"
+        ) from None
     finally:
         torch.backends.quantized.engine = previous  # torchvision sets its backend globally
-    return model
 
 
 def _load_file(model: nn.Module, name: str, path: str) -> None:
@@ -237,27 +245,14 @@ def _drop_last_linear(model: nn.Module) -> None:
 
 def load_int8(name: str, entry, weights: str | None, random_weights: bool, output: str) -> tuple[nn.Module, str]:
     """(int8 module in eval mode, weights source) for torchvision's ``name`` with quantized ``entry``."""
-    import torchvision.models as tvm
-
     with quantized_engine():
         if random_weights or weights:
-            model = _structure(name)
+            model = _torchvision_int8(name)
             if weights:
                 _load_file(model, name, weights)
             source = weights or "random (seeded)"
         else:
-            kwargs = {"aux_logits": False} if name in ("inception_v3", "googlenet") else {}
-            previous = torch.backends.quantized.engine
-            try:
-                model = tvm.get_model(f"quantized_{name}", weights=entry, quantize=True, **kwargs)
-            except Exception as exc:
-                reason = " ".join(str(exc).split())[:160]
-                raise ImgsentError(
-                    f"cannot get torchvision's int8 weights {entry} ({type(exc).__name__}: {reason}); offline, give "
-                    f"torchvision:{name}@FILE with its quantized state dict"
-                ) from None
-            finally:
-                torch.backends.quantized.engine = previous
+            model = _torchvision_int8(name, entry)
             source = f"torchvision {entry} (torch hub cache)"
         _repack(model)
         if output == "features":
