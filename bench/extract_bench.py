@@ -80,40 +80,49 @@ def decode_alone(refs, specs, batch_size, workers, precision="fp32") -> float:
     return t.seconds
 
 
-def synthetic_jpegs(directory: Path, n: int, size: tuple[int, int]) -> None:
-    """``n`` photo-like JPEGs (smooth gradients, a blob, noise) of ``size`` (w, h), quality 90."""
+def synthetic_jpegs(directory: Path, n: int, size: tuple[int, int], first: int = 0) -> None:
+    """``n`` photo-like JPEGs (smooth gradients, a blob, noise) of ``size`` (w, h), quality 90,
+    named from ``first`` on (noise seeded by ``first``, so chunks can be made in parallel)."""
     import numpy as np
     from PIL import Image
 
     directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(first)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     base = np.stack([255 * xx / w, 255 * yy / h, 128 + 100 * np.sin(xx / 37 + yy / 53)], -1)
-    for i in range(n):
+    for i in range(first, first + n):
         img = np.clip(base + rng.normal(0, 12, size=(h, w, 3)) + 40 * np.sin(i + xx / 91)[..., None], 0, 255)
         Image.fromarray(img.astype(np.uint8)).save(directory / f"{i:05d}.jpg", quality=90)
 
 
-def resolution_ratio(tmp: Path, n: int, workers: int) -> None:
+def decode_bound_rate(images: Path, store: Path, workers=None, device="auto", decode="workers") -> float:
+    """Images/s of ``imgsent.extract`` with a tiny backbone (``timm:test_resnet``): what decoding allows."""
+    n = sum(1 for _ in images.iterdir())
+    with Timer() as t:
+        imgsent.extract(
+            [str(images)],
+            str(store),
+            backbones=["timm:test_resnet"],
+            random_weights=True,
+            workers=workers,
+            device=device,
+            decode=decode,
+            overwrite=True,
+        )
+    return n / t.seconds
+
+
+def resolution_ratio(tmp: Path, n: int, workers: int, decode: str = "workers") -> None:
     """(e): decode-bound extraction time at 1920x1080 over 640x480."""
-    times = {}
+    rates = {}
     for size in ((1920, 1080), (640, 480)):
         d = tmp / f"synthetic_{size[0]}x{size[1]}"
         synthetic_jpegs(d, n, size)
         warm_page_cache(sorted(d.iterdir()))
-        with Timer() as t:
-            imgsent.extract(
-                [str(d)],
-                str(tmp / f"store_{size[0]}"),
-                backbones=["timm:test_resnet"],
-                random_weights=True,
-                workers=workers,
-                overwrite=True,
-            )
-        times[size] = t.seconds
-        print(f"  (e) {size[0]}x{size[1]}: {n / t.seconds:8.1f} images/s (tiny backbone, decode-bound)")
-    print(f"  (e) 1920x1080 / 640x480 time ratio: {times[(1920, 1080)] / times[(640, 480)]:.2f}")
+        rates[size] = decode_bound_rate(d, tmp / f"store_{size[0]}", workers, decode=decode)
+        print(f"  (e) {size[0]}x{size[1]}: {rates[size]:8.1f} images/s (tiny backbone, decode-bound, decode={decode})")
+    print(f"  (e) 1920x1080 / 640x480 time ratio: {rates[(640, 480)] / rates[(1920, 1080)]:.2f}")
 
 
 def main() -> None:
@@ -125,6 +134,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the main process")
     ap.add_argument("--second", default=SECOND, help="the second backbone of the two-backbone runs")
     ap.add_argument("--resolution-images", type=int, default=800, help="(e): synthetic JPEGs per size (0: skip)")
+    ap.add_argument("--decode", choices=["workers", "device"], default="workers", help="(e): where JPEGs are decoded")
     args = ap.parse_args()
     SECOND = args.second
     require_shared()
@@ -169,7 +179,7 @@ def main() -> None:
                 print(f"  int8 extract / fp32 extract in this run: {rate / rates[1, 'fp32']:.2f}x")
         if args.resolution_images:
             print(f"\ndecode-bound, {args.resolution_images} synthetic JPEGs per size:")
-            resolution_ratio(tmp, args.resolution_images, workers)
+            resolution_ratio(tmp, args.resolution_images, workers, args.decode)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

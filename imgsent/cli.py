@@ -127,6 +127,13 @@ ScorePrecision = Annotated[
 BatchSize = Annotated[
     int | None, typer.Option("--batch-size", "-b", metavar="N", min=1, help="Images per batch (64; 256 on CUDA).")
 ]
+Decode = Annotated[
+    Literal["workers", "device"],
+    typer.Option(
+        help="workers: Pillow in the decoding processes; device: JPEGs decoded on the run's device (nvJPEG on "
+        "CUDA, many times Pillow's rate; pixels within a grey level or two, so features close, not equal).",
+    ),
+]
 Workers = Annotated[
     int | None, typer.Option(metavar="N", min=0, help="Decoding processes (default: cores - 1; 0 = in-process).")
 ]
@@ -182,6 +189,7 @@ def extract(
     precision: Precision = "auto",
     batch_size: BatchSize = None,
     workers: Workers = None,
+    decode: Decode = "workers",
     shard: Shard = None,
     overwrite: Overwrite = False,
     rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
@@ -203,6 +211,7 @@ def extract(
         precision=precision,
         batch_size=batch_size,
         workers=workers,
+        decode=decode,
         compile=compile,
         tta=tta,
         max_pixels=max_pixels,
@@ -477,6 +486,7 @@ def score(
     precision: ScorePrecision = "auto",
     batch_size: BatchSize = None,
     workers: Workers = None,
+    decode: Decode = "workers",
     shard: Shard = None,
     overwrite: Overwrite = False,
     rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
@@ -502,6 +512,7 @@ def score(
         precision=precision,
         batch_size=batch_size,
         workers=workers,
+        decode=decode,
         compile=compile,
         max_pixels=max_pixels,
         engine=engine,

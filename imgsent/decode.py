@@ -13,6 +13,7 @@ Failures raise :class:`DecodeError` with a one-line reason; the engine turns it 
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import stat
@@ -212,32 +213,43 @@ def _crop_box(width: int, height: int, crop_h: int, crop_w: int) -> tuple[int, i
     return left, top, left + crop_w, top + crop_h
 
 
-def _resize_and_crop(img: Image.Image, pp: Preprocess, tta: str) -> list[Image.Image]:
-    width, height = img.size
+@dataclass(frozen=True)
+class ViewPlan:
+    """The geometry of one image's view(s), whatever decodes and resizes the pixels (Pillow here,
+    the device in :mod:`imgsent.devicedecode`): ``source`` box cut first (None: the whole image),
+    its ``resized`` (w, h), a ``canvas`` (w, h) it is centred on when smaller than the crop (None:
+    no padding), and the crop ``boxes`` (left, top, right, bottom) in that canvas."""
+
+    source: tuple[int, int, int, int] | None
+    resized: tuple[int, int]
+    canvas: tuple[int, int] | None
+    boxes: list[tuple[int, int, int, int]]
+
+
+def view_plan(width: int, height: int, pp: Preprocess, tta: str) -> ViewPlan:
+    """torchvision's ``Resize`` + ``CenterCrop`` geometry (same rounding) for a ``width`` x
+    ``height`` image, plus the five-crop boxes of ``tta="crops"``."""
     new_w, new_h = _resized_size(width, height, pp.resize_size)
     crop_h, crop_w = pp.input_size
-    resample = _RESAMPLE[pp.interpolation]
+    source = None
     if max(new_w, new_h) > 4 * max(crop_h, crop_w, 64) and "crops" not in tta:
         # Extreme aspect ratio (say 10000x1): resizing the whole strip would need gigabytes.
         # Cut the source down to the part that maps onto the centre crop first.
         sx, sy = width / new_w, height / new_h
         left, top, right, bottom = _crop_box(new_w, new_h, crop_h, crop_w)
-        box = (
+        source = (
             max(0, math.floor(left * sx) - 2),
             max(0, math.floor(top * sy) - 2),
             min(width, math.ceil(right * sx) + 2),
             min(height, math.ceil(bottom * sy) + 2),
         )
-        img = img.crop(box)
-        width, height = img.size
+        width, height = source[2] - source[0], source[3] - source[1]
         new_w = max(1, round(width / sx))
         new_h = max(1, round(height / sy))
-    resized = img.resize((new_w, new_h), resample) if (new_w, new_h) != (width, height) else img
-    if resized.size[0] < crop_w or resized.size[1] < crop_h:
-        padded = Image.new("RGB", (max(crop_w, resized.size[0]), max(crop_h, resized.size[1])))
-        padded.paste(resized, ((padded.size[0] - resized.size[0]) // 2, (padded.size[1] - resized.size[1]) // 2))
-        resized = padded
-    w, h = resized.size
+    canvas = None
+    if new_w < crop_w or new_h < crop_h:
+        canvas = (max(crop_w, new_w), max(crop_h, new_h))
+    w, h = canvas or (new_w, new_h)
     boxes = [_crop_box(w, h, crop_h, crop_w)]
     if "crops" in tta:
         boxes += [
@@ -246,7 +258,19 @@ def _resize_and_crop(img: Image.Image, pp: Preprocess, tta: str) -> list[Image.I
             (0, h - crop_h, crop_w, h),
             (w - crop_w, h - crop_h, w, h),
         ]
-    return [resized.crop(b) for b in boxes]
+    return ViewPlan(source, (new_w, new_h), canvas, boxes)
+
+
+def _resize_and_crop(img: Image.Image, pp: Preprocess, tta: str) -> list[Image.Image]:
+    plan = view_plan(img.size[0], img.size[1], pp, tta)
+    if plan.source is not None:
+        img = img.crop(plan.source)
+    resized = img.resize(plan.resized, _RESAMPLE[pp.interpolation]) if plan.resized != img.size else img
+    if plan.canvas is not None:
+        padded = Image.new("RGB", plan.canvas)
+        padded.paste(resized, ((plan.canvas[0] - resized.size[0]) // 2, (plan.canvas[1] - resized.size[1]) // 2))
+        resized = padded
+    return [resized.crop(b) for b in plan.boxes]
 
 
 def make_views(img: Image.Image, preprocesses: list[Preprocess], tta: str = "none") -> dict[tuple, np.ndarray]:
@@ -263,7 +287,8 @@ def make_views(img: Image.Image, preprocesses: list[Preprocess], tta: str = "non
 @dataclass
 class DecodedImage:
     """One input after decoding: its reference, ``status`` (``ok``/``error``), the reason, the
-    full-resolution size, and the uint8 views per view key (None on error)."""
+    full-resolution size, and the uint8 views per view key (None on error). For decoding on the
+    device, a JPEG's bytes instead of views (``jpeg``) and its EXIF ``orientation`` (1-8)."""
 
     ref: ImageRef
     status: str
@@ -271,10 +296,44 @@ class DecodedImage:
     width: int | None
     height: int | None
     views: dict[tuple, np.ndarray] | None
+    jpeg: np.ndarray | None = None
+    orientation: int = 1
 
     @classmethod
     def failed(cls, ref: ImageRef, reason: str) -> DecodedImage:
         return cls(ref, "error", reason, None, None, None)
+
+
+DEVICE_INTERPOLATIONS = ("bilinear", "bicubic")  # what the device resizes like Pillow (antialiased)
+DEVICE_JPEG_MODES = ("RGB", "L")  # JPEGs the device decodes; CMYK/YCCK ones are decoded here
+
+
+def read_jpeg(ref: ImageRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage | None:
+    """For decoding on the device: a whole, plain JPEG's bytes, full (oriented) size and EXIF
+    orientation, read from its header alone; None for anything else (other formats, CMYK, a file
+    not ending in the JPEG end marker, an unreadable header), which is then decoded here as usual
+    (:func:`decode_ref`), with its reason if it fails."""
+    try:
+        _check_regular_file(ref.path)
+        with open(ref.path, "rb") as f:
+            data = f.read()
+        if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9":
+            return None  # not a JPEG, or truncated: Pillow decodes it or says why
+        with warnings.catch_warnings(), _pillow_settings(max_pixels):
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if img.format != "JPEG" or img.mode not in DEVICE_JPEG_MODES:
+                    return None
+                if width < 1 or height < 1 or width * height > max_pixels:
+                    return None
+                orientation = int(img.getexif().get(0x0112, 1))
+    except Exception:
+        return None
+    orientation = orientation if 1 <= orientation <= 8 else 1
+    if orientation >= 5:  # transposed or rotated by 90 degrees
+        width, height = height, width
+    return DecodedImage(ref, "ok", None, width, height, None, np.frombuffer(bytearray(data), np.uint8), orientation)
 
 
 def decode_ref(

@@ -1,7 +1,9 @@
 """The extraction engine: image references in, feature batches out.
 
 A DataLoader's worker processes decode each image once (:func:`~imgsent.decode.decode_image`) and
-cut the uint8 views every backbone needs (shared between backbones with the same preprocessing).
+cut the uint8 views every backbone needs (shared between backbones with the same preprocessing);
+with ``decode="device"`` they read JPEGs' bytes only, and the main process decodes each batch of
+them on the device (:mod:`~imgsent.devicedecode`; nvJPEG on CUDA), other files as before.
 The main process moves uint8 batches to the device (pinned memory, ``non_blocking``), normalises
 there, and runs every backbone under ``inference_mode`` (AMP and channels_last on CUDA).
 Bad images become rows with ``status="error"``; they never stop the run.
@@ -11,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import os
 import shutil
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
 from .batches import FeatureBatch
-from .decode import DecodedImage, Preprocess, decode_ref
+from .decode import DEVICE_INTERPOLATIONS, DecodedImage, Preprocess, decode_ref, read_jpeg
 from .errors import ImgsentError
 from .inputs import ImageRef
 from .lanes import in_lanes
@@ -40,25 +42,41 @@ PREFETCH = 4  # batches each decoding process works ahead
 
 class ImageDataset(Dataset):
     """The decode step as a map-style dataset: item ``i`` is ``refs[i]`` decoded into the views
-    of every distinct preprocessing (:func:`~imgsent.decode.decode_ref`)."""
+    of every distinct preprocessing (:func:`~imgsent.decode.decode_ref`); with ``decode="device"``
+    a plain JPEG's bytes instead (:func:`~imgsent.decode.read_jpeg`), decoded later on the device."""
 
-    def __init__(self, refs: Sequence[ImageRef], preprocesses: list[Preprocess], tta: str, max_pixels: int):
+    def __init__(
+        self,
+        refs: Sequence[ImageRef],
+        preprocesses: list[Preprocess],
+        tta: str,
+        max_pixels: int,
+        decode: str = "workers",
+    ):
         self.refs = list(refs)
         self.preprocesses = preprocesses
         self.tta = tta
         self.max_pixels = max_pixels
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, index: int) -> DecodedImage:
+        if self.decode == "device":
+            encoded = read_jpeg(self.refs[index], self.max_pixels)
+            if encoded is not None:
+                return encoded
         return decode_ref(self.refs[index], self.preprocesses, self.tta, self.max_pixels)
 
 
-@dataclass
+@dataclasses.dataclass
 class _CollatedBatch:
     items: list[DecodedImage]
-    views: dict[tuple, torch.Tensor]  # key -> uint8 (n_ok, n_crops, 3, H, W)
+    views: dict[tuple, torch.Tensor]  # key -> uint8 (n_decoded, n_crops, 3, H, W), the rows decoded by Pillow
+    jpeg_pos: list[int] = dataclasses.field(default_factory=list)  # rows left for the device to decode
+    jpeg_bytes: torch.Tensor | None = None  # their files' bytes, end to end (one shared-memory block)
+    jpeg_sizes: list[int] = dataclasses.field(default_factory=list)
 
     def pin_memory(self):
         self.views = {k: v.pin_memory() for k, v in self.views.items()}
@@ -66,14 +84,19 @@ class _CollatedBatch:
 
 
 def _collate(items: list[DecodedImage]) -> _CollatedBatch:
-    ok = [it for it in items if it.status == "ok"]
+    """Stack the views of the rows Pillow decoded; the bytes of JPEGs left for the device go end
+    to end into one tensor (a decoding process hands it over in shared memory, not pickled)."""
+    ok = [it for it in items if it.status == "ok" and it.views is not None]
     views: dict[tuple, torch.Tensor] = {}
     if ok:
         for key in ok[0].views:
             views[key] = torch.from_numpy(np.stack([it.views[key] for it in ok]))
+    jpeg_pos = [i for i, it in enumerate(items) if it.jpeg is not None]
+    blob = torch.from_numpy(np.concatenate([items[i].jpeg for i in jpeg_pos])) if jpeg_pos else None
+    sizes = [len(items[i].jpeg) for i in jpeg_pos]
     for it in items:
-        it.views = None  # pixels travel once, in the stacked tensors
-    return _CollatedBatch(items, views)
+        it.views = it.jpeg = None  # pixels and bytes travel once, in the tensors
+    return _CollatedBatch(items, views, jpeg_pos, blob, sizes)
 
 
 def _group_batches(n: int, groups: Sequence[int] | None, batch_size: int) -> list[list[int]]:
@@ -206,11 +229,21 @@ class FeatureEngine:
             raise ImgsentError(f"lanes must be >= 1, got {lanes}")
         self.tta = opts.tta
         self.max_pixels = opts.max_pixels
+        self.decode = opts.decode
         self.backbones = list(backbones)
+        if self.decode == "device":
+            for bb in self.backbones:
+                if bb.preprocess.interpolation not in DEVICE_INTERPOLATIONS:
+                    raise ImgsentError(
+                        f"decode=device resizes with {' or '.join(DEVICE_INTERPOLATIONS)} only; backbone {bb.key} "
+                        f"uses {bb.preprocess.interpolation} (use decode=workers)"
+                    )
+        self.device_decoded = [0, 0]  # JPEGs decoded on the device, and those it refused (then Pillow)
+        self._count_lock = threading.Lock()
         self._devices: list[torch.device] = []
         self._norms: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._modules: list[torch.nn.Module] = [bb.module for bb in self.backbones]  # replaced by prepare()
-        self._fixed_shape = [False] * len(self.backbones)  # frozen/compiled modules get exactly model_batch images
+        self._fixed_shape = [False] * len(self.backbones)  # frozen/compiled/CUDA modules get exactly model_batch images
         self._compile, self._optimize = opts.compile, optimize
         self._prepared = False
         self._prepare_lock = threading.Lock()
@@ -245,6 +278,11 @@ class FeatureEngine:
                     module, self._fixed_shape[i] = torch.compile(module, dynamic=False), True
                 elif not scripted and self._traces(dev):
                     module, self._fixed_shape[i] = _freeze(bb, module, dev, self.channels_last, self.model_batch)
+                if dev.type == "cuda":
+                    # cuDNN picks its kernels by batch size: on an H200 an image in a 44-image pass
+                    # came out up to 3.3e-5 off the same image in a 64-image pass (64 and 256 agreed
+                    # exactly). Passes padded to model_batch keep features independent of batching.
+                    self._fixed_shape[i] = True
                 self._modules[i] = module
             self._prepared = True
 
@@ -274,7 +312,7 @@ class FeatureEngine:
 
     def dataset(self, refs: Sequence[ImageRef]) -> ImageDataset:
         """The decode step for ``refs`` with this engine's preprocessings, TTA and pixel limit."""
-        return ImageDataset(refs, [bb.preprocess for bb in self.backbones], self.tta, self.max_pixels)
+        return ImageDataset(refs, [bb.preprocess for bb in self.backbones], self.tta, self.max_pixels, self.decode)
 
     def loader(self, dataset: ImageDataset, batches: list[list[int]]) -> DataLoader:
         """Decoding processes (``workers``) turning index batches of ``dataset`` into collated
@@ -311,10 +349,10 @@ class FeatureEngine:
 
     def _forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Forward passes of ``model_batch`` uint8 images, each normalised just before its pass
-        (while it is in cache: on CPU this costs as much as an int8 model otherwise); a frozen or
-        compiled module always gets exactly that many (the last pass padded), so its kernels are
-        built for one shape only and an image's features do not depend on how many others share
-        its pass."""
+        (while it is in cache: on CPU this costs as much as an int8 model otherwise); a frozen,
+        compiled or CUDA module always gets exactly that many (the last pass padded), so its kernels
+        are chosen for one shape only and an image's features do not depend on how many others
+        share its pass."""
         bb, module, step = self.backbones[index], self._modules[index], self.model_batch
         mean, std = self._norms[index]
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -390,9 +428,48 @@ class FeatureEngine:
             feats[bb.key][ok_pos] = host[idx]
         return feats
 
-    def _features(self, batch: _CollatedBatch) -> FeatureBatch:
-        items = batch.items
+    def _views(self, batch: _CollatedBatch) -> tuple[dict[tuple, torch.Tensor], list[int]]:
+        """The batch's views (rows of its good images, in order) and those rows' positions. JPEGs
+        left for the device are decoded there now, together; one the device refuses is decoded
+        by Pillow here (and becomes an error row with Pillow's reason if that fails too)."""
+        items, jpeg_pos = batch.items, batch.jpeg_pos
+        if not jpeg_pos:
+            return batch.views, [i for i, it in enumerate(items) if it.status == "ok"]
+        from .devicedecode import decode_views
+
+        preprocesses = [bb.preprocess for bb in self.backbones]
+        left = set(jpeg_pos)
+        host_pos = [i for i, it in enumerate(items) if it.status == "ok" and i not in left]
+        jpegs = list(torch.split(batch.jpeg_bytes, batch.jpeg_sizes))
+        on_device, failed = decode_views(
+            jpegs, [items[i].orientation for i in jpeg_pos], preprocesses, self.tta, self.device
+        )
+        refused = [jpeg_pos[j] for j in failed]
+        device_pos = [p for p in jpeg_pos if p not in set(refused)]
+        for p in refused:
+            items[p] = decode_ref(items[p].ref, preprocesses, self.tta, self.max_pixels)
+        redone = [p for p in refused if items[p].status == "ok"]
+        redone_views = _collate([items[p] for p in redone]).views
+        with self._count_lock:
+            self.device_decoded[0] += len(device_pos)
+            self.device_decoded[1] += len(refused)
         ok_pos = [i for i, it in enumerate(items) if it.status == "ok"]
+        row = {p: r for r, p in enumerate(ok_pos)}
+        crops = 5 if "crops" in self.tta else 1
+        views: dict[tuple, torch.Tensor] = {}
+        for pp in preprocesses:
+            if pp.view_key in views:
+                continue
+            x = torch.empty((len(ok_pos), crops, 3, *pp.input_size), dtype=torch.uint8, device=self.device)
+            for positions, source in ((host_pos, batch.views), (device_pos, on_device), (redone, redone_views)):
+                if positions:
+                    x[[row[p] for p in positions]] = source[pp.view_key].to(self.device, non_blocking=True)
+            views[pp.view_key] = x
+        return views, ok_pos
+
+    def _features(self, batch: _CollatedBatch) -> FeatureBatch:
+        views, ok_pos = self._views(batch)
+        items = batch.items
         out = FeatureBatch(
             ids=[it.ref.id for it in items],
             paths=[it.ref.path for it in items],
@@ -400,7 +477,7 @@ class FeatureEngine:
             error=[it.error for it in items],
             width=[it.width for it in items],
             height=[it.height for it in items],
-            features=self.embed_views(batch.views, ok_pos, len(items)),
+            features=self.embed_views(views, ok_pos, len(items)),
         )
         return flag_nonfinite(out)
 

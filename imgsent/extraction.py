@@ -209,7 +209,7 @@ def store_writer(
     """The writer of a feature store for ``models`` (and how a batch becomes its rows), as
     ``run_sharded`` takes it; used by ``extract`` and by ``score --keep-features``. ``numerics``:
     what the engine computes in (recorded; a store never mixes two)."""
-    header = store_header([b.recipe() for b in models], dtype, options.tta, numerics)
+    header = store_header([b.recipe() for b in models], dtype, options.tta, numerics, options.decode)
     writer = ShardedWriter(
         out,
         kind=KIND,

@@ -28,14 +28,17 @@ DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 BASE_COLUMNS = ("id", "path", "status", "error", "width", "height")
 
 
-def store_header(recipes: list[dict], dtype: str, tta: str, numerics: str = "fp32") -> dict:
-    """What a store's features are: backbone recipes, stored dtype, TTA, and the numerics they were
-    computed in (recorded only when not plain fp32, so fp32 stores of 0.1.0 keep their header)."""
+def store_header(recipes: list[dict], dtype: str, tta: str, numerics: str = "fp32", decode: str = "workers") -> dict:
+    """What a store's features are: backbone recipes, stored dtype, TTA, the numerics they were
+    computed in and where JPEGs were decoded (each recorded only when not the default, fp32 and
+    workers, so older stores keep their header)."""
     if dtype not in DTYPES:
         raise ImgsentError(f"dtype must be float32 or float16, got {dtype!r}")
     header = {"backbones": recipes, "dtype": dtype, "tta": tta}
     if numerics != "fp32":
         header["numerics"] = numerics
+    if decode != "workers":
+        header["decode"] = decode
     return header
 
 
@@ -48,7 +51,7 @@ def describe_header_difference(old: dict, new: dict) -> str:
         for field in ("dim", "preprocess", "fingerprint"):
             if o.get(field) != n.get(field):
                 return f"backbone {n.get('key')} differs in {field}"
-    for field, default in (("dtype", None), ("tta", None), ("numerics", "fp32")):
+    for field, default in (("dtype", None), ("tta", None), ("numerics", "fp32"), ("decode", "workers")):
         if old.get(field, default) != new.get(field, default):
             return f"it has {field}={old.get(field, default)!r}, this run computes {new.get(field, default)!r}"
     return "settings differ"

@@ -17,6 +17,7 @@ from .errors import ImgsentError
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16", "int8")
 NUMERICS = ("fp32", "tf32", "bf16", "fp16")  # what a run's features were computed in ("auto" resolved)
 ENGINES = ("local", "ray")
+DECODES = ("workers", "device")  # JPEGs decoded by Pillow in the decoding processes, or on the run's device
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_ROWS_PER_SHARD = 10_000
 
@@ -52,7 +53,9 @@ class RunOptions:
     Engine: ``device`` (auto, cpu, cuda, cuda:N, mps), ``precision`` (:data:`PRECISIONS`; ``auto``:
     float32 on CPU, bf16 autocast on CUDA cards with bf16 tensor cores, else fp16; ``fp32`` on CUDA
     turns TF32 off, ``tf32`` allows it), ``batch_size`` (None: 64, or 256 on CUDA), ``workers``
-    (decoding processes; None = cores - 1), ``compile``, ``tta``,
+    (decoding processes; None = cores - 1), ``decode`` (``workers``: Pillow in those processes;
+    ``device``: JPEGs decoded on the run's device, nvJPEG on CUDA, see :mod:`imgsent.devicedecode`),
+    ``compile``, ``tta``,
     ``max_pixels``; ``engine`` (local or ray) with ``ray_address``, ``ray_workers``,
     ``gpus_per_worker``. Outputs: ``overwrite``, ``rows_per_shard``. ``progress``: progress and
     summaries on stderr.
@@ -62,6 +65,7 @@ class RunOptions:
     precision: str = "auto"
     batch_size: int | None = None
     workers: int | None = None
+    decode: str = "workers"
     compile: bool = False
     tta: str = "none"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -91,6 +95,9 @@ class RunOptions:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("tta", self.tta, TTA_MODES)
         check_choice("engine", self.engine, ENGINES)
+        check_choice("decode", self.decode, DECODES)
+        if self.decode == "device" and self.engine == "ray":
+            raise ImgsentError("decode=device runs with the local engine only (Ray decodes in its own tasks)")
         for name, low in (("batch_size", 1), ("max_pixels", 1), ("rows_per_shard", 1)):
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ImgsentError(f"{name} must be >= {low}, got {getattr(self, name)}")

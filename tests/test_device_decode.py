@@ -1,0 +1,154 @@
+"""decode="device": JPEGs decoded together where the models run (torchvision.io; nvJPEG on CUDA,
+libjpeg-turbo on the CPU, which is how these tests run it), other files by Pillow as before."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, TINY2, jpeg_bytes, rgb_array, run_cli
+from PIL import Image
+
+import imgsent
+from imgsent import devicedecode
+from imgsent.decode import Preprocess, decode_ref, read_jpeg
+from imgsent.engine import FeatureEngine
+from imgsent.errors import ImgsentError
+from imgsent.inputs import ImageRef, find_images
+
+KW = {"backbones": [TINY, TINY2], "random_weights": True, "workers": 0, "batch_size": 4}
+PPS = [Preprocess((224, 224), 256, "bilinear"), Preprocess((288, 288), 288, "bicubic"), Preprocess((64, 96), 40)]
+
+
+def _with_orientation(arr: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """JPEGs of several sizes (one 1920x1080, one grey, one turned by EXIF), a PNG, a CMYK JPEG,
+    a truncated JPEG and a non-image."""
+    d = tmp_path / "mixed"
+    d.mkdir()
+    for i, (w, h) in enumerate([(640, 480), (1920, 1080), (300, 500), (100, 80), (1000, 60)]):
+        (d / f"a{i}.jpg").write_bytes(jpeg_bytes(rgb_array(h, w, seed=i), quality=90))
+    (d / "grey.jpg").write_bytes(jpeg_bytes(rgb_array(200, 240, seed=7)[..., 0]))
+    (d / "turned.jpg").write_bytes(_with_orientation(rgb_array(120, 200, seed=8), 6))
+    Image.fromarray(rgb_array(90, 120, seed=9)).save(d / "b.png")
+    Image.fromarray(rgb_array(90, 120, seed=10)).convert("CMYK").save(d / "cmyk.jpg")
+    (d / "cut.jpg").write_bytes(jpeg_bytes(rgb_array(300, 400, seed=11))[:3000])
+    (d / "text.jpg").write_text("not an image")
+    return d
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return int(diff.max()), float(diff.mean())
+
+
+@pytest.mark.parametrize("tta", ["none", "crops"])
+def test_device_views_are_pillows_within_a_few_grey_levels(mixed, tta):
+    for path in sorted(mixed.glob("a*.jpg")) + [mixed / "grey.jpg", mixed / "turned.jpg"]:
+        ref = ImageRef(path.name, str(path))
+        want = decode_ref(ref, PPS, tta)
+        got = read_jpeg(ref)
+        assert got is not None and (got.width, got.height) == (want.width, want.height)
+        views, failed = devicedecode.decode_views(
+            [torch.from_numpy(got.jpeg)], [got.orientation], PPS, tta, torch.device("cpu")
+        )
+        assert failed == []
+        for key, ref_view in want.views.items():
+            assert views[key].shape[1:] == ref_view.shape, path.name
+            worst, mean = _max_diff(views[key][0].numpy(), ref_view)
+            assert worst <= 4 and mean < 0.5, (path.name, key, worst, mean)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pillow_does(tmp_path, orientation):
+    path = tmp_path / f"o{orientation}.jpg"
+    path.write_bytes(_with_orientation(rgb_array(60, 100, seed=orientation), orientation))
+    ref = ImageRef(path.name, str(path))
+    got = read_jpeg(ref)
+    assert got.orientation == orientation
+    pp = [Preprocess((40, 40), 40)]
+    want = decode_ref(ref, pp)
+    assert (got.width, got.height) == (want.width, want.height) == ((60, 100) if orientation >= 5 else (100, 60))
+    views, _ = devicedecode.decode_views([torch.from_numpy(got.jpeg)], [orientation], pp, "none", torch.device("cpu"))
+    worst, mean = _max_diff(views[pp[0].view_key][0].numpy(), want.views[pp[0].view_key])
+    assert worst <= 4 and mean < 0.5  # a wrong turn would differ by tens of grey levels
+
+
+def test_files_the_device_cannot_take_are_left_to_pillow(mixed):
+    for name in ("b.png", "cmyk.jpg", "cut.jpg", "text.jpg"):
+        assert read_jpeg(ImageRef(name, str(mixed / name))) is None, name
+
+
+def test_a_jpeg_the_device_refuses_is_decoded_by_pillow(mixed, monkeypatch):
+    """A batch the decoder rejects costs only the image it chokes on; that one goes to Pillow."""
+    real = devicedecode.decode_jpeg
+
+    def picky(data, **kw):
+        if isinstance(data, list) or len(data) == (mixed / "a3.jpg").stat().st_size:
+            raise RuntimeError("nvjpeg: unsupported")
+        return real(data, **kw)
+
+    monkeypatch.setattr(devicedecode, "decode_jpeg", picky)
+    engine = FeatureEngine([imgsent.create_backbone(TINY, random_weights=True)], workers=0, decode="device")
+    refs = find_images([str(mixed)])
+    batches = list(engine.run(refs))
+    status = {i: s for b in batches for i, s in zip(b.ids, b.status)}
+    assert status["a3.jpg"] == "ok"
+    assert engine.device_decoded[1] == 1 and engine.device_decoded[0] == 6
+
+
+def test_extract_with_device_decoding_matches_pillow_closely(mixed, tmp_path):
+    """Also the full-size column: the device reads it from the header, Pillow from the decode."""
+    pil, dev = tmp_path / "pil", tmp_path / "dev"
+    imgsent.extract([str(mixed)], str(pil), **KW)
+    imgsent.extract([str(mixed)], str(dev), decode="device", **KW)
+    a, b = imgsent.features.load(str(pil)), imgsent.features.load(str(dev))
+    assert a.ids == b.ids and len(a.ids) == 9
+    # the same rows fail, for the same reasons (Pillow decodes what the device does not take)
+    fa, fb = (imgsent.features.load(str(s), only_ok=False) for s in (pil, dev))
+    assert (fa.ids, fa.status, fa.error) == (fb.ids, fb.status, fb.error)
+    assert fa.status.count("error") == 2
+    cos = (a.X * b.X).sum(1) / np.linalg.norm(a.X, axis=1) / np.linalg.norm(b.X, axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(a.X, b.X)
+    assert b.header["decode"] == "device" and "decode" not in a.header
+    with pytest.raises(ImgsentError, match="decode"):
+        imgsent.extract([str(mixed)], str(dev), **KW)  # a workers-decoded run into a device-decoded store
+
+
+def test_device_decoding_keeps_features_independent_of_batching(mixed, tmp_path):
+    kw = {**KW, "decode": "device"}
+    imgsent.extract([str(mixed)], str(tmp_path / "b4"), **kw)
+    imgsent.extract([str(mixed)], str(tmp_path / "b3"), **{**kw, "batch_size": 3, "workers": 1})
+    x4, x3 = (imgsent.features.load(str(tmp_path / s)).X for s in ("b4", "b3"))
+    np.testing.assert_array_equal(x4, x3)
+
+
+def test_device_decoding_settings_are_checked():
+    with pytest.raises(ImgsentError, match="local engine"):
+        imgsent.options.RunOptions.build(decode="device", engine="ray")
+    with pytest.raises(ImgsentError, match="decode must be one of"):
+        imgsent.options.RunOptions.build(decode="gpu")
+    lanczos = imgsent.create_backbone(TINY, random_weights=True)
+    lanczos.preprocess = Preprocess((160, 160), 160, "lanczos")
+    with pytest.raises(ImgsentError, match="lanczos"):
+        FeatureEngine([lanczos], decode="device")
+
+
+def test_the_cli_takes_decode(mixed, tmp_path, capsys, monkeypatch):
+    store = tmp_path / "s"
+    args = ["extract", mixed, "-o", store, "-B", TINY, "--random-weights", "--workers", "0", "--decode", "device"]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert imgsent.features.load(str(store)).header["decode"] == "device"
+    code, _, err = run_cli([*args[:-1], "gpu"], capsys, monkeypatch)
+    assert code == 2 and "gpu" in err
