@@ -38,6 +38,8 @@ CUDA_BATCH_SIZE = 256  # default batch on CUDA: enough images in flight to keep 
 
 OPTIMIZE = ("auto", "jit", "none")
 PREFETCH = 4  # batches each decoding process works ahead
+DEVICE_PREFETCH = 2  # the same when they only read JPEG files (decode="device"): reading is quick
+JPEG_BYTES = 512 * 1024  # shared memory assumed per JPEG handed over whole (decode="device")
 
 
 class ImageDataset(Dataset):
@@ -286,6 +288,10 @@ class FeatureEngine:
                 self._modules[i] = module
             self._prepared = True
 
+    @property
+    def _prefetch(self) -> int:
+        return DEVICE_PREFETCH if self.decode == "device" else PREFETCH
+
     def _traces(self, dev: torch.device) -> bool:
         return self._optimize == "jit" or (self._optimize == "auto" and dev.type == "cpu")
 
@@ -319,7 +325,7 @@ class FeatureEngine:
         uint8 batches (pinned on CUDA)."""
         kwargs = {}
         if self.workers > 0:
-            kwargs = {"worker_init_fn": _worker_init, "prefetch_factor": PREFETCH, "persistent_workers": False}
+            kwargs = {"worker_init_fn": _worker_init, "prefetch_factor": self._prefetch, "persistent_workers": False}
         return DataLoader(
             dataset,
             batch_sampler=batches,
@@ -379,7 +385,9 @@ class FeatureEngine:
             return
         batches = _group_batches(len(refs), groups, self.batch_size)
         dataset = self.dataset(refs)
-        check_shared_memory(self.workers, self.batch_size, [bb.preprocess for bb in self.backbones], self.tta)
+        check_shared_memory(
+            self.workers, self.batch_size, [bb.preprocess for bb in self.backbones], self.tta, self.decode
+        )
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             # the chosen card is current while loaders pin memory and kernels launch (cuda:N)
             yield from in_lanes(self._features, self._decoded(dataset, batches), self.lanes)
@@ -399,7 +407,7 @@ class FeatureEngine:
                 # Unregister the dead loader's workers first: torch's SIGCHLD handler would
                 # otherwise raise again, anywhere, when the next child process exits.
                 getattr(loader, "_shutdown_workers", lambda: None)()
-                in_flight = batches[received : received + self.workers * PREFETCH + 1]
+                in_flight = batches[received : received + self.workers * self._prefetch + 1]
                 for indices in in_flight:
                     received += 1
                     yield _collate(_isolated_decode(dataset, indices))
@@ -445,7 +453,7 @@ class FeatureEngine:
             jpegs, [items[i].orientation for i in jpeg_pos], preprocesses, self.tta, self.device
         )
         refused = [jpeg_pos[j] for j in failed]
-        device_pos = [p for p in jpeg_pos if p not in set(refused)]
+        device_pos = [p for p in jpeg_pos if p not in set(refused)] if refused else jpeg_pos
         for p in refused:
             items[p] = decode_ref(items[p].ref, preprocesses, self.tta, self.max_pixels)
         redone = [p for p in refused if items[p].status == "ok"]
@@ -576,15 +584,22 @@ def default_workers(device: torch.device | None = None) -> int:
 SHM = "/dev/shm"
 
 
-def check_shared_memory(workers: int, batch_size: int, preprocesses: list[Preprocess], tta: str) -> None:
+def check_shared_memory(
+    workers: int, batch_size: int, preprocesses: list[Preprocess], tta: str, decode: str = "workers"
+) -> None:
     """Decoding processes hand batches over in shared memory (``/dev/shm``); containers give it
-    64 MB by default. Fail at once, saying what to change, when the batches in flight cannot fit."""
+    64 MB by default. Fail at once, saying what to change, when the batches in flight cannot fit.
+    With ``decode="device"`` they hand over whole JPEG files, assumed :data:`JPEG_BYTES` each (a
+    tweet photo is 0.1-0.3 MB, a 12-megapixel camera photo 3-5 MB)."""
     if workers < 1 or not os.path.isdir(SHM):
         return
     crops = 5 if "crops" in tta else 1
     views = {pp.view_key: pp.input_size for pp in preprocesses}
-    per_batch = batch_size * crops * sum(3 * h * w for h, w in views.values())
-    need = 2 * per_batch * workers * PREFETCH  # batches in flight, and room to hand them over
+    per_image = crops * sum(3 * h * w for h, w in views.values())
+    prefetch = PREFETCH
+    if decode == "device":
+        per_image, prefetch = max(per_image, JPEG_BYTES), DEVICE_PREFETCH
+    need = 2 * batch_size * per_image * workers * prefetch  # batches in flight, and room to hand them over
     free = shutil.disk_usage(SHM).free
     if free < need:
         raise ImgsentError(

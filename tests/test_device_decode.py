@@ -152,3 +152,34 @@ def test_the_cli_takes_decode(mixed, tmp_path, capsys, monkeypatch):
     assert imgsent.features.load(str(store)).header["decode"] == "device"
     code, _, err = run_cli([*args[:-1], "gpu"], capsys, monkeypatch)
     assert code == 2 and "gpu" in err
+
+
+def test_device_decoding_works_group_by_group(mixed, monkeypatch):
+    """Groups smaller than the batch give the same views, and a refusal is placed right."""
+    jpegs, refs = [], []
+    for path in sorted(mixed.glob("a*.jpg")):
+        refs.append(read_jpeg(ImageRef(path.name, str(path))))
+        jpegs.append(torch.from_numpy(refs[-1].jpeg))
+    jpegs.insert(2, torch.tensor([0xFF, 0xD8, 0xFF, 0xD9], dtype=torch.uint8))  # no image in it
+    orientations = [1] * len(jpegs)
+    whole, failed = devicedecode.decode_views(jpegs, orientations, PPS, "none", torch.device("cpu"))
+    monkeypatch.setattr(devicedecode, "DECODE_GROUP", 2)
+    grouped, failed2 = devicedecode.decode_views(jpegs, orientations, PPS, "none", torch.device("cpu"))
+    assert failed == failed2 == [2]
+    for key in whole:
+        assert whole[key].shape[0] == len(refs)
+        assert torch.equal(whole[key], grouped[key])
+
+
+def test_shared_memory_check_counts_whole_jpegs_for_device_decoding(monkeypatch):
+    import collections
+
+    from imgsent import engine
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: usage(64 << 20, 54 << 20, 10 << 20))
+    monkeypatch.setattr(engine.os.path, "isdir", lambda p: True)
+    pp = [Preprocess((160, 160), 160)]  # 75 KB a view: 4.7 MB in flight for 2 workers x batch 4
+    engine.check_shared_memory(2, 4, pp, "none")
+    with pytest.raises(ImgsentError, match="shm-size"):  # 512 KB a JPEG: 16 MB
+        engine.check_shared_memory(2, 4, pp, "none", "device")
