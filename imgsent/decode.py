@@ -40,6 +40,11 @@ _RESAMPLE = {
 TTA_MODES = ("none", "flip", "crops", "flip+crops")
 
 
+def crop_count(tta: str) -> int:
+    """Views per image and preprocessing: the centre crop, plus four corners with ``crops`` TTA."""
+    return 5 if "crops" in tta else 1
+
+
 class DecodeError(Exception):
     """An image that cannot be turned into pixels; ``str(exc)`` is the one-line reason."""
 
@@ -316,9 +321,12 @@ def read_jpeg(ref: ImageRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIma
     try:
         _check_regular_file(ref.path)
         with open(ref.path, "rb") as f:
-            data = f.read()
-        if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9":
-            return None  # not a JPEG, or truncated: Pillow decodes it or says why
+            data = f.read(2)
+            if data != b"\xff\xd8":
+                return None  # not a JPEG: Pillow decodes it (the rest of the file is not read twice)
+            data += f.read()
+        if data.rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9":
+            return None  # truncated: Pillow decodes it or says why
         with warnings.catch_warnings(), _pillow_settings(max_pixels):
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as img:

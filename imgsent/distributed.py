@@ -22,7 +22,7 @@ import numpy as np
 
 from .backbones import Backbone, create_backbone, fingerprints_match
 from .batches import FeatureBatch, ScoredBatch
-from .decode import Preprocess, decode_ref
+from .decode import Preprocess, crop_count, decode_ref
 from .engine import FeatureEngine, flag_nonfinite
 from .errors import ImgsentError
 from .inputs import ImageRef
@@ -46,7 +46,7 @@ def _decode_batch(batch: dict, preprocesses: list[dict], tta: str, max_pixels: i
     refs = [ImageRef(i, p) for i, p in zip(batch["id"], batch["path"])]
     items = [decode_ref(ref, pps, tta, max_pixels) for ref in refs]
     keys = list(dict.fromkeys(pp.view_key for pp in pps))
-    crops = 5 if "crops" in tta else 1
+    crops = crop_count(tta)
     out = {
         "id": np.asarray([it.ref.id for it in items], dtype=object),
         "path": np.asarray([it.ref.path for it in items], dtype=object),

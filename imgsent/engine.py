@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
 from .batches import FeatureBatch
-from .decode import DEVICE_INTERPOLATIONS, DecodedImage, Preprocess, decode_ref, read_jpeg
+from .decode import DEVICE_INTERPOLATIONS, DecodedImage, Preprocess, crop_count, decode_ref, read_jpeg
 from .errors import ImgsentError
 from .inputs import ImageRef
 from .lanes import in_lanes
@@ -290,7 +290,7 @@ class FeatureEngine:
 
     @property
     def _prefetch(self) -> int:
-        return DEVICE_PREFETCH if self.decode == "device" else PREFETCH
+        return prefetch_for(self.decode)
 
     def _traces(self, dev: torch.device) -> bool:
         return self._optimize == "jit" or (self._optimize == "auto" and dev.type == "cpu")
@@ -453,7 +453,8 @@ class FeatureEngine:
             jpegs, [items[i].orientation for i in jpeg_pos], preprocesses, self.tta, self.device
         )
         refused = [jpeg_pos[j] for j in failed]
-        device_pos = [p for p in jpeg_pos if p not in set(refused)] if refused else jpeg_pos
+        refused_set = set(refused)
+        device_pos = [p for p in jpeg_pos if p not in refused_set]
         for p in refused:
             items[p] = decode_ref(items[p].ref, preprocesses, self.tta, self.max_pixels)
         redone = [p for p in refused if items[p].status == "ok"]
@@ -463,7 +464,7 @@ class FeatureEngine:
             self.device_decoded[1] += len(refused)
         ok_pos = [i for i, it in enumerate(items) if it.status == "ok"]
         row = {p: r for r, p in enumerate(ok_pos)}
-        crops = 5 if "crops" in self.tta else 1
+        crops = crop_count(self.tta)
         views: dict[tuple, torch.Tensor] = {}
         for pp in preprocesses:
             if pp.view_key in views:
@@ -581,6 +582,11 @@ def default_workers(device: torch.device | None = None) -> int:
     return max(1, min(cap, cores - 1)) if cores > 1 else 0
 
 
+def prefetch_for(decode: str) -> int:
+    """Batches each decoding process works ahead: fewer when it only reads JPEG files."""
+    return DEVICE_PREFETCH if decode == "device" else PREFETCH
+
+
 SHM = "/dev/shm"
 
 
@@ -593,13 +599,12 @@ def check_shared_memory(
     tweet photo is 0.1-0.3 MB, a 12-megapixel camera photo 3-5 MB)."""
     if workers < 1 or not os.path.isdir(SHM):
         return
-    crops = 5 if "crops" in tta else 1
+    crops = crop_count(tta)
     views = {pp.view_key: pp.input_size for pp in preprocesses}
     per_image = crops * sum(3 * h * w for h, w in views.values())
-    prefetch = PREFETCH
     if decode == "device":
-        per_image, prefetch = max(per_image, JPEG_BYTES), DEVICE_PREFETCH
-    need = 2 * batch_size * per_image * workers * prefetch  # batches in flight, and room to hand them over
+        per_image = max(per_image, JPEG_BYTES)
+    need = 2 * batch_size * per_image * workers * prefetch_for(decode)  # batches in flight, and room to hand them over
     free = shutil.disk_usage(SHM).free
     if free < need:
         raise ImgsentError(
