@@ -54,6 +54,7 @@ _imgsent() {
         extract:--ray-address) COMPREPLY=(); return ;;
         extract:--ray-workers) COMPREPLY=(); return ;;
         extract:--gpus-per-worker) COMPREPLY=(); return ;;
+        models:--models) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         prevalence:--labels|prevalence:-l) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         prevalence:--by) COMPREPLY=(); return ;;
         prevalence:--meta) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
@@ -72,7 +73,8 @@ _imgsent() {
         report:--seed) COMPREPLY=(); return ;;
         report:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
         score:--out|score:-o) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
-        score:--model|score:-m) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        score:--model|score:-m) COMPREPLY=(); return ;;
+        score:--models) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         score:--features) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         score:--weights) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         score:--format) COMPREPLY=( $(compgen -W "parquet csv tsv jsonl" -- "$cur") ); return ;;
@@ -113,10 +115,10 @@ _imgsent() {
         calibrate) opts="--labels -l --out -o --features --scores --method --map --id-column --label-column --overwrite --no-overwrite --help" ;;
         evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --plots --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --seed --id-column --label-column --quiet -q --help" ;;
         extract) opts="--out -o --backbones -B --random-weights --no-random-weights --tta --dtype --device --precision --batch-size -b --workers --decode --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
-        models) opts="--help" ;;
+        models) opts="--models --help" ;;
         prevalence) opts="--labels -l --by --meta --json --level --bootstrap --seed --map --id-column --label-column --plot --help" ;;
         report) opts="--out -o --by --meta --labels -l --per-class --seed --map --quiet -q --help" ;;
-        score) opts="--out -o --model -m --features --weights --format --threshold --keep-features --device --precision --batch-size -b --workers --decode --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
+        score) opts="--out -o --model -m --models --features --weights --format --threshold --keep-features --device --precision --batch-size -b --workers --decode --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
         train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --blocks --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --cv --seed --id-column --label-column --overwrite --no-overwrite --quiet -q --help" ;;
         version) opts="--help" ;;
         *) opts="" ;;

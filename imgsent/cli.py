@@ -146,6 +146,14 @@ MaxPixels = Annotated[
     int, typer.Option("--max-pixels", metavar="N", min=1, help="Refuse images with more pixels (bomb guard).")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, summary or Ray logging.")]
+ModelsDirs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--models",
+        metavar="DIR",
+        help="A folder to look in for files a model needs (after the bundle's own and $IMGSENT_MODELS); repeat.",
+    ),
+]
 Compile = Annotated[
     bool,
     typer.Option(
@@ -458,8 +466,14 @@ def score(
     ] = "-",
     model: Annotated[
         str | None,
-        typer.Option("--model", "-m", metavar="DIR", help="Model bundle directory (default: the packaged model)."),
+        typer.Option(
+            "--model",
+            "-m",
+            metavar="NAME|DIR",
+            help="A packaged model (default, mobilenet) or a model bundle directory (./NAME for a folder).",
+        ),
     ] = None,
+    models_dirs: ModelsDirs = None,
     features: Annotated[
         str | None, typer.Option("--features", metavar="STORE", help="Score an existing feature store, not images.")
     ] = None,
@@ -503,7 +517,9 @@ def score(
     """Score the sentiment of images (or of a feature store): one row per image.
 
     With no --model, the packaged default polarity model is used (a head trained on Twitter I over
-    MobileNetV2 features); see `imgsent models` for where its backbone weights come from offline.
+    EfficientNet-Lite1 + Lite2 features, weights from installed packages: works offline); --model
+    mobilenet is faster and less accurate. `imgsent models MODEL` says where a model's weights and
+    files come from.
     """
     from .scoring import score as run
 
@@ -532,6 +548,7 @@ def score(
         model=model,
         features=features,
         weights=weights or [],
+        models=models_dirs or [],
         fmt=format,
         threshold=threshold,
         keep_features=keep_features,
@@ -665,14 +682,16 @@ def calibrate(
 @app.command()
 def models(
     model: Annotated[
-        str | None, typer.Argument(metavar="[MODEL]", help="A model bundle directory (default: the packaged model).")
+        str | None,
+        typer.Argument(metavar="[MODEL]", help="A packaged model (default, mobilenet) or a bundle directory."),
     ] = None,
+    models_dirs: ModelsDirs = None,
 ) -> None:
-    """A model's card (head, classes, backbones, training data, held-out estimate); for the default model,
-    also where its backbone weights come from and how to use local weights offline."""
+    """A model's card (head, classes, backbones, training data, held-out estimate), the files its
+    backbones read and where they were found, and where each backbone's weights come from."""
     from .models import describe_model
 
-    typer.echo(describe_model(model))
+    typer.echo(describe_model(model, models_dirs or []))
 
 
 @app.command(name="backbones")

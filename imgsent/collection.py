@@ -356,13 +356,13 @@ def _add_binary(out: list, group: str, classes, pos: int, method: str, est: floa
 
 
 def _card_note(df) -> str:
-    """What the model's own card says about its accuracy, when the scores name the default model."""
-    if "model" not in df.columns or df.height == 0 or df["model"][0] != "imgsent-default":
-        return ""
-    from .models import resolve_model
+    """What the model's own card says about its accuracy, when the scores name a packaged model."""
+    from .models import packaged_model_named
 
-    acc = resolve_model(None).training.get("card", {}).get("cross_validated_accuracy")
-    return f". The default model's accuracy on its own (Twitter I) data was {acc}; elsewhere expect less" if acc else ""
+    model = packaged_model_named(df["model"][0]) if "model" in df.columns and df.height else None
+    card = model.training.get("card", {}) if model is not None else {}
+    acc = card.get("held_out_accuracy") or card.get("cross_validated_accuracy")
+    return f". The model's accuracy on its own (Twitter I) data was {acc}; elsewhere expect less" if acc else ""
 
 
 def _read_meta(meta: str, by: str):

@@ -27,6 +27,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
 from .batches import FeatureBatch
+from .compiled import (
+    WARMUP_CALLS,
+    drop_graph,
+    first_output,
+    graph_key,
+    load_graph,
+    probe_batch,
+    save_graph,
+)
+from .compiled import fusion as _fusion
 from .decode import DEVICE_INTERPOLATIONS, DecodedImage, Preprocess, crop_count, decode_ref, read_jpeg
 from .errors import ImgsentError
 from .inputs import ImageRef
@@ -225,7 +235,7 @@ class FeatureEngine:
         self.channels_last = True if channels_last is None else channels_last
         if optimize not in OPTIMIZE:
             raise ImgsentError(f"optimize must be one of {', '.join(OPTIMIZE)}, got {optimize!r}")
-        self.model_batch = model_batch or (self.batch_size if cuda else 8)
+        self.model_batch = model_batch or (self.batch_size if cuda else CPU_MODEL_BATCH)
         self.lanes = lanes or (torch.get_num_threads() if self.device.type == "cpu" else 1)
         if self.lanes < 1:
             raise ImgsentError(f"lanes must be >= 1, got {lanes}")
@@ -269,6 +279,14 @@ class FeatureEngine:
                 if not bb.optimizable:  # detectors: as they are, on their device
                     self._modules[i] = self._prepare_view(i, module, dev)
                     continue
+                if bb.frozen_batch is not None:  # a cached frozen CPU graph (models.model_backbones)
+                    if not self.runs_frozen(bb.frozen_batch, dev):
+                        raise ImgsentError(
+                            f"{bb.key} comes as a CPU graph frozen for passes of {bb.frozen_batch} images; this "
+                            f"engine runs {self.model_batch} on {dev}{' compiled' if self._compile else ''}"
+                        )
+                    self._modules[i], self._fixed_shape[i] = module, True
+                    continue
                 scripted = isinstance(module, torch.jit.ScriptModule)
                 if dev != _device_of(module) or (self.channels_last and not scripted):
                     module = copy.deepcopy(module).to(dev)  # the caller's module stays as it was
@@ -286,7 +304,27 @@ class FeatureEngine:
                     # exactly). Passes padded to model_batch keep features independent of batching.
                     self._fixed_shape[i] = True
                 self._modules[i] = module
+            # cached graphs: checked and warmed up side by side, one lane each (as batches run)
+            frozen = [i for i, bb in enumerate(self.backbones) if bb.frozen_batch is not None]
+            for _ in in_lanes(self._warm_frozen, frozen, min(self.lanes, len(frozen))):
+                pass
             self._prepared = True
+
+    def _warm_frozen(self, index: int) -> None:
+        bb = self.backbones[index]
+        warm_frozen(bb, self._modules[index], bb.frozen_batch, self.channels_last)
+
+    def runs_frozen(self, batch: int, dev: torch.device | None = None) -> bool:
+        """Whether this engine runs a backbone as a CPU graph frozen for passes of ``batch`` images,
+        channels_last: what a cached graph (:mod:`imgsent.compiled`) was made for."""
+        dev = dev or self.device
+        return (
+            dev.type == "cpu"
+            and self._traces(dev)
+            and not self._compile
+            and self.model_batch == batch
+            and self.channels_last
+        )
 
     @property
     def _prefetch(self) -> int:
@@ -512,62 +550,70 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-_fusion_lock = threading.Lock()
-_fusion_users = [0, False]  # lanes inside _fusion(True), the setting before the first entered
-
-
-@contextlib.contextmanager
-def _fusion(on: bool):
-    """oneDNN graph fusion for TorchScript on CPU (conv + bias + activation, ... in one kernel;
-    1.3-1.5x on MobileNetV2 / EfficientNet here), on only while imgsent's own frozen modules run
-    (counted, so that lanes running at once do not switch it off under each other)."""
-    if not on:
-        yield
-        return
-    with _fusion_lock:
-        if _fusion_users[0] == 0:
-            _fusion_users[1] = torch.jit.onednn_fusion_enabled()
-            torch.jit.enable_onednn_fusion(True)
-        _fusion_users[0] += 1
-    try:
-        yield
-    finally:
-        with _fusion_lock:
-            _fusion_users[0] -= 1
-            if _fusion_users[0] == 0:
-                torch.jit.enable_onednn_fusion(_fusion_users[1])
-
-
 def _freeze(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_last: bool, batch: int):
     """Trace and freeze ``module`` for batches of exactly ``batch`` images (folds batch-norm; on CPU
-    oneDNN fuses the graph on the first calls, done here). Returns (module, frozen): eager when
-    tracing fails or the frozen module disagrees with eager on the probe image."""
+    oneDNN fuses the graph on the first calls, done here), or on a CPU load the graph a previous run
+    cached (:mod:`imgsent.compiled`). Returns (module, frozen): eager when tracing fails or the frozen
+    module disagrees with eager on the probe image (a cached graph that does is removed, and traced anew)."""
     import warnings
 
-    from .backbones import probe_image
+    x = probe_batch(bb.preprocess, batch, channels_last, dev)
+    key = graph_key(bb.recipe(), batch, channels_last) if dev.type == "cpu" else None
+    for use_cache in (True, False):
+        frozen = load_graph(key) if use_cache else None
+        if use_cache and frozen is None:
+            continue
+        try:
+            with torch.inference_mode(), warnings.catch_warnings(), _fusion(dev.type == "cpu"):
+                warnings.simplefilter("ignore")
+                eager = first_output(module(x[:2]))  # the probe and its mirror: all the check needs
+                if frozen is None:
+                    frozen = torch.jit.freeze(torch.jit.trace(module, x, check_trace=False))
+                for _ in range(WARMUP_CALLS):  # the profiling executor optimises (and fuses) after these
+                    got = frozen(x)
+                got = first_output(got)[:2]
+        except Exception:
+            got = eager = None
+        if got is not None and got.shape == eager.shape:
+            if float((got - eager).abs().max()) <= 1e-4 * (float(eager.abs().max()) or 1.0):
+                if not use_cache:
+                    save_graph(key, frozen)
+                return frozen, True
+        if use_cache:
+            drop_graph(key)
+    return module, False
 
-    probe = probe_image(bb.preprocess)
-    x = torch.cat([probe, torch.flip(probe, dims=[3])]).repeat((batch + 1) // 2, 1, 1, 1)[:batch].to(dev)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    try:
-        with torch.inference_mode(), warnings.catch_warnings(), _fusion(dev.type == "cpu"):
-            warnings.simplefilter("ignore")
-            eager = module(x[:2])  # the probe and its mirror: all the check needs
-            frozen = torch.jit.freeze(torch.jit.trace(module, x, check_trace=False))
-            for _ in range(WARMUP_CALLS):  # the profiling executor optimises (and fuses) after these
-                got = frozen(x)
-            eager = eager[0] if isinstance(eager, (tuple, list)) else eager
-            got = (got[0] if isinstance(got, (tuple, list)) else got)[:2]
-    except Exception:
-        return module, False
-    scale = float(eager.abs().max()) or 1.0
-    if got.shape != eager.shape or float((got - eager).abs().max()) > 1e-4 * scale:
-        return module, False
-    return frozen, True
+
+def warm_frozen(bb: Backbone, module: torch.jit.ScriptModule, batch: int, channels_last: bool) -> None:
+    """A backbone whose module is a cached frozen graph (``bb.frozen_batch``): check it against the
+    probe features its recipe recorded, and run the warm-up calls a freshly frozen graph gets."""
+    from .backbones import PROBE_VALUES, fingerprints_match
+
+    x = probe_batch(bb.preprocess, batch, channels_last)
+    with torch.inference_mode(), _fusion(True):
+        for _ in range(WARMUP_CALLS):
+            got = bb.run(module, x).float()[0]
+    here = {"probe": [float(v) for v in got[:PROBE_VALUES]], "probe_norm": float(got.norm())}
+    if not fingerprints_match(bb.fingerprint, here):
+        drop_graph(graph_key(bb.recipe(), batch, channels_last))
+        raise ImgsentError(
+            f"the compiled graph cached for {bb.key} does not give its recipe's features; it was removed: run the "
+            f"command again"
+        )
 
 
-WARMUP_CALLS = 3
+CPU_MODEL_BATCH = 8  # images per forward pass on a CPU: small passes keep activations in cache
+
+
+def frozen_cpu_batch(options: RunOptions) -> int | None:
+    """The pass size a local engine with ``options`` freezes CPU graphs for (channels_last, fp32),
+    or None when it would not freeze them (another device, numerics, engine or ``compile``)."""
+    if options.engine != "local" or options.compile or options.precision == "int8":
+        return None
+    dev = select_device(options.device)
+    if dev.type != "cpu" or resolve_numerics(dev, options.precision) != "fp32":
+        return None
+    return CPU_MODEL_BATCH
 
 
 def default_workers(device: torch.device | None = None) -> int:

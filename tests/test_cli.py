@@ -64,7 +64,9 @@ def test_backbones_and_models_commands(capsys, monkeypatch):
     code, out, _ = run_cli(["backbones"], capsys, monkeypatch)
     assert code in (0, None) and "paper" in out and "efficientnet_b2" in out
     code, out, _ = run_cli(["models"], capsys, monkeypatch)
-    assert code in (0, None) and "IMGSENT_WEIGHTS" in out and "cross_validated_accuracy" in out
+    assert code in (0, None) and "imgsent-default" in out and "held_out_accuracy" in out
+    code, out, _ = run_cli(["models", "mobilenet"], capsys, monkeypatch)
+    assert code in (0, None) and "IMGSENT_WEIGHTS" in out and "held_out_accuracy" in out
 
 
 def test_python_dash_m_works():

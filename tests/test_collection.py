@@ -172,7 +172,7 @@ def test_calibrate_writes_a_new_bundle_that_scores_calibrated(tiny_dataset, tmp_
 
 @needs_twitter
 def test_on_images_the_model_never_saw_with_a_shifted_prior(tmp_path, monkeypatch):
-    """Twitter I images outside the 5-agree set (the default model's training data), labelled by
+    """Twitter I images outside the 5-agree set (the MobileNetV2 model's training data), labelled by
     3-agree, subsampled to 30 % positive: a 200-image sample gives an interval that covers the
     truth within 0.1, and recalibration lifts label accuracy to at least the majority rate."""
     monkeypatch.setenv("IMGSENT_WEIGHTS", str(SHARED_WEIGHTS))
@@ -187,7 +187,7 @@ def test_on_images_the_model_never_saw_with_a_shifted_prior(tmp_path, monkeypatc
     collection = sorted(neg + pos)
     (tmp_path / "list.txt").write_text("".join(f"{TWITTER / 'images' / k}\n" for k in collection))
     scores = tmp_path / "scores.parquet"
-    imgsent.score([f"@{tmp_path / 'list.txt'}"], str(scores), workers=1)
+    imgsent.score([f"@{tmp_path / 'list.txt'}"], str(scores), model="mobilenet", workers=1)
     df = pl.read_parquet(scores)
     truth = len(pos) / len(collection)
     sample_ids = set(rng.choice(collection, size=200, replace=False))
@@ -198,7 +198,7 @@ def test_on_images_the_model_never_saw_with_a_shifted_prior(tmp_path, monkeypatc
     adj = next(e for e in r.estimates if e.method == "adjusted_count" and e.cls == "positive")
     assert adj.ci_low <= truth <= adj.ci_high and abs(adj.estimate - truth) <= 0.1
     out = tmp_path / "calibrated"
-    imgsent.calibrate(None, labels=str(tmp_path / "sample.txt"), scores=str(scores), out=str(out))
+    imgsent.calibrate("mobilenet", labels=str(tmp_path / "sample.txt"), scores=str(scores), out=str(out))
     rescored = tmp_path / "rescored.parquet"
     imgsent.score([f"@{tmp_path / 'list.txt'}"], str(rescored), model=str(out), workers=1)
     got = pl.read_parquet(rescored)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, TWITTER, write_images
+from conftest import SHARED, TWITTER, HalvesDetector, write_images
 from PIL import Image
 
 import imgsent
@@ -59,19 +59,6 @@ def test_the_real_d2go_detector_sees_people_and_nothing_in_a_blank_image(images,
 # --- the regions view: a scripted detector and classifier whose outputs are known -------------
 
 
-class HalvesDetector(torch.nn.Module):
-    """Two boxes, the image's left and right halves, each scored by its mean brightness."""
-
-    def forward(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        x = images[0]
-        h, w = x.shape[1], x.shape[2]
-        half = w // 2
-        scores = torch.stack([x[:, :, :half].mean(), x[:, :, half:].mean()])
-        boxes = torch.tensor([[0.0, 0.0, float(half), float(h)], [float(half), 0.0, float(w), float(h)]])
-        order = torch.argsort(scores, descending=True)
-        return images, [{"boxes": boxes[order], "labels": torch.tensor([1, 2])[order], "scores": scores[order]}]
-
-
 class MeanColour(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))
@@ -80,7 +67,7 @@ class MeanColour(torch.nn.Module):
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory):
     d = tmp_path_factory.mktemp("scripted")
-    torch.jit.script(HalvesDetector()).save(str(d / "halves.pt"))
+    torch.jit.script(HalvesDetector.module()).save(str(d / "halves.pt"))
     torch.jit.script(MeanColour()).save(str(d / "mean.pt"))
     imgs = d / "imgs"
     imgs.mkdir()
@@ -107,10 +94,10 @@ def test_regions_view_is_the_score_weighted_mean_of_the_crops_features(scripted,
     s = imgsent.extract([str(scripted / "imgs")], out, backbones=specs, workers=0)
     assert s.errors == 0
     fs = imgsent.features.load(out)
-    assert [r["key"] for r in fs.recipes] == [
-        f"regions:{det}+{inner}+k=5+min=0.3",
-        f"regions:{det}+{inner}+k=1+min=0.3",
-        f"regions:{det}+{inner}+k=5+min=0.5",
+    assert [r["key"] for r in fs.recipes] == [  # keys hold file names, not folders
+        "regions:torchscript:halves.pt+torchscript:mean.pt+k=5+min=0.3",
+        "regions:torchscript:halves.pt+torchscript:mean.pt+k=1+min=0.3",
+        "regions:torchscript:halves.pt+torchscript:mean.pt+k=5+min=0.5",
     ]
     rows = dict(zip(fs.ids, fs.X))
     both = (_normalised(RED) / 3 + _normalised(WHITE)) / (1 / 3 + 1)
@@ -174,7 +161,7 @@ def test_presets_with_model_files_name_the_folder_they_need(monkeypatch, tmp_pat
         expand_presets(["lab"])
     monkeypatch.setenv("IMGSENT_MODELS", str(tmp_path))
     specs = expand_presets(["lab"])
-    assert len(specs) == 4 and all(str(tmp_path) in s for s in specs)
+    assert len(specs) == 5 and all(str(tmp_path) in s for s in specs)
     assert len(expand_presets(["paper"])) == 5
 
 
@@ -188,10 +175,14 @@ def test_the_lab_preset_runs_offline_on_real_photos(tmp_path, monkeypatch):
     out = str(tmp_path / "s")
     imgsent.extract([str(tmp_path / "imgs")], out, backbones=["lab"], workers=0)
     fs = imgsent.features.load(out)
-    assert [d for _, d in fs.blocks] == [1280, 1000, 3 * 92, 1280]
-    regions = fs.X[0, fs.layout.columns([fs.blocks[3][0]])]
-    pooled = fs.X[0, :1280]
-    assert regions.any() and np.abs(regions - pooled).max() > 0.1  # the crops are not the whole photo
+    # MobileNetV2, EfficientNet-Lite2, D2Go objects, face objects (background + face), face expressions
+    assert [d for _, d in fs.blocks] == [1280, 1280, 3 * 92, 3 * 2, 7 + 256]
+    assert not any(str(SHARED) in k for k, _ in fs.blocks)  # keys hold file names, never a folder
+    assert "max_score:face" in fs.recipes[3]["columns"]
+    objects = fs.X[0, fs.layout.columns([fs.blocks[2][0]])]
+    assert objects[fs.recipes[2]["columns"].index("max_score:person")] > 0.5  # D2Go sees the person
+    mobilenet, lite2 = fs.X[0, :1280], fs.X[0, 1280:2560]
+    assert mobilenet.any() and lite2.any() and np.abs(mobilenet - lite2).max() > 0.1
 
 
 def test_an_interrupted_detector_view_store_resumes_to_the_same_numbers(scripted, tmp_path, interrupt_after_commits):
