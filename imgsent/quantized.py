@@ -133,15 +133,58 @@ def post_training_int8(
     if images is None:
         images = calibration_images(CALIBRATION["images"], *input_size, seed=CALIBRATION["seed"])
     x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    module = static_same_padding(copy.deepcopy(module).eval(), x[:1])
     with quantized_engine():
         try:
-            prepared = prepare_fx(copy.deepcopy(module).eval(), get_default_qconfig_mapping(engine_name()), (x[:2],))
+            prepared = prepare_fx(module, get_default_qconfig_mapping(engine_name()), (x[:2],))
         except Exception as exc:
             raise ImgsentError(f"FX cannot trace it ({type(exc).__name__})") from None
         with torch.inference_mode():
             for s in range(0, len(x), 16):
                 prepared(x[s : s + 16])
         return convert_fx(prepared).eval()
+
+
+def static_same_padding(module: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``module`` with each TensorFlow-style "same" convolution (timm's ``Conv2dSame``, as in the
+    ``tf_`` EfficientNets and EfficientNet-Lite: padding computed from the input's shape at every
+    call, which FX cannot trace) replaced by a fixed ``ZeroPad2d`` + ``Conv2d`` for the input size
+    of ``x``: the same numbers at that size. Modules without them are returned as they are."""
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+        from timm.layers.padding import get_same_padding
+    except ImportError:
+        return module
+    same = {name: m for name, m in module.named_modules() if isinstance(m, Conv2dSame)}
+    if not same:
+        return module
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(_module, args):  # returns None: the call's arguments stay as they are
+            sizes.setdefault(name, tuple(args[0].shape[-2:]))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in same.items()]
+    try:
+        with torch.inference_mode():
+            module(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, m in same.items():
+        (ih, iw), (kh, kw) = sizes[name], m.weight.shape[-2:]
+        ph = get_same_padding(ih, kh, m.stride[0], m.dilation[0])
+        pw = get_same_padding(iw, kw, m.stride[1], m.dilation[1])
+        conv = nn.Conv2d(
+            m.in_channels, m.out_channels, m.kernel_size, m.stride, 0, m.dilation, m.groups, m.bias is not None
+        )
+        conv.load_state_dict(m.state_dict())
+        fixed = nn.Sequential(nn.ZeroPad2d((pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)), conv)
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, fixed)
+    return module
 
 
 def _repack(model: nn.Module) -> nn.Module:

@@ -121,3 +121,22 @@ def test_int8_weights_that_are_not_int8_weights_are_one_clear_error(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ImgsentError, match="int8 weights of mobilenet_v2"):
         create_backbone(f"{MNV2}@{bad}", int8=True)
+
+
+def test_tensorflow_same_padding_networks_get_int8_too():
+    """EfficientNet-Lite (the default model's family) pads 'same' from each input's shape, which FX
+    cannot trace: the padding is fixed for the backbone's input size first, with the same numbers."""
+    import copy
+
+    from imgsent.quantized import static_same_padding
+
+    bb = create_backbone("timm:tf_efficientnet_lite0", random_weights=True)
+    x = torch.randn(2, 3, *bb.preprocess.input_size, generator=torch.Generator().manual_seed(0))
+    fixed = static_same_padding(copy.deepcopy(bb.module), x[:1])
+    assert not any(type(m).__name__ == "Conv2dSame" for m in fixed.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(fixed(x), bb.module(x), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ImgsentWarning)  # no "stays float32" warning
+        q = create_backbone("timm:tf_efficientnet_lite0", random_weights=True, int8=True)
+    assert q.int8 is not None and q.cpu_only and q.dim == bb.dim
