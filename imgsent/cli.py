@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -147,10 +148,12 @@ MaxPixels = Annotated[
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress, summary or Ray logging.")]
 ModelsDirs = Annotated[
-    list[str] | None,
+    list[Path] | None,
     typer.Option(
         "--models",
         metavar="DIR",
+        exists=True,
+        file_okay=False,
         help="A folder to look in for files a model needs (after the bundle's own and $IMGSENT_MODELS); repeat.",
     ),
 ]
@@ -548,7 +551,7 @@ def score(
         model=model,
         features=features,
         weights=weights or [],
-        models=models_dirs or [],
+        models=[str(d) for d in models_dirs or []],
         fmt=format,
         threshold=threshold,
         keep_features=keep_features,
@@ -691,7 +694,7 @@ def models(
     backbones read and where they were found, and where each backbone's weights come from."""
     from .models import describe_model
 
-    typer.echo(describe_model(model, models_dirs or []))
+    typer.echo(describe_model(model, [str(d) for d in models_dirs or []]))
 
 
 @app.command(name="backbones")

@@ -47,7 +47,12 @@ def model_path(model: str | None) -> str:
 
 def resolve_model(model: str | None) -> SentimentModel:
     """``None`` or a packaged model's name: that model; else a bundle directory."""
-    return load_model(model_path(model))
+    path = model_path(model)
+    if not os.path.exists(path):
+        raise ImgsentError(
+            f"no model {model!r}: not a packaged model ({', '.join(PACKAGED_MODELS)}), and not a model directory"
+        )
+    return load_model(path)
 
 
 def model_identity(model: SentimentModel, path: str | None) -> tuple[str, str]:
