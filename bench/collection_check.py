@@ -43,7 +43,7 @@ def main() -> None:
     pos = list(rng.choice(pos, size=int(round(len(neg) * args.share / (1 - args.share))), replace=False))
     tmp = Path(tempfile.mkdtemp(prefix="imgsent-collection-"))
     (tmp / "list.txt").write_text("".join(f"{root / 'images' / k}\n" for k in sorted(neg + pos)))
-    imgsent.score([f"@{tmp / 'list.txt'}"], str(tmp / "scores.parquet"))
+    imgsent.score([f"@{tmp / 'list.txt'}"], str(tmp / "scores.parquet"), model="mobilenet")
     df = pl.read_parquet(tmp / "scores.parquet")
     y = np.asarray([three[i.rsplit("/", 1)[1]] == "1" for i in df["id"]], dtype=int)
     p = df["p_positive"].to_numpy().astype(np.float64)

@@ -33,7 +33,7 @@ def main() -> None:
     assert a.ids == b.ids
     cos = (a.X * b.X).sum(1) / np.linalg.norm(a.X, axis=1) / np.linalg.norm(b.X, axis=1)
     rel = np.abs(a.X - b.X).max(1) / np.abs(a.X).max(1)
-    model = imgsent.load_model(imgsent.models.default_model_path())
+    model = imgsent.load_model(imgsent.models.model_path("mobilenet"))
     pa, pb = model.predict_proba(a.X), model.predict_proba(b.X)
     moved = np.abs(pa - pb)[:, 1]
     flips = int((pa.argmax(1) != pb.argmax(1)).sum())
