@@ -157,6 +157,11 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], spec: Backbone
 PACKAGED_TAGS = (None, "in1k")  # the tags whose weights PACKAGED holds
 
 
+def _packaged_entry(spec: BackboneSpec):
+    """The installed-package weights entry (``weights.PACKAGED``) for a timm spec, or None."""
+    return PACKAGED.get(spec.name) if spec.source == "timm" and spec.tag in PACKAGED_TAGS else None
+
+
 def _timm_pretrained_file_or_download(spec: BackboneSpec, random_weights: bool):
     """(model, weights source): weights from ``@FILE`` (loaded by the caller), an installed package
     (``weights.PACKAGED``), or timm's hub; random (seeded) with ``random_weights``."""
@@ -166,7 +171,7 @@ def _timm_pretrained_file_or_download(spec: BackboneSpec, random_weights: bool):
     if not timm.is_model(spec.name):
         raise ImgsentError(f"timm has no model named {spec.name!r} (see timm.list_models())")
     pretrained = not random_weights and spec.weights is None
-    packaged = PACKAGED.get(spec.name) if pretrained and spec.tag in PACKAGED_TAGS else None
+    packaged = _packaged_entry(spec) if pretrained else None
     found = packaged_weights_file(packaged) if packaged else None
     try:
         model = timm.create_model(name, pretrained=pretrained and found is None)
@@ -253,14 +258,21 @@ def cached_float_weights(spec: BackboneSpec):
     return cache_dir() / "weights" / f"{spec.name}.{spec.tag}.float32.safetensors"
 
 
+def _local_float_weights(spec: BackboneSpec) -> tuple[str, str] | None:
+    """(file, where) of float weights for a quantized torchvision checkpoint already on this
+    machine: ``$IMGSENT_WEIGHTS``, then imgsent's cache; None when neither has them."""
+    if os.environ.get(WEIGHTS_ENV):
+        return os.environ[WEIGHTS_ENV], f"from ${WEIGHTS_ENV}"
+    cached = cached_float_weights(spec)
+    return (str(cached), "imgsent's cache") if cached.is_file() else None
+
+
 def quantized_weights_path(spec: BackboneSpec) -> str:
     """Local float weights for torchvision's quantized MobileNetV2: env, then cache, then download."""
-    env = os.environ.get(WEIGHTS_ENV)
-    if env:
-        return env
+    local = _local_float_weights(spec)
+    if local:
+        return local[0]
     cached = cached_float_weights(spec)
-    if cached.is_file():
-        return str(cached)
     try:
         state = download_quantized_mobilenet_v2()
     except Exception as exc:
@@ -280,7 +292,7 @@ def weights_location(spec: BackboneSpec) -> str:
     if spec.weights:
         return spec.weights
     if spec.source == "timm":
-        entry = PACKAGED.get(spec.name) if spec.tag in PACKAGED_TAGS else None
+        entry = _packaged_entry(spec)
         found = packaged_weights_file(entry) if entry else None
         if found:
             return f"{found} (package {entry.dist})"
@@ -291,14 +303,13 @@ def weights_location(spec: BackboneSpec) -> str:
         _entry, quantized = _torchvision_weights_entry(spec)
         if not quantized:
             return "torchvision downloads them on first use (torch hub cache); offline: --weights KEY=FILE"
-        cached = cached_float_weights(spec)
-        if os.environ.get(WEIGHTS_ENV):
-            return f"{os.environ[WEIGHTS_ENV]} (from ${WEIGHTS_ENV})"
-        if cached.is_file():
-            return f"{cached} (imgsent's cache)"
+        local = _local_float_weights(spec)
+        if local:
+            return f"{local[0]} ({local[1]})"
         return (
             f"none here yet: the first score downloads torchvision's official quantized {spec.name} ({spec.tag}), "
-            f"converts it to float32 and caches it as {cached} ($IMGSENT_HOME moves the cache); offline: "
+            f"converts it to float32 and caches it as {cached_float_weights(spec)} ($IMGSENT_HOME moves the "
+            "cache); offline: "
             f"--weights FILE or ${WEIGHTS_ENV}=FILE (float weights, .safetensors or .pth), or copy that file there"
         )
     return "its files (above)"

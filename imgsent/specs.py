@@ -17,6 +17,7 @@ whole path; :func:`normalize_key` turns them into today's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -228,10 +229,18 @@ def spec_files(spec: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """A file's sha256, read once per process for a given file state (path, size, mtime): a model's
+    files are hashed when found and again when their backbone records them."""
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, _size: int, _mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
+        while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()
 
