@@ -35,6 +35,7 @@ _imgsent() {
         evaluate:--dropout) COMPREPLY=(); return ;;
         evaluate:--hidden-units) COMPREPLY=(); return ;;
         evaluate:--experts) COMPREPLY=(); return ;;
+        evaluate:--min-steps) COMPREPLY=(); return ;;
         evaluate:--seed) COMPREPLY=(); return ;;
         evaluate:--id-column) COMPREPLY=(); return ;;
         evaluate:--label-column) COMPREPLY=(); return ;;
@@ -50,6 +51,9 @@ _imgsent() {
         extract:--shard) COMPREPLY=(); return ;;
         extract:--rows-per-shard) COMPREPLY=(); return ;;
         extract:--max-pixels) COMPREPLY=(); return ;;
+        extract:--image-column) COMPREPLY=(); return ;;
+        extract:--id-column) COMPREPLY=(); return ;;
+        extract:--keep-images) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         extract:--engine) COMPREPLY=( $(compgen -W "local ray" -- "$cur") ); return ;;
         extract:--ray-address) COMPREPLY=(); return ;;
         extract:--ray-workers) COMPREPLY=(); return ;;
@@ -79,6 +83,7 @@ _imgsent() {
         score:--weights) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         score:--format) COMPREPLY=( $(compgen -W "parquet csv tsv jsonl" -- "$cur") ); return ;;
         score:--threshold) COMPREPLY=(); return ;;
+        score:--keep-columns) COMPREPLY=(); return ;;
         score:--keep-features) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         score:--device) COMPREPLY=( $(compgen -W "auto cpu cuda mps cuda:0 cuda:1" -- "$cur") ); return ;;
         score:--precision) COMPREPLY=( $(compgen -W "auto fp32 tf32 bf16 fp16 int8" -- "$cur") ); return ;;
@@ -88,6 +93,9 @@ _imgsent() {
         score:--shard) COMPREPLY=(); return ;;
         score:--rows-per-shard) COMPREPLY=(); return ;;
         score:--max-pixels) COMPREPLY=(); return ;;
+        score:--image-column) COMPREPLY=(); return ;;
+        score:--id-column) COMPREPLY=(); return ;;
+        score:--keep-images) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         score:--engine) COMPREPLY=( $(compgen -W "local ray" -- "$cur") ); return ;;
         score:--ray-address) COMPREPLY=(); return ;;
         score:--ray-workers) COMPREPLY=(); return ;;
@@ -105,6 +113,7 @@ _imgsent() {
         train:--dropout) COMPREPLY=(); return ;;
         train:--hidden-units) COMPREPLY=(); return ;;
         train:--experts) COMPREPLY=(); return ;;
+        train:--min-steps) COMPREPLY=(); return ;;
         train:--cv) COMPREPLY=(); return ;;
         train:--seed) COMPREPLY=(); return ;;
         train:--id-column) COMPREPLY=(); return ;;
@@ -113,13 +122,13 @@ _imgsent() {
     case "$cmd" in
         backbones) opts="--help" ;;
         calibrate) opts="--labels -l --out -o --features --scores --method --map --id-column --label-column --overwrite --no-overwrite --help" ;;
-        evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --plots --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --seed --id-column --label-column --quiet -q --help" ;;
-        extract) opts="--out -o --backbones -B --random-weights --no-random-weights --tta --dtype --device --precision --batch-size -b --workers --decode --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
+        evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --plots --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --seed --id-column --label-column --quiet -q --help" ;;
+        extract) opts="--out -o --backbones -B --random-weights --no-random-weights --tta --dtype --device --precision --batch-size -b --workers --decode --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
         models) opts="--models --help" ;;
         prevalence) opts="--labels -l --by --meta --json --level --bootstrap --seed --map --id-column --label-column --plot --help" ;;
         report) opts="--out -o --by --meta --labels -l --per-class --seed --map --quiet -q --help" ;;
-        score) opts="--out -o --model -m --models --features --weights --format --threshold --keep-features --device --precision --batch-size -b --workers --decode --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
-        train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --blocks --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --cv --seed --id-column --label-column --overwrite --no-overwrite --quiet -q --help" ;;
+        score) opts="--out -o --model -m --models --features --weights --format --threshold --keep-columns --keep-features --device --precision --batch-size -b --workers --decode --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
+        train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --blocks --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --cv --seed --id-column --label-column --overwrite --no-overwrite --quiet -q --help" ;;
         version) opts="--help" ;;
         *) opts="" ;;
     esac

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 _API = {
     "extract": ("extraction", "extract"),
@@ -61,6 +61,7 @@ _MODULES = {
     "scoring",
     "shards",
     "sinks",
+    "sources",
     "training",
     "weights",
 }

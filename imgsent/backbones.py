@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -55,7 +56,9 @@ from .weights import (
     atomic_save_safetensors,
     cache_dir,
     convert_state_dict,
+    describe_failure,
     download_quantized_mobilenet_v2,
+    downloading,
     load_state_dict_file,
     packaged_weights_file,
     state_dict_sha256,
@@ -133,9 +136,8 @@ def register_source(name: str):
 
 
 def _offline_hint(spec: BackboneSpec, exc: Exception) -> ImgsentError:
-    reason = " ".join(str(exc).split())[:160]
     return ImgsentError(
-        f"cannot get pretrained weights for {spec.key} ({type(exc).__name__}: {reason}); on an offline "
+        f"cannot get pretrained weights for {spec.key} ({describe_failure(exc)}); on an offline "
         f"machine pass a local file as {spec.key}@/path/to/weights.safetensors (or .pth), "
         f"or use --random-weights for testing"
     )
@@ -276,11 +278,11 @@ def quantized_weights_path(spec: BackboneSpec) -> str:
     try:
         state = download_quantized_mobilenet_v2()
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:160]
         raise ImgsentError(
-            f"cannot download torchvision's quantized MobileNetV2 ({type(exc).__name__}: {reason}); on an "
-            f"offline machine pass --weights FILE or set {WEIGHTS_ENV}=FILE (float mobilenet_v2 weights in "
-            f"safetensors, e.g. mobilenet_v2_imagenet1k.safetensors), or copy that file to {cached}"
+            f"cannot download torchvision's quantized MobileNetV2 ({describe_failure(exc)}); on an offline "
+            f"machine give the weights file as {spec.key}@FILE (score: --weights FILE) or set {WEIGHTS_ENV}=FILE "
+            f"(float mobilenet_v2 weights in safetensors, e.g. mobilenet_v2_imagenet1k.safetensors), or copy "
+            f"that file to {cached}"
         ) from None
     atomic_save_safetensors(state, cached, metadata={"source": "torchvision IMAGENET1K_QNNPACK_V1, dequantized"})
     return str(cached)
@@ -362,7 +364,9 @@ def load_torchscript_file(path: str, what: str = "TorchScript file") -> torch.ji
     if not os.path.isfile(path):
         raise ImgsentError(f"{what} not found: {path}")
     try:
-        return torch.jit.load(path, map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            return torch.jit.load(path, map_location="cpu")
     except Exception as exc:
         raise ImgsentError(f"cannot load {what} {path}: {' '.join(str(exc).split())[:160]}") from None
 
@@ -463,7 +467,7 @@ def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0, i
     warning (see :mod:`imgsent.quantized`).
     """
     parsed = BackboneSpec.parse(spec)
-    with _seeded(seed):
+    with _seeded(seed), downloading():
         official = _load_int8(parsed, random_weights) if int8 else None
         quantization = official[1] if official else None
         module, pp, cpu_only, source = official[0] if official else _SOURCES[parsed.source](parsed, random_weights)

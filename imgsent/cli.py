@@ -100,8 +100,28 @@ def _complete_heads(incomplete: str) -> list[str]:
 
 
 # --- options shared by extract and score ---------------------------------------------------------
-Inputs = Annotated[
-    list[str], typer.Argument(metavar="INPUT...", help="Directories, image files, @list.txt, or - for paths on stdin.")
+INPUT_HELP = "Directories, image files, tar shards (a/{00..09}.tar), Parquet files, @list.txt, or - for paths on stdin."
+Inputs = Annotated[list[str], typer.Argument(metavar="INPUT...", help=INPUT_HELP)]
+ImageColumn = Annotated[
+    str | None,
+    typer.Option(
+        "--image-column",
+        metavar="NAME",
+        help="Inputs are Parquet files (or dataset folders): NAME holds the images (binary, or {bytes, path}).",
+    ),
+]
+KeepImages = Annotated[
+    Path | None,
+    typer.Option(
+        "--keep-images",
+        metavar="DIR",
+        file_okay=False,
+        help="Save downloaded URL images here (named by the URL's sha256); the rows' path is then the copy.",
+    ),
+]
+InputIdColumn = Annotated[
+    str | None,
+    typer.Option("--id-column", metavar="NAME", help="With --image-column: the column of ids (default: row number)."),
 ]
 Null = Annotated[bool, typer.Option("--null", "-0", help="Paths in lists/stdin are NUL-separated (find -print0).")]
 Hidden = Annotated[bool, typer.Option("--hidden", help="Include hidden files and directories.")]
@@ -207,6 +227,9 @@ def extract(
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     null: Null = False,
     hidden: Hidden = False,
+    image_column: ImageColumn = None,
+    id_column: InputIdColumn = None,
+    keep_images: KeepImages = None,
     compile: Compile = False,
     engine: Engine = "local",
     ray_address: RayAddress = None,
@@ -235,6 +258,9 @@ def extract(
         rows_per_shard=rows_per_shard,
         null=null,
         include_hidden=hidden,
+        image_column=image_column,
+        id_column=id_column,
+        keep_images=str(keep_images) if keep_images else None,
         progress=not quiet,
     )
     summary = run(inputs, out, backbones=backbones, random_weights=random_weights, dtype=dtype, options=options)
@@ -278,6 +304,16 @@ Dropout = Annotated[
     float | None,
     typer.Option(metavar="P", help="Dropout (paper: nn 0.4; moe 0.5 is ours, the paper gives no rate)."),
 ]
+MinSteps = Annotated[
+    int | None,
+    typer.Option(
+        "--min-steps",
+        metavar="N",
+        min=0,
+        help="Fewest optimiser steps (ours; nn 1000, moe 300): a shorter schedule gets more epochs; 0 = the "
+        "paper's (also the default when --epochs is given).",
+    ),
+]
 HiddenUnits = Annotated[
     int, typer.Option("--hidden-units", metavar="N", min=1, help="Hidden units of the first layer (paper: 200).")
 ]
@@ -320,6 +356,7 @@ def train(
     hidden_units: HiddenUnits = 200,
     experts: Experts = 2,
     normalize_blocks: NormBlocks = None,
+    min_steps: MinSteps = None,
     cv: Annotated[
         int,
         typer.Option(
@@ -359,10 +396,11 @@ def train(
         hidden=hidden_units,
         experts=experts,
         normalize_blocks=normalize_blocks,
+        min_steps=min_steps,
         seed=seed,
     )
     if not quiet:
-        typer.echo(f"wrote {out}: {model.describe_training()}", err=True)
+        typer.echo(f"wrote {out}: {model.describe_training(with_warnings=False)}", err=True)  # warned above
 
 
 @app.command()
@@ -415,6 +453,7 @@ def evaluate(
     hidden_units: HiddenUnits = 200,
     experts: Experts = 2,
     normalize_blocks: NormBlocks = None,
+    min_steps: MinSteps = None,
     seed: Seed = 0,
     id_column: IdColumn = None,
     label_column: LabelColumn = None,
@@ -451,6 +490,7 @@ def evaluate(
         hidden=hidden_units,
         experts=experts,
         normalize_blocks=normalize_blocks,
+        min_steps=min_steps,
     )
     result.print()
 
@@ -459,7 +499,7 @@ def evaluate(
 def score(
     inputs: Annotated[
         list[str] | None,
-        typer.Argument(metavar="INPUT...", help="Directories, image files, @list.txt, or - for paths on stdin."),
+        typer.Argument(metavar="INPUT...", help=INPUT_HELP),
     ] = None,
     out: Annotated[
         str,
@@ -496,6 +536,14 @@ def score(
         float | None,
         typer.Option(metavar="T", help="Two-class models: predict positive when p_positive >= T (default: argmax)."),
     ] = None,
+    keep_columns: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--keep-columns",
+            metavar="NAME,...",
+            help="Carry these fields of tar shards' KEY.json (txt: KEY.txt) or Parquet columns into the rows; * = all.",
+        ),
+    ] = None,
     keep_features: Annotated[
         str | None, typer.Option("--keep-features", metavar="DIR", help="Also write the computed features here.")
     ] = None,
@@ -510,6 +558,9 @@ def score(
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     null: Null = False,
     hidden: Hidden = False,
+    image_column: ImageColumn = None,
+    id_column: InputIdColumn = None,
+    keep_images: KeepImages = None,
     compile: Compile = False,
     engine: Engine = "local",
     ray_address: RayAddress = None,
@@ -543,6 +594,10 @@ def score(
         rows_per_shard=rows_per_shard,
         null=null,
         include_hidden=hidden,
+        image_column=image_column,
+        id_column=id_column,
+        keep_images=str(keep_images) if keep_images else None,
+        keep_columns=tuple(keep_columns or ()),
         progress=not quiet,
     )
     summary = run(
@@ -607,10 +662,10 @@ def prevalence(
         shares_plot(report, plot)
     if json_out:
         sys.stdout.write(report.to_json_lines())
-        for w in report.warnings:
-            typer.echo(f"imgsent: warning: {w}", err=True)
     else:
         typer.echo(report.table())
+    for w in report.warnings:  # stderr in both forms: stdout carries the data only
+        typer.echo(f"imgsent: warning: {w}", err=True)
 
 
 @app.command()
@@ -633,7 +688,7 @@ def report(
     quiet: Quiet = False,
 ) -> None:
     """A self-contained HTML report of a score output: counts, score histogram, class shares, contact
-    sheets of the most positive, most negative and least sure images (pip install 'imgsent[report]')."""
+    sheets of the most positive, most negative and least sure images."""
     from .htmlreport import build_report
 
     info = build_report(scores, out, by=by, meta=meta, labels=labels, per_class=per_class, seed=seed, mapping=map)
@@ -751,8 +806,15 @@ def main() -> None:
     global _default_showwarning
     _default_showwarning = warnings.showwarning
     previous_term = signal.signal(signal.SIGTERM, terminated)
+    debug = bool(os.environ.get("IMGSENT_DEBUG"))
+    cpp_level = os.environ.get(CPP_LOG_ENV)
+    if not debug and cpp_level is None:
+        # torch's C++ warnings ("Quantizer.cpp:111 ... deprecated" when an int8 TorchScript detector
+        # loads) print straight to stderr, past Python's filters; torch reads this when it loads,
+        # and the decoding processes inherit it
+        os.environ[CPP_LOG_ENV] = "ERROR"
     with warnings.catch_warnings():
-        if not os.environ.get("IMGSENT_DEBUG"):  # torch's deprecation chatter is not the user's business
+        if not debug:  # torch's deprecation chatter is not the user's business
             for module in ("torch", "torchvision", "timm"):
                 warnings.filterwarnings("ignore", category=UserWarning, module=module)
                 warnings.filterwarnings("ignore", category=FutureWarning, module=module)
@@ -762,7 +824,12 @@ def main() -> None:
             code = _run()
         finally:
             signal.signal(signal.SIGTERM, previous_term)
+            if cpp_level is None:
+                os.environ.pop(CPP_LOG_ENV, None)
     sys.exit(code)
+
+
+CPP_LOG_ENV = "TORCH_CPP_LOG_LEVEL"
 
 
 def _run() -> int:
@@ -795,7 +862,7 @@ def _usage_error(exc) -> int:
         typer.echo(ctx.get_help(), err=True)
         return 2
     where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-    message = " ".join(exc.format_message().split())
+    message = " ".join(exc.format_message().split()).replace("Value error, ", "")  # typer's Literal check
     typer.echo(f"imgsent: error: {message}{where}", err=True)
     return getattr(exc, "exit_code", 2) or 2
 
@@ -806,8 +873,19 @@ def _interrupted(code: int) -> int:
     # The process is ending: helper threads of multiprocessing / the DataLoader, cut off mid-call,
     # must not print tracebacks over the one line that matters.
     threading.excepthook = lambda args: None
-    typer.echo("imgsent: interrupted: rerun the same command to resume (finished shards are kept)", err=True)
+    typer.echo(f"imgsent: interrupted: {_what_was_kept()}", err=True)
     return code
+
+
+def _what_was_kept() -> str:
+    """What an interrupted run leaves: nothing yet (still loading models), or shards to resume from."""
+    from .shards import WRITTEN_HERE
+
+    if not WRITTEN_HERE["outputs"]:
+        return "nothing was written yet"
+    if not WRITTEN_HERE["shards"]:
+        return "before the first shard was finished; rerun the same command to start again"
+    return f"{WRITTEN_HERE['shards']} finished shard(s) are kept; rerun the same command to resume"
 
 
 def _quiet_broken_pipe() -> int:

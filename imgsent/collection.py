@@ -128,7 +128,8 @@ class PrevalenceReport:
         return "".join(json.dumps(e.to_json()) + "\n" for e in self.estimates)
 
     def table(self) -> str:
-        """A plain text table (one line per group, class and method) and the notes."""
+        """A plain text table (one line per group, class and method); the warnings are apart
+        (``warnings``: the CLI prints them on stderr)."""
         lines = [
             f"{self.rows} rows scored; {self.error_rows} error rows left out"
             + (f"; groups by {self.by}" if self.by else ""),
@@ -144,7 +145,7 @@ class PrevalenceReport:
         for e in self.estimates:
             ci = f"[{e.ci_low:.3f}, {e.ci_high:.3f}]" if e.ci_low is not None else "(biased; no CI)"
             lines.append(f"{e.group[:20]:<20} {e.cls[:12]:<12} {e.method:<24} {e.estimate:7.3f}  {ci:>17}  {e.n:>8}")
-        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+        return "\n".join(lines)
 
 
 def _sample(df, classes: list[str], raw: dict[str, str], labels: str):
@@ -235,10 +236,12 @@ def load_collection(scores: str, *, by: str | None = None, meta: str | None = No
     df, classes = read_scores(scores, stdin, extra=(by,) if by else ())
     if meta is not None:
         if by is None:
-            raise ImgsentError("meta needs by: the column of the metadata table to group by")
+            raise ImgsentError("--meta needs --by COLUMN: the column of the metadata table to group by")
         df = df.join(_read_meta(meta, by), on="id", how="left")
     elif by is not None and by not in df.columns:
-        raise ImgsentError(f"the scores have no column {by!r} (columns: {', '.join(df.columns)}); give meta FILE")
+        raise ImgsentError(
+            f"the scores have no column {by!r} (columns: {', '.join(df.columns)}); give --meta FILE, a table with id and that column"
+        )
     return df, classes
 
 
@@ -405,7 +408,9 @@ def calibrate(
     from .training import check_model_output
 
     if (features is None) == (scores is None):
-        raise ImgsentError("give the sample's features (a feature store) or the model's scores, one of them")
+        raise ImgsentError(
+            "give the sample's features (--features STORE) or the model's scores (--scores FILE), one of them"
+        )
     if method not in METHODS:
         raise ImgsentError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     check_model_output(out, overwrite)

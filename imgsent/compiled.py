@@ -127,10 +127,31 @@ _fusion_users = [0, False]  # lanes inside _fusion(True), the setting before the
 def fusion(on: bool):
     """oneDNN graph fusion for TorchScript on CPU (conv + bias + activation, ... in one kernel;
     1.3-1.5x on MobileNetV2 / EfficientNet here), on only while imgsent's own frozen modules run
-    (counted, so that lanes running at once do not switch it off under each other)."""
+    (counted, so that lanes running at once do not switch it off under each other), with this
+    thread's graph optimisation on (see :func:`unfused`)."""
     if not on:
         yield
         return
+    with torch.jit.optimized_execution(True), _counted_fusion():
+        yield
+
+
+@contextlib.contextmanager
+def unfused():
+    """Run TorchScript that imgsent did not freeze itself (exported detectors, a user's TorchScript
+    backbone) with this thread's graph optimisation off. oneDNN fusion is a process-wide switch,
+    on while another lane runs a frozen graph; a graph that the profiling executor optimises then
+    gets fused kernels it was never checked with: D2Go's detector and the face detector then fail
+    on every call ("Cannot input a tensor of dimension other than 0 as a scalar argument").
+    Graph-executor optimisation is per thread, so switching it off here keeps such graphs out of
+    reach of the switch; measured here it costs them nothing (D2Go 27-29 ms per image, int8
+    MobileNetV2 8.4-9.3 ms, optimised or not; outputs identical)."""
+    with torch.jit.optimized_execution(False):
+        yield
+
+
+@contextlib.contextmanager
+def _counted_fusion():
     with _fusion_lock:
         if _fusion_users[0] == 0:
             _fusion_users[1] = torch.jit.onednn_fusion_enabled()

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from .inputs import ImageRef
+from .sources import SourceError, keep_copy, read_source, read_sources
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GB of RGBA)
 
@@ -150,10 +151,11 @@ def _check_regular_file(path: str) -> None:
 
 
 def decode_image(
-    path: str, *, min_short_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str, *, min_short_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:
-    """Open ``path``; return an RGB image oriented as its EXIF says, and the full-resolution
-    (width, height) of that oriented image (the pixels may be smaller, see ``min_short_side``).
+    """Open ``path`` (or the encoded image ``data``, read from a tar member or a Parquet cell);
+    return an RGB image oriented as its EXIF says, and the full-resolution (width, height) of that
+    oriented image (the pixels may be smaller, see ``min_short_side``).
 
     ``min_short_side``: libjpeg decodes big JPEGs at the largest reduced scale (1/2, 1/4, 1/8) that
     keeps both sides >= 2 * min_short_side (a 1920x1080 photo for a 256-pixel resize: 960x540, 44-57 %
@@ -163,11 +165,12 @@ def decode_image(
     full decode (tested).
     ``max_pixels`` guards against decompression bombs.
     """
-    _check_regular_file(path)
+    if data is None:
+        _check_regular_file(path)
     try:
         with warnings.catch_warnings(), _pillow_settings(max_pixels):
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise DecodeError(f"image is {width}x{height} pixels, over the limit of {max_pixels}")
@@ -319,12 +322,17 @@ def read_jpeg(ref: ImageRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIma
     not ending in the JPEG end marker, an unreadable header), which is then decoded here as usual
     (:func:`decode_ref`), with its reason if it fails."""
     try:
-        _check_regular_file(ref.path)
-        with open(ref.path, "rb") as f:
-            data = f.read(2)
-            if data != b"\xff\xd8":
-                return None  # not a JPEG: Pillow decodes it (the rest of the file is not read twice)
-            data += f.read()
+        if ref.source:
+            data = read_source(ref.source)
+            if data[:2] != b"\xff\xd8":
+                return None
+        else:
+            _check_regular_file(ref.path)
+            with open(ref.path, "rb") as f:
+                data = f.read(2)
+                if data != b"\xff\xd8":
+                    return None  # not a JPEG: Pillow decodes it (the rest of the file is not read twice)
+                data += f.read()
         if data.rstrip(b"\x00\r\n ")[-2:] != b"\xff\xd9":
             return None  # truncated: Pillow decodes it or says why
         with warnings.catch_warnings(), _pillow_settings(max_pixels):
@@ -344,15 +352,50 @@ def read_jpeg(ref: ImageRef, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIma
     return DecodedImage(ref, "ok", None, width, height, None, np.frombuffer(bytearray(data), np.uint8), orientation)
 
 
+def decode_refs(
+    refs: list[ImageRef],
+    preprocesses: list[Preprocess],
+    tta: str = "none",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_images: str | None = None,
+) -> list[DecodedImage]:
+    """:func:`decode_ref` for a batch: the bytes of tar members, Parquet cells and URLs are read
+    first, URLs many at once (:func:`~imgsent.sources.read_sources`), then each image decoded.
+    ``keep_images``: a folder where downloaded images are saved; the row's ``path`` is then the copy."""
+    if not any(ref.source for ref in refs):
+        return [decode_ref(ref, preprocesses, tta, max_pixels) for ref in refs]
+    fetched = read_sources([ref.source for ref in refs])
+    out = []
+    for ref, got in zip(refs, fetched):
+        if keep_images and isinstance(got, bytes) and ref.source.startswith('["url"'):
+            try:
+                ref = ImageRef(ref.id, keep_copy(keep_images, ref.path, got), ref.source, ref.meta)
+            except OSError as exc:
+                got = SourceError(f"downloaded, but cannot save it in {keep_images}: {exc.strerror or exc}")
+        out.append(decode_ref(ref, preprocesses, tta, max_pixels, data=got))
+    return out
+
+
 def decode_ref(
-    ref: ImageRef, preprocesses: list[Preprocess], tta: str = "none", max_pixels: int = DEFAULT_MAX_PIXELS
+    ref: ImageRef,
+    preprocesses: list[Preprocess],
+    tta: str = "none",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    data: bytes | SourceError | None = None,
 ) -> DecodedImage:
     """The decode step of every engine (local workers and Ray tasks): one image in, its views for
-    every distinct preprocessing out. Never raises for a bad image: it comes back as an error."""
+    every distinct preprocessing out. Never raises for a bad image: it comes back as an error.
+    ``data``: the image's bytes when already read (:func:`decode_refs`), or why they could not be."""
     try:
         min_short_side = max(pp.needed_short_side() for pp in preprocesses)
-        img, (width, height) = decode_image(ref.path, min_short_side=min_short_side, max_pixels=max_pixels)
+        if isinstance(data, SourceError):
+            raise data
+        if data is None and ref.source:
+            data = read_source(ref.source)
+        img, (width, height) = decode_image(ref.path, min_short_side=min_short_side, max_pixels=max_pixels, data=data)
         return DecodedImage(ref, "ok", None, width, height, make_views(img, preprocesses, tta))
+    except SourceError as exc:
+        return DecodedImage.failed(ref, str(exc))
     except DecodeError as exc:
         return DecodedImage.failed(ref, str(exc))
     except Exception as exc:  # never let one image stop a worker

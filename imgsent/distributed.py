@@ -22,8 +22,8 @@ import numpy as np
 
 from .backbones import Backbone, create_backbone, fingerprints_match
 from .batches import FeatureBatch, ScoredBatch
-from .decode import Preprocess, crop_count, decode_ref
-from .engine import FeatureEngine, flag_nonfinite
+from .decode import Preprocess, crop_count, decode_refs
+from .engine import FeatureEngine, flag_nonfinite, mark_failed
 from .errors import ImgsentError
 from .inputs import ImageRef
 from .options import RunOptions
@@ -40,11 +40,13 @@ def require_ray():
     return ray
 
 
-def _decode_batch(batch: dict, preprocesses: list[dict], tta: str, max_pixels: int) -> dict:
+def _decode_batch(
+    batch: dict, preprocesses: list[dict], tta: str, max_pixels: int, keep_images: str | None = None
+) -> dict:
     """Ray task: decode a batch of paths into uint8 views (zeros on error rows)."""
     pps = [Preprocess.from_dict(p) for p in preprocesses]
-    refs = [ImageRef(i, p) for i, p in zip(batch["id"], batch["path"])]
-    items = [decode_ref(ref, pps, tta, max_pixels) for ref in refs]
+    refs = [ImageRef(i, p, s) for i, p, s in zip(batch["id"], batch["path"], batch["source"])]
+    items = decode_refs(refs, pps, tta, max_pixels, keep_images)
     keys = list(dict.fromkeys(pp.view_key for pp in pps))
     crops = crop_count(tta)
     out = {
@@ -92,9 +94,9 @@ class _EmbedActor:
         views = {
             key: torch.from_numpy(np.ascontiguousarray(batch[f"view{j}"][ok_pos])) for j, key in enumerate(self.keys)
         }
-        feats = self.engine.embed_views(views, ok_pos, len(batch["id"]))
+        feats, failed = self.engine.embed_views(views, ok_pos, len(batch["id"]))
         status, error = [str(s) for s in batch["status"]], [str(e) if e else None for e in batch["error"]]
-        checked = flag_nonfinite(FeatureBatch([], [], status, error, [], [], feats))
+        checked = flag_nonfinite(mark_failed(FeatureBatch([], [], status, error, [], [], feats), failed))
         ok_pos = [k for k, s in enumerate(checked.status) if s == "ok"]
         out = {k: batch[k] for k in ("id", "path", "width", "height")}
         out["status"] = np.asarray(checked.status, dtype=object)
@@ -195,7 +197,8 @@ class RayEngine:
 
         bs = self.batch_size
         ds = ray.data.from_items(
-            [{"id": r.id, "path": r.path} for r in refs], override_num_blocks=max(1, len(refs) // bs)
+            [{"id": r.id, "path": r.path, "source": r.source} for r in refs],
+            override_num_blocks=max(1, len(refs) // bs),
         )
         ds = ds.map_batches(
             _decode_batch,
@@ -205,6 +208,7 @@ class RayEngine:
                 "preprocesses": [bb.preprocess.to_dict() for bb in self.backbones],
                 "tta": self.options.tta,
                 "max_pixels": self.options.max_pixels,
+                "keep_images": self.options.keep_images,
             },
         )
         ds = ds.map_batches(

@@ -35,9 +35,18 @@ from .compiled import (
     load_graph,
     probe_batch,
     save_graph,
+    unfused,
 )
 from .compiled import fusion as _fusion
-from .decode import DEVICE_INTERPOLATIONS, DecodedImage, Preprocess, crop_count, decode_ref, read_jpeg
+from .decode import (
+    DEVICE_INTERPOLATIONS,
+    DecodedImage,
+    Preprocess,
+    crop_count,
+    decode_ref,
+    decode_refs,
+    read_jpeg,
+)
 from .errors import ImgsentError
 from .inputs import ImageRef
 from .lanes import in_lanes
@@ -47,6 +56,7 @@ from .precision import AUTOCAST, resolve_numerics
 CUDA_BATCH_SIZE = 256  # default batch on CUDA: enough images in flight to keep a modern GPU busy
 
 OPTIMIZE = ("auto", "jit", "none")
+FAILING_VIEW = 8  # a backbone that fails on each of the first this many images it gets stops the run
 PREFETCH = 4  # batches each decoding process works ahead
 DEVICE_PREFETCH = 2  # the same when they only read JPEG files (decode="device"): reading is quick
 JPEG_BYTES = 512 * 1024  # shared memory assumed per JPEG handed over whole (decode="device")
@@ -64,8 +74,10 @@ class ImageDataset(Dataset):
         tta: str,
         max_pixels: int,
         decode: str = "workers",
+        keep_images: str | None = None,
     ):
         self.refs = list(refs)
+        self.keep_images = keep_images
         self.preprocesses = preprocesses
         self.tta = tta
         self.max_pixels = max_pixels
@@ -73,6 +85,13 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.refs)
+
+    def __getitems__(self, indices: list[int]) -> list[DecodedImage]:
+        """A whole batch (the DataLoader asks so): URLs in it download side by side."""
+        if self.decode == "device" or not any(self.refs[i].source for i in indices):
+            return [self[i] for i in indices]
+        refs = [self.refs[i] for i in indices]
+        return decode_refs(refs, self.preprocesses, self.tta, self.max_pixels, self.keep_images)
 
     def __getitem__(self, index: int) -> DecodedImage:
         if self.decode == "device":
@@ -252,6 +271,8 @@ class FeatureEngine:
                     )
         self.device_decoded = [0, 0]  # JPEGs decoded on the device, and those it refused (then Pillow)
         self._count_lock = threading.Lock()
+        self._outcomes = [[0, 0] for _ in self.backbones]  # per backbone: images it embedded, images it failed on
+        self._stop_after = FAILING_VIEW
         self._devices: list[torch.device] = []
         self._norms: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._modules: list[torch.nn.Module] = [bb.module for bb in self.backbones]  # replaced by prepare()
@@ -356,7 +377,8 @@ class FeatureEngine:
 
     def dataset(self, refs: Sequence[ImageRef]) -> ImageDataset:
         """The decode step for ``refs`` with this engine's preprocessings, TTA and pixel limit."""
-        return ImageDataset(refs, [bb.preprocess for bb in self.backbones], self.tta, self.max_pixels, self.decode)
+        pps = [bb.preprocess for bb in self.backbones]
+        return ImageDataset(refs, pps, self.tta, self.max_pixels, self.decode, self.options.keep_images)
 
     def loader(self, dataset: ImageDataset, batches: list[list[int]]) -> DataLoader:
         """Decoding processes (``workers``) turning index batches of ``dataset`` into collated
@@ -385,11 +407,19 @@ class FeatureEngine:
             if self.amp_dtype is not None and dev.type == self.device.type
             else contextlib.nullcontext()
         )
-        with torch.inference_mode(), amp, _fusion(self._fixed_shape[index] and dev.type == "cpu"), _tf32(self.numerics):
+        with torch.inference_mode(), amp, self._graph_context(index, dev), _tf32(self.numerics):
             out = self._forward(index, x)
             if "flip" in self.tta:
                 out = (out + self._forward(index, torch.flip(x, dims=[3]))) / 2
         return out.view(n, crops, -1).mean(dim=1)
+
+    def _graph_context(self, index: int, dev: torch.device):
+        """On a CPU: oneDNN fusion for the graphs this engine froze; every other module (detectors,
+        a user's TorchScript) runs unoptimised, out of reach of that process-wide switch, which
+        another lane may hold on meanwhile (:func:`~imgsent.compiled.unfused`)."""
+        if dev.type != "cpu":
+            return contextlib.nullcontext()
+        return _fusion(True) if self._fixed_shape[index] else unfused()
 
     def _forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Forward passes of ``model_batch`` uint8 images, each normalised just before its pass
@@ -422,6 +452,7 @@ class FeatureEngine:
         if not refs:
             return
         batches = _group_batches(len(refs), groups, self.batch_size)
+        self._stop_after = min(FAILING_VIEW, len(refs))
         dataset = self.dataset(refs)
         check_shared_memory(
             self.workers, self.batch_size, [bb.preprocess for bb in self.backbones], self.tta, self.decode
@@ -450,19 +481,26 @@ class FeatureEngine:
                     received += 1
                     yield _collate(_isolated_decode(dataset, indices))
 
-    def embed_views(self, views: dict[tuple, torch.Tensor], ok_pos: list[int], n: int) -> dict[str, np.ndarray]:
+    def embed_views(
+        self, views: dict[tuple, torch.Tensor], ok_pos: list[int], n: int
+    ) -> tuple[dict[str, np.ndarray], dict[int, str]]:
         """Features of every backbone for ``n`` rows: uint8 views (of the ``ok_pos`` rows, in order)
-        in, float32 (n, D) per backbone key out, NaN on the other rows."""
+        in, float32 (n, D) per backbone key out, NaN on the other rows; and the rows some backbone
+        failed on, with a one-line reason each (see :meth:`embed_or_retry`)."""
         feats = {bb.key: np.full((n, bb.dim), np.nan, dtype=np.float32) for bb in self.backbones}
+        failed: dict[int, str] = {}
         if not ok_pos:
-            return feats
+            return feats, failed
+        self.prepare()
         on_device: dict[tuple, torch.Tensor] = {}  # shared pixels cross to each device once
         outs = []
         for idx, bb in enumerate(self.backbones):
             key = (bb.preprocess.view_key, self._devices[idx])
             if key not in on_device:
                 on_device[key] = views[bb.preprocess.view_key].to(self._devices[idx], non_blocking=True)
-            outs.append(self.embed(idx, on_device[key]))
+            out, bad = self.embed_or_retry(idx, on_device[key])
+            failed.update((ok_pos[j], reason) for j, reason in bad.items() if ok_pos[j] not in failed)
+            outs.append(out)
         # One copy back (one host sync) per device and batch, not one per backbone.
         host: dict[int, np.ndarray] = {}
         for dev in dict.fromkeys(self._devices):
@@ -472,7 +510,40 @@ class FeatureEngine:
                 host[i] = part
         for idx, bb in enumerate(self.backbones):
             feats[bb.key][ok_pos] = host[idx]
-        return feats
+        return feats, failed
+
+    def embed_or_retry(self, index: int, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+        """:meth:`embed`, and when the backbone raises on the batch, the batch again image by image:
+        (features, NaN rows for the images it still fails on; {row: one-line reason}). A backbone
+        that has failed on each of the first images of the run it was given (``FAILING_VIEW``, or
+        all of a shorter run) stops the run with one line: it is broken, not the images."""
+        bb = self.backbones[index]
+        try:
+            out, failed = self.embed(index, pixels), {}
+        except ImgsentError:
+            raise
+        except Exception:
+            rows, failed = [], {}
+            for j in range(len(pixels)):
+                try:
+                    rows.append(self.embed(index, pixels[j : j + 1]))
+                except ImgsentError:
+                    raise
+                except Exception as exc:
+                    failed[j] = f"{bb.key} failed on this image: {_one_line(exc)}"
+                    rows.append(torch.full((1, bb.dim), float("nan"), device=self._devices[index]))
+            out = torch.cat(rows)
+        with self._count_lock:
+            done = self._outcomes[index]
+            done[0] += len(pixels) - len(failed)
+            done[1] += len(failed)
+            broken = done[0] == 0 and done[1] >= self._stop_after
+        if broken:
+            raise ImgsentError(
+                f"backbone {bb.key} failed on each of the first {done[1]} images, so it cannot run here; stopped "
+                f"(finished shards are kept). First error: {next(iter(failed.values())).split(': ', 1)[1]}"
+            )
+        return out, failed
 
     def _views(self, batch: _CollatedBatch) -> tuple[dict[tuple, torch.Tensor], list[int]]:
         """The batch's views (rows of its good images, in order) and those rows' positions. JPEGs
@@ -517,6 +588,7 @@ class FeatureEngine:
     def _features(self, batch: _CollatedBatch) -> FeatureBatch:
         views, ok_pos = self._views(batch)
         items = batch.items
+        feats, failed = self.embed_views(views, ok_pos, len(items))
         out = FeatureBatch(
             ids=[it.ref.id for it in items],
             paths=[it.ref.path for it in items],
@@ -524,22 +596,44 @@ class FeatureEngine:
             error=[it.error for it in items],
             width=[it.width for it in items],
             height=[it.height for it in items],
-            features=self.embed_views(views, ok_pos, len(items)),
+            features=feats,
         )
-        return flag_nonfinite(out)
+        return flag_nonfinite(mark_failed(out, failed))
+
+
+def mark_failed(batch: FeatureBatch, failed: dict[int, str]) -> FeatureBatch:
+    """Rows ``failed`` names become error rows with their reason, every feature NaN."""
+    for i, reason in failed.items():
+        batch.status[i] = "error"
+        batch.error[i] = reason
+        for m in batch.features.values():
+            m[i] = np.nan
+    return batch
 
 
 def flag_nonfinite(batch: FeatureBatch) -> FeatureBatch:
     """A good row whose features hold NaN or inf (an fp16 overflow, a broken model) becomes an
     error row saying so, never silently zeros or 3.4e38 in the store."""
     for key, mat in batch.features.items():
-        bad = ~np.isfinite(mat).all(axis=1) & batch.ok_mask
-        for i in np.flatnonzero(bad):
-            batch.status[i] = "error"
-            batch.error[i] = f"{key} gave non-finite features (NaN/inf); with fp16, try --precision fp32 or bf16"
-            for m in batch.features.values():
-                m[i] = np.nan
+        bad = np.flatnonzero(~np.isfinite(mat).all(axis=1) & batch.ok_mask)
+        reason = f"{key} gave non-finite features (NaN/inf); with fp16, try --precision fp32 or bf16"
+        mark_failed(batch, dict.fromkeys(bad.tolist(), reason))
     return batch
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the last line of its message (a TorchScript error's
+    message is the interpreter's traceback; the last line is what went wrong), at most 200 chars."""
+    import re
+
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    named = re.match(r"(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception)): ", text)  # "builtins.RuntimeError: ..."
+    if named:
+        text = text[named.start(1) :]
+    else:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:200]
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:

@@ -16,3 +16,7 @@ class OutputClosed(Exception):
 class ImgsentWarning(UserWarning):
     """Something the user should know that does not stop the run (a directory with no images).
     The CLI prints it as one ``imgsent: warning:`` line."""
+
+
+class UselessModelWarning(ImgsentWarning):
+    """A trained model that may have learnt nothing (see :func:`imgsent.training.quality_warnings`)."""

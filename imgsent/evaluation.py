@@ -42,7 +42,8 @@ class ConfigResult:
 
     def mean_std(self, metric: str) -> tuple[float, float]:
         vals = np.asarray([s[metric] for s in self.per_split], dtype=float)
-        return float(np.nanmean(vals)), float(np.nanstd(vals))
+        vals = vals[~np.isnan(vals)]  # ROC-AUC is NaN on a split whose test part holds one class
+        return (float(vals.mean()), float(vals.std())) if len(vals) else (float("nan"), float("nan"))
 
     def to_dict(self) -> dict:
         d = {"features": self.features, "head": self.head, "views": self.views}

@@ -39,7 +39,15 @@ def build_engine(models: Sequence[Backbone], options: RunOptions, *, head_path: 
 
 def resolve_inputs(inputs: Sequence[str], options: RunOptions, *, stdin=None) -> list[ImageRef]:
     """The job's image references: everything ``inputs`` names, then this job's ``options.shard``."""
-    refs = find_images(inputs, null=options.null, include_hidden=options.include_hidden, stdin=stdin)
+    refs = find_images(
+        inputs,
+        null=options.null,
+        include_hidden=options.include_hidden,
+        stdin=stdin,
+        image_column=options.image_column,
+        id_column=options.id_column,
+        keep_columns=options.keep_columns,
+    )
     return select_shard(refs, options.shard)
 
 
@@ -155,7 +163,8 @@ def run_sharded(
         sinks = stack.enter_context(_ShardSinks(outputs, pending_by_writer, todo))
         writing = stack.enter_context(_WriterThread())  # left first: its write ends before sinks abort
 
-        with RunProgress(len(refs), description, enabled=options.progress) as bar:
+        detail = f"backbones {', '.join(engine.keys)}"
+        with RunProgress(len(refs), description, enabled=options.progress, detail=detail) as bar:
             bar.advance(summary.resumed, skipped_errors, resumed=True)
             todo_refs = [r for c in todo for r in refs[c.start : c.stop]]
             for batch in engine.run(todo_refs, groups=[c.stop - c.start for c in todo]):

@@ -2,8 +2,8 @@
 shares with intervals (per group), a contact sheet of the most positive, most negative and least
 sure images, and (with a labelled sample) the confusion matrix and ROC curve.
 
-One file that opens offline: charts are SVG drawn by matplotlib (the optional extra
-``imgsent[report]``), thumbnails small JPEGs embedded as data URIs, no script, font or image is
+One file that opens offline: charts are SVG drawn by matplotlib (a core dependency, so the
+report works right after install), thumbnails small JPEGs embedded as data URIs, no script, font or image is
 fetched. Only the columns the report needs are read, and at most ``per_class`` images per sheet
 (and group) are opened, so a report over millions of rows stays small and quick to build.
 """
@@ -31,9 +31,19 @@ def require_matplotlib():
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImgsentError("charts need matplotlib: pip install 'imgsent[report]'") from None
+    except ImportError:  # a core dependency: only a broken install lacks it
+        raise ImgsentError("charts need matplotlib, which is missing: pip install matplotlib") from None
     return plt
+
+
+def check_html_output(out: str) -> None:
+    """The report's file must be ``.html`` / ``.htm`` in a folder that exists: one line otherwise,
+    before anything is read (never HTML under another extension, never a temporary file's name)."""
+    if os.path.splitext(out)[1].lower() not in (".html", ".htm"):
+        raise ImgsentError(f"the report is an HTML file: give --out a name ending in .html, not {out}")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ImgsentError(f"cannot write {out}: the folder {os.path.dirname(out) or folder} does not exist")
 
 
 def svg(fig) -> str:
@@ -189,9 +199,10 @@ def build_report(
     from .collection import load_collection, read_sample, shares
 
     if not 1 <= per_class <= 200:
-        raise ImgsentError(f"per_class must be between 1 and 200, got {per_class}")
-    plt = require_matplotlib()
+        raise ImgsentError(f"--per-class must be between 1 and 200, got {per_class}")
+    check_html_output(out)
     df, classes = load_collection(scores, by=by, meta=meta)  # read once, for every section
+    plt = require_matplotlib()
     pos = classes.index("positive") if "positive" in classes else len(classes) - 1
     ok = df.filter(pl.col("status") == "ok")
     sections = []

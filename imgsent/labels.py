@@ -24,10 +24,28 @@ _POLARITY_NAMES = {
     "1": "positive",
     "0": "negative",
 }
+# Other names of the paper's emotions (adjectives, and the expression classes of face datasets),
+# so that --map polarity reads "happy" / "sad" as it reads "joy" / "sadness". "neutral" has none.
+_EMOTION_SYNONYMS = {
+    "happy": "positive",
+    "happiness": "positive",
+    "joyful": "positive",
+    "surprised": "positive",
+    "amused": "positive",
+    "excited": "positive",
+    "content": "positive",
+    "sad": "negative",
+    "angry": "negative",
+    "disgusted": "negative",
+    "fearful": "negative",
+    "afraid": "negative",
+    "scared": "negative",
+}
 POLARITY = {
     **_POLARITY_NAMES,
     **{e: "positive" for e in POSITIVE_EMOTIONS},
     **{e: "negative" for e in NEGATIVE_EMOTIONS},
+    **_EMOTION_SYNONYMS,
 }
 MAPS = ("auto", "polarity", "none")
 ID_COLUMNS = ("id", "path", "file", "filename", "file_name", "image", "image_id", "name")
@@ -45,7 +63,8 @@ def _open_text(path: str) -> str:
 
 
 def read_labels(path: str, *, id_column: str | None = None, label_column: str | None = None) -> dict[str, str]:
-    """Read ``{id_or_path: raw_label}`` from a CSV/TSV (header sniffed) or a ``<file> <label>`` list.
+    """Read ``{id_or_path: raw_label}`` from a CSV/TSV (header sniffed), a ``<file> <label>`` list,
+    or JSON (``{id: label}``, a list of objects, or JSON Lines).
 
     Raises :class:`ImgsentError` naming the line for malformed files or conflicting duplicates.
     """
@@ -56,7 +75,9 @@ def read_labels(path: str, *, id_column: str | None = None, label_column: str | 
     first = lines[0]
     delimited = path.lower().endswith((".csv", ".tsv")) or "," in first or "\t" in first
     rows: list[tuple[int, str, str]] = []
-    if delimited:
+    if text.lstrip().startswith(("{", "[")):
+        rows = _json_rows(text, path, id_column, label_column)
+    elif delimited:
         delim = "\t" if ("\t" in first or path.lower().endswith(".tsv")) else ","
         reader = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=delim))
         header = [c.strip().lower() for c in reader[0]]
@@ -100,16 +121,50 @@ def read_labels(path: str, *, id_column: str | None = None, label_column: str | 
     return labels
 
 
+def _json_rows(text: str, path: str, id_column: str | None, label_column: str | None) -> list[tuple[int, str, str]]:
+    """Rows of a JSON labels file: ``{"a.jpg": "positive", ...}``, a list of objects, or JSON Lines
+    (one object a line), objects holding an id and a label field (named as in a CSV header)."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+        except ValueError as exc:
+            raise ImgsentError(f"labels file {path} is not valid JSON ({str(exc)[:80]})") from None
+    if isinstance(data, dict) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in data.values()):
+        return [(k + 1, str(key), str(v)) for k, (key, v) in enumerate(data.items())]
+    if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
+        header = list(dict.fromkeys(str(c).lower() for r in data for c in r))
+        id_key = header[_column_index(header, id_column, ID_COLUMNS, path, "id")]
+        label_key = header[_column_index(header, label_column, LABEL_COLUMNS, path, "label")]
+        rows = []
+        for k, r in enumerate(data, start=1):
+            low = {str(c).lower(): v for c, v in r.items()}
+            rows.append((k, str(low.get(id_key, "")).strip(), str(low.get(label_key, "")).strip()))
+        return rows
+    raise ImgsentError(
+        f"labels file {path} is JSON but neither {{id: label}} nor a list of objects with id and label fields"
+    )
+
+
+def _columns_text(header: list[str]) -> str:
+    """A header for a message: at most 8 names of at most 40 characters."""
+    names = [h if len(h) <= 40 else h[:37] + "..." for h in header[:8]]
+    return ", ".join(names) + (f", ... ({len(header)} in all)" if len(header) > 8 else "")
+
+
 def _column_index(header: list[str], wanted: str | None, candidates: tuple[str, ...], path: str, what: str) -> int:
     if wanted is not None:
         if wanted.lower() not in header:
-            raise ImgsentError(f"labels file {path} has no column {wanted!r} (columns: {', '.join(header)})")
+            raise ImgsentError(f"labels file {path} has no column {wanted!r} (columns: {_columns_text(header)})")
         return header.index(wanted.lower())
     for c in candidates:
         if c in header:
             return header.index(c)
     raise ImgsentError(
-        f"labels file {path}: cannot tell which column is the {what} (columns: {', '.join(header)}); "
+        f"labels file {path}: cannot tell which column is the {what} (columns: {_columns_text(header)}); "
         f"name it with --{what}-column"
     )
 
@@ -142,6 +197,15 @@ def map_labels(raw: dict[str, str], mapping: str = "auto") -> dict[str, str]:
         return {k: POLARITY[v] for k, v in lowered.items()}
     if all(v in _POLARITY_NAMES for v in lowered.values()):
         return {k: _POLARITY_NAMES[v] for k, v in lowered.items()}
+    names = sorted(set(raw.values()))
+    if all(v in POLARITY for v in lowered.values()):
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        warnings.warn(
+            f"the labels are emotion names ({shown}): training {len(names)} classes named so; --map polarity reads "
+            f"them as positive / negative ({', '.join(f'{n} -> {POLARITY[n.strip().lower()]}' for n in names[:3])})",
+            ImgsentWarning,
+            stacklevel=3,
+        )
     return dict(raw)
 
 

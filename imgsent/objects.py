@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compiled import unfused
 from .decode import Preprocess
 from .errors import ImgsentError
 
@@ -80,7 +81,8 @@ class Detector(nn.Module):
         self.identity = identity
 
     def _run(self, image: torch.Tensor) -> Detections:
-        out = self.module([image])
+        with unfused():  # never fused under another lane's switch (see imgsent.compiled.unfused)
+            out = self.module([image])
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):  # (losses | inputs, detections)
             out = out[1]
         det = out[0]

@@ -49,7 +49,10 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 class RunOptions:
     """Everything about *how* a run goes (not *what* it computes: backbones, model, outputs).
 
-    Inputs: ``null`` (NUL-separated lists), ``include_hidden``, ``shard`` (``I/N`` of a job array).
+    Inputs: ``null`` (NUL-separated lists), ``include_hidden``, ``shard`` (``I/N`` of a job array),
+    ``image_column`` / ``id_column`` (Parquet inputs: the column holding the images, and their ids),
+    ``keep_columns`` (score: fields of tar shards' ``KEY.json`` / other Parquet columns to carry into
+    the score rows; ``*`` for all), ``keep_images`` (a folder where downloaded URL images are saved).
     Engine: ``device`` (auto, cpu, cuda, cuda:N, mps), ``precision`` (:data:`PRECISIONS`; ``auto``:
     float32 on CPU, bf16 autocast on CUDA cards with bf16 tensor cores, else fp16; ``fp32`` on CUDA
     turns TF32 off, ``tf32`` allows it), ``batch_size`` (None: 64, or 256 on CUDA), ``workers``
@@ -78,6 +81,10 @@ class RunOptions:
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD
     null: bool = False
     include_hidden: bool = False
+    image_column: str | None = None
+    id_column: str | None = None
+    keep_columns: tuple[str, ...] = ()
+    keep_images: str | None = None
     progress: bool = False
 
     @classmethod
@@ -104,8 +111,16 @@ class RunOptions:
         if self.workers is not None and self.workers < 0:
             raise ImgsentError(f"workers must be >= 0, got {self.workers}")
         if self.ray_workers is not None and self.ray_workers < 1:
-            raise ImgsentError(f"ray_workers must be >= 1, got {self.ray_workers}")
+            raise ImgsentError(f"--ray-workers must be >= 1, got {self.ray_workers}")
         if self.gpus_per_worker < 0:
-            raise ImgsentError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+            raise ImgsentError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
+        if self.keep_images is not None:
+            import os
+
+            if not os.path.isdir(self.keep_images):
+                raise ImgsentError(f"--keep-images {self.keep_images}: no such folder (create it first)")
         shard = parse_shard(self.shard)
-        return self if shard == self.shard else dataclasses.replace(self, shard=shard)
+        keep = tuple(c.strip() for item in self.keep_columns for c in item.split(",") if c.strip())
+        if shard == self.shard and keep == self.keep_columns:
+            return self
+        return dataclasses.replace(self, shard=shard, keep_columns=keep)

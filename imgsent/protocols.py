@@ -124,7 +124,7 @@ def predefined_from_files(
     rest train. Lines that name no labelled image, or several, are counted and reported (a warning);
     more than :data:`MAX_UNMATCHED_LINES` of them is an error naming examples."""
     if not test_files:
-        raise ImgsentError("the predefined protocol needs split files (one per split) or split_from_folders")
+        raise ImgsentError("--protocol predefined needs --split FILE (once per split) or --split-from-folders")
     out = []
     for f in test_files:
         mask, rep = match_split_file(f, ids, paths)

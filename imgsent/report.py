@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -87,11 +88,14 @@ def progress_interval() -> float:
 
 class RunProgress:
     """Progress of a run with images/s, ETA and an error count, on stderr: a rich bar on a
-    terminal, plain lines every :func:`progress_interval` seconds otherwise; silent when
+    terminal, plain lines every :func:`progress_interval` seconds otherwise (from a timer, so they
+    come on time however long a batch takes; with an interval of 0, after every batch), after a
+    first line saying what started (``detail``: what runs over the images); silent when
     ``enabled`` is False."""
 
-    def __init__(self, total: int, description: str, enabled: bool = True, plain: bool | None = None):
+    def __init__(self, total: int, description: str, enabled: bool = True, plain: bool | None = None, detail: str = ""):
         self.enabled = enabled
+        self.detail = detail  # what runs over the images (backbones), for the first line
         self.errors = 0
         self.total, self.description = total, description
         self.start = time.perf_counter()
@@ -99,7 +103,7 @@ class RunProgress:
         self._progress = None
         self._plain = enabled and (not sys.stderr.isatty() if plain is None else plain)
         self._every = progress_interval()
-        self._last_line = self.start
+        self._ticker: threading.Thread | None = None
         if enabled and not self._plain:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
@@ -117,22 +121,33 @@ class RunProgress:
     def __enter__(self) -> RunProgress:
         if self._progress is not None:
             self._progress.start()
+        if self._plain:  # a log: say at once what started, before the first batch comes back
+            what = f"; {self.detail}" if self.detail else ""
+            print(f"{self.description}: started on {self.total} images{what}", file=sys.stderr, flush=True)
+        if self._plain and self._every > 0:
+            self._stop = threading.Event()
+            self._ticker = threading.Thread(target=self._tick, name="imgsent-progress", daemon=True)
+            self._ticker.start()
         return self
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.stop()
+        if self._ticker is not None:
+            self._stop.set()
+            self._ticker.join()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self._every):
+            print(self.line(), file=sys.stderr, flush=True)
 
     def advance(self, n: int, errors: int = 0, resumed: bool = False) -> None:
         """``n`` more rows done (``resumed``: done by an earlier run, not counted in the rate)."""
         self.errors += errors
         self.done += n
         self.skipped += n if resumed else 0
-        if self._plain:
-            now = time.perf_counter()
-            if now - self._last_line >= self._every:
-                self._last_line = now
-                print(self.line(now), file=sys.stderr, flush=True)
+        if self._plain and self._every == 0:
+            print(self.line(), file=sys.stderr, flush=True)
         if self._progress is not None:
             task = self._progress.tasks[0]
             done = task.completed + n

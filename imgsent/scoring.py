@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from . import __version__
 from .batches import FeatureBatch, ScoredBatch
 from .engine import frozen_cpu_batch
-from .errors import ImgsentError
+from .errors import ImgsentError, ImgsentWarning
 from .extraction import build_engine, resolve_inputs, run_sharded, store_writer
 from .features import StoreReader, open_store
 from .inputs import display_path
@@ -56,6 +57,31 @@ class ScoreTableBuilder:
         self.precision = precision
         self.pos = model.classes.index(model.positive_class) if model.positive_class else None
         self.device = None  # where the head runs (None: the CPU)
+        self.kept: dict[str, dict] = {}  # id -> fields carried into the rows (keep_columns)
+        self.kept_names: list[str] = []
+
+    def keep(self, refs) -> None:
+        """Carry the fields the references hold (``ImageRef.meta``) into every score row, as text
+        columns; a name the score rows already have gets the prefix ``source_``."""
+        import json
+
+        self.kept = {r.id: json.loads(r.meta) for r in refs if r.meta}
+        names = dict.fromkeys(k for fields in self.kept.values() for k in fields)
+        self.kept_names = list(names)
+
+    def _kept_columns(self, ids, names_taken: list[str]) -> tuple[list[pa.Array], list[str]]:
+        import json
+
+        ids = ids.to_pylist() if isinstance(ids, pa.Array) else list(ids)
+        arrays, names = [], []
+        for name in self.kept_names:
+            values = []
+            for i in ids:
+                v = self.kept.get(i, {}).get(name)
+                values.append(v if v is None or isinstance(v, str) else json.dumps(v))
+            arrays.append(pa.array(values, pa.string()))
+            names.append(f"source_{name}" if name in names_taken else name)
+        return arrays, names
 
     def provenance(self, recipes: list[dict]) -> dict:
         """What a single-file output records about how its scores were made."""
@@ -101,6 +127,9 @@ class ScoreTableBuilder:
             names.append(f"p_{name}")
         arrays += [pa.repeat(pa.scalar(self.name, pa.string()), n), pa.repeat(pa.scalar(self.version, pa.string()), n)]
         names += ["model", "model_version"]
+        if self.kept_names:
+            more, more_names = self._kept_columns(arrays[0], names)
+            arrays, names = arrays + more, names + more_names
         return pa.Table.from_arrays(arrays, names=names)
 
     def from_batch(self, batch: FeatureBatch) -> pa.Table:
@@ -141,7 +170,9 @@ def score(
     """
     opts = RunOptions.build(options, **overrides)
     if bool(inputs) == bool(features):
-        raise ImgsentError("give either images to score or a feature store (features), not both (and not neither)")
+        raise ImgsentError(
+            "give either images to score or a feature store (--features STORE), not both (and not neither)"
+        )
     dir_out = is_dir_output(out)
     if opts.shard is not None and not dir_out:
         i, n = opts.shard
@@ -157,6 +188,13 @@ def score(
         return _score_store(features, out, sentiment, builder, fmt, accept)
 
     refs = resolve_inputs(inputs, opts, stdin=stdin)
+    builder.keep(refs)
+    if opts.keep_columns and not builder.kept_names:
+        warnings.warn(
+            "--keep-columns found no fields: it reads tar shards' KEY.json / KEY.txt and Parquet columns",
+            ImgsentWarning,
+            stacklevel=2,
+        )
     # The model's recipe: its TTA, and (unless the user asks otherwise) the numerics its features had.
     precision = sentiment.numerics if opts.precision == "auto" else opts.precision
     opts = RunOptions.build(opts, tta=sentiment.feature_header.get("tta", "none"), precision=precision)

@@ -70,6 +70,7 @@ def ids_digest(ids: list[str]) -> str:
     return h.hexdigest()
 
 
+WRITTEN_HERE = {"outputs": 0, "shards": 0}  # outputs opened and shards finished by this process (for messages)
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group in every shard: the unit readers work in
 
 
@@ -276,6 +277,7 @@ class ShardedWriter:
         except BaseException:
             self._lock.release()
             raise
+        WRITTEN_HERE["outputs"] += 1
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
@@ -364,6 +366,7 @@ class ShardedWriter:
             self._write_manifest(complete=False)
         except OSError as exc:
             raise self.write_error("manifest.json", exc) from None
+        WRITTEN_HERE["shards"] += 1
 
     def write_error(self, name: str, exc: OSError) -> ImgsentError:
         return ImgsentError(

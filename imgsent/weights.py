@@ -8,8 +8,10 @@ checkpoints with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,60 @@ from .specs import file_sha256
 
 WEIGHTS_ENV = "IMGSENT_WEIGHTS"
 HOME_ENV = "IMGSENT_HOME"
+TIMEOUT_ENV = "IMGSENT_DOWNLOAD_TIMEOUT"
+DOWNLOAD_TIMEOUT = 30.0  # seconds a weights download may wait to connect, or for its next bytes
+
+
+def download_timeout() -> float:
+    """``$IMGSENT_DOWNLOAD_TIMEOUT`` seconds, else :data:`DOWNLOAD_TIMEOUT`."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    try:
+        value = float(raw) if raw else DOWNLOAD_TIMEOUT
+    except ValueError:
+        raise ImgsentError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ImgsentError(f"{TIMEOUT_ENV} must be > 0 seconds, got {raw}")
+    return value
+
+
+@contextlib.contextmanager
+def downloading():
+    """Around anything that may download weights (timm's and torchvision's hubs): every socket
+    opened meanwhile gives up after :func:`download_timeout` seconds without an answer (to connect,
+    or between bytes: torch hub's ``urlopen`` has no timeout of its own, so a proxy that accepts
+    and never answers hung a run for good), Hugging Face's client gets the same limits unless its
+    own variables are set, and what the hubs print ("Downloading: ...") goes to stderr, never into a
+    data stream on stdout. Restores the previous settings."""
+    import socket
+    import sys
+
+    limit = download_timeout()
+    before = socket.getdefaulttimeout()
+    env = {k: os.environ.get(k) for k in ("HF_HUB_DOWNLOAD_TIMEOUT", "HF_HUB_ETAG_TIMEOUT")}
+    socket.setdefaulttimeout(limit)
+    for k, v in env.items():
+        if v is None:
+            os.environ[k] = str(int(math.ceil(limit)))
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        socket.setdefaulttimeout(before)
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A download's exception as one short clause; a timeout says so, and how to change the limit."""
+    text = " ".join(str(exc).split())[:160]
+    timed_out = isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in type(exc).__name__.lower()
+    if timed_out:
+        return (
+            f"no answer within {download_timeout():g} s ({type(exc).__name__}); check the network or proxy, or set "
+            f"{TIMEOUT_ENV}"
+        )
+    return f"{type(exc).__name__}: {text}"
 
 
 def cache_dir() -> Path:

@@ -11,6 +11,9 @@ from conftest import TINY, TINY2, run_cli
 
 import imgsent
 
+# the models these tests train (a few epochs on generated images) are throwaway: what they learn is not the point
+pytestmark = pytest.mark.filterwarnings("ignore::imgsent.errors.UselessModelWarning")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -11,6 +11,9 @@ import imgsent
 from imgsent.calibration import fit_calibration, fit_isotonic, fit_platt, fit_temperature
 from imgsent.errors import ImgsentError
 
+# the models these tests train (a few epochs on generated images) are throwaway: what they learn is not the point
+pytestmark = pytest.mark.filterwarnings("ignore::imgsent.errors.UselessModelWarning")
+
 
 def synthetic_scores(path, n: int, share: float, seed: int, groups=None) -> np.ndarray:
     """A score file for ``n`` images, ``share`` of them truly positive, from a mediocre classifier

@@ -16,6 +16,9 @@ import imgsent.backbones
 import imgsent.models
 from imgsent.errors import ImgsentError
 
+# the models these tests train (a few epochs on generated images) are throwaway: what they learn is not the point
+pytestmark = pytest.mark.filterwarnings("ignore::imgsent.errors.UselessModelWarning")
+
 KW = dict(random_weights=True, workers=0, batch_size=8)
 
 

@@ -15,6 +15,9 @@ from imgsent.decode import Preprocess
 from imgsent.errors import ImgsentError
 from imgsent.options import RunOptions
 
+# the models these tests train (a few epochs on generated images) are throwaway: what they learn is not the point
+pytestmark = pytest.mark.filterwarnings("ignore::imgsent.errors.UselessModelWarning")
+
 KW = dict(backbones=[TINY], random_weights=True, workers=0, batch_size=4)
 
 

@@ -22,6 +22,9 @@ import imgsent.shards
 from imgsent.errors import ImgsentError
 from imgsent.shards import read_manifest
 
+# the models these tests train (a few epochs on generated images) are throwaway: what they learn is not the point
+pytestmark = pytest.mark.filterwarnings("ignore::imgsent.errors.UselessModelWarning")
+
 KW = dict(backbones=[TINY], random_weights=True, workers=1, batch_size=4)
 
 

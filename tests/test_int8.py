@@ -12,6 +12,9 @@ import imgsent
 from imgsent.backbones import create_backbone, probe_image
 from imgsent.errors import ImgsentError, ImgsentWarning
 
+# the models these tests train (a few epochs on generated images) are throwaway: what they learn is not the point
+pytestmark = pytest.mark.filterwarnings("ignore::imgsent.errors.UselessModelWarning")
+
 MNV2 = "torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1"
 KW = {"random_weights": True, "workers": 0, "batch_size": 4}
 

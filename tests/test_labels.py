@@ -1,6 +1,6 @@
 import pytest
 
-from imgsent.errors import ImgsentError
+from imgsent.errors import ImgsentError, ImgsentWarning
 from imgsent.labels import join_labels, labels_from_folders, map_labels, read_labels
 
 
@@ -35,7 +35,8 @@ def test_bad_label_files_give_clear_errors(tmp_path, content, match):
 
 def test_polarity_mapping():
     assert map_labels({"a": "1", "b": "0"}) == {"a": "positive", "b": "negative"}
-    assert map_labels({"a": "Joy", "b": "sadness"}) == {"a": "Joy", "b": "sadness"}  # auto keeps emotions
+    with pytest.warns(ImgsentWarning, match="emotion names"):  # auto keeps emotions, and says so
+        assert map_labels({"a": "Joy", "b": "sadness"}) == {"a": "Joy", "b": "sadness"}
     assert map_labels({"a": "Joy", "b": "sadness", "c": "awe"}, "polarity") == {
         "a": "positive",
         "b": "negative",
@@ -50,7 +51,8 @@ def test_join_counts_everything():
     paths = ["/x/" + i for i in ids]
     status = ["ok", "ok", "error", "ok"]
     labels = {"pos/a.jpg": "positive", "/x/neg/b.jpg": "negative", "c.jpg": "positive", "zzz.jpg": "negative"}
-    j = join_labels(ids, paths, status, labels)
+    with pytest.warns(ImgsentWarning, match="1 of 4 labels name no image of the store, e.g. 'zzz.jpg'"):
+        j = join_labels(ids, paths, status, labels)
     assert j.rows.tolist() == [0, 1] and j.classes == ["negative", "positive"] and j.y.tolist() == [1, 0]
     s = j.summary()
     assert (s["images_without_label"], s["labels_without_image"], s["labelled_error_rows"]) == (1, 1, 1)

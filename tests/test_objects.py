@@ -8,6 +8,9 @@ from PIL import Image
 
 import imgsent
 
+# the models these tests train (a few epochs on generated images) are throwaway: what they learn is not the point
+pytestmark = pytest.mark.filterwarnings("ignore::imgsent.errors.UselessModelWarning")
+
 D2GO = SHARED / "models" / "d2go_coco_objects.pt"
 PERSON_PHOTO = "100012144_428165730178064385_BfEe1ehCQAAD4uf.jpg"  # Twitter I: people, clearly
 

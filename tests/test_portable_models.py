@@ -15,6 +15,9 @@ import imgsent
 from imgsent.errors import ImgsentError
 from imgsent.specs import BackboneSpec, map_files, normalize_key, spec_files
 
+# the models these tests train (a few epochs on generated images) are throwaway: what they learn is not the point
+pytestmark = pytest.mark.filterwarnings("ignore::imgsent.errors.UselessModelWarning")
+
 
 class Colour(torch.nn.Module):
     def __init__(self, scale: float = 1.0):

@@ -13,6 +13,9 @@ import imgsent.shards
 from imgsent.errors import ImgsentError
 from imgsent.shards import read_manifest
 
+# the models these tests train (a few epochs on generated images) are throwaway: what they learn is not the point
+pytestmark = pytest.mark.filterwarnings("ignore::imgsent.errors.UselessModelWarning")
+
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'imgsent[ray]'")
 
 KW = dict(backbones=[TINY], random_weights=True, batch_size=4, rows_per_shard=4)
@@ -128,3 +131,30 @@ def test_quiet_silences_rays_own_logging(images, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_BACKEND_LOG_LEVEL"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
+
+
+def test_tar_shards_and_parquet_on_ray_equal_local(cluster, tmp_path):
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import jpeg_bytes, rgb_array
+
+    data = [jpeg_bytes(rgb_array(40, 50 + k, k)) for k in range(6)]
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for k, d in enumerate(data):
+            info = tarfile.TarInfo(f"{k:04d}.jpg")
+            info.size = len(d)
+            tar.addfile(info, io.BytesIO(d))
+    pq.write_table(pa.table({"image": data + [None]}), tmp_path / "p.parquet", row_group_size=4)
+    for inputs, extra in (
+        ([str(tmp_path / "00000.tar")], {}),
+        ([str(tmp_path / "p.parquet")], {"image_column": "image"}),
+    ):
+        imgsent.extract(inputs, str(tmp_path / "local"), workers=0, overwrite=True, **extra, **KW)
+        imgsent.extract(inputs, str(tmp_path / "ray"), engine="ray", overwrite=True, **extra, **KW)
+        a = imgsent.features.load(str(tmp_path / "local"), only_ok=False)
+        b = imgsent.features.load(str(tmp_path / "ray"), only_ok=False)
+        assert a.ids == b.ids and a.status == b.status and a.error == b.error
+        np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-6)

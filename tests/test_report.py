@@ -13,9 +13,7 @@ from conftest import write_images
 
 import imgsent
 from imgsent.errors import ImgsentError
-
-pytest.importorskip("matplotlib", reason="the report needs the 'report' extra: pip install 'imgsent[report]'")
-from imgsent.htmlreport import build_report  # noqa: E402
+from imgsent.htmlreport import build_report
 
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:|//)|url\(\s*["']?(?:https?:|//)|<script|<link""", re.I)
 
@@ -157,7 +155,7 @@ def test_report_cli_prevalence_plot_and_missing_matplotlib(scored, tmp_path, mon
         return real(name, *a, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(ImgsentError, match=r"pip install 'imgsent\[report\]'"):
+    with pytest.raises(ImgsentError, match=r"charts need matplotlib, which is missing: pip install matplotlib"):
         build_report(str(scored / "scores.parquet"), str(tmp_path / "x.html"))
 
 

@@ -12,7 +12,7 @@ from conftest import TINY, TINY2
 
 import imgsent
 import imgsent.shards
-from imgsent.errors import ImgsentError
+from imgsent.errors import ImgsentError, ImgsentWarning
 
 KW = dict(random_weights=True, workers=0, batch_size=8)
 
@@ -46,7 +46,8 @@ def test_train_two_class_from_label_file(store, tmp_path):
     rows = ["id,label"] + [f"positive/pos{i:02d}.{'png' if i % 3 == 0 else 'jpg'},1" for i in range(20)]
     rows += [f"negative/neg{i:02d}.{'png' if i % 3 == 0 else 'jpg'},0" for i in range(20)] + ["ghost.jpg,1"]
     lab.write_text("\n".join(rows))
-    m = imgsent.train(store, labels=str(lab), head="nn", epochs=30, lr=1e-3, out=str(tmp_path / "m"))
+    with pytest.warns(ImgsentWarning, match="1 of 41 labels name no image of the store, e.g. 'ghost.jpg'"):
+        m = imgsent.train(store, labels=str(lab), head="nn", epochs=30, lr=1e-3, out=str(tmp_path / "m"))
     assert m.classes == ["negative", "positive"]
     assert m.training["labels_without_image"] == 1 and m.training["train_accuracy"] >= 0.95
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
