@@ -28,7 +28,19 @@ import threading
 
 MAX_MEMBER_BYTES = 256 * 2**20  # a tar member or Parquet cell larger than this is refused (an error row)
 
-_cache = threading.local()
+_held: dict[str, tuple] = {}  # per process: the last Parquet row group and Arrow table read, by kind
+_held_lock = threading.Lock()  # the threads of read_sources share them
+
+
+def _cached(kind: str, key: tuple, load):
+    """``load()``, unless the last ``kind`` entry loaded in this process had ``key``."""
+    with _held_lock:
+        held = _held.get(kind)
+        if held is not None and held[0] == key:
+            return held[1]
+        value = load()
+        _held[kind] = (key, value)
+        return value
 
 
 def is_remote(path: str) -> bool:
@@ -92,7 +104,7 @@ def read_sources(sources: list[str], concurrency: int | None = None) -> list[byt
         except SourceError as exc:
             return exc
 
-    remote = sum(1 for src in sources if src.startswith('["url"'))
+    remote = sum(1 for src in sources if src.startswith(('["url"', '["parquet"', '["arrow"')))  # cells may be URLs
     if remote < 2:
         return [one(src) for src in sources]
     from concurrent.futures import ThreadPoolExecutor
@@ -156,17 +168,15 @@ def read_arrow_table(path: str):
 
 
 def _read_arrow_cell(path: str, column: str, row: int) -> bytes:
-    key = (path, _mtime(path))
-    held = getattr(_cache, "arrow", None)
-    if held is None or held[0] != key:
+    def load():
         try:
-            held = (key, read_arrow_table(path))
+            return read_arrow_table(path)
         except FileNotFoundError:
             raise SourceError(f"Arrow file {path} not found (deleted or moved after listing?)") from None
         except Exception as exc:
             raise SourceError(f"cannot read {path}: {' '.join(str(exc).split())[:160]}") from None
-        _cache.arrow = held
-    table = held[1]
+
+    table = _cached("arrow", (path, _mtime(path)), load)
     if row >= table.num_rows:
         raise SourceError(f"row {row} is gone: {path} changed after listing")
     return _cell_bytes(table.column(column).slice(row, 1).combine_chunks(), 0, column)
@@ -193,23 +203,21 @@ def _read_tar_member(tar: str, offset: int, size: int) -> bytes:
 
 
 def _row_group(path: str, column: str, row_group: int):
-    """The column of one row group, as a pyarrow array; the last one read is kept per thread."""
-    key = (path, column, row_group, _mtime(path))
-    held = getattr(_cache, "parquet", None)
-    if held is not None and held[0] == key:
-        return held[1]
+    """The column of one row group, as a pyarrow array; the last one read is kept (per process)."""
     import pyarrow.parquet as pq
 
-    try:
-        with open_binary(path) as fh:
-            table = pq.ParquetFile(fh).read_row_group(row_group, columns=[column])
-    except FileNotFoundError:
-        raise SourceError(f"Parquet file {path} not found (deleted or moved after listing?)") from None
-    except Exception as exc:
-        raise SourceError(f"cannot read row group {row_group} of {path}: {' '.join(str(exc).split())[:160]}") from None
-    values = table.column(0).combine_chunks()
-    _cache.parquet = (key, values)
-    return values
+    def load():
+        try:
+            with open_binary(path) as fh:
+                table = pq.ParquetFile(fh).read_row_group(row_group, columns=[column])
+        except FileNotFoundError:
+            raise SourceError(f"Parquet file {path} not found (deleted or moved after listing?)") from None
+        except Exception as exc:
+            reason = " ".join(str(exc).split())[:160]
+            raise SourceError(f"cannot read row group {row_group} of {path}: {reason}") from None
+        return table.column(0).combine_chunks()
+
+    return _cached("parquet", (path, column, row_group, _mtime(path)), load)
 
 
 def _mtime(path: str) -> float:
@@ -289,10 +297,10 @@ def _pool():
 
     from . import __version__
 
-    held = getattr(_pool, "held", None)
-    if held is not None and held[0] == os.getpid():
-        return held[1], held[2]
     cfg = url_settings()
+    held = getattr(_pool, "held", None)
+    if held is not None and held[0] == os.getpid() and held[2] == cfg:  # settings changed: a new pool
+        return held[1], held[2]
     retry = urllib3.Retry(
         total=cfg["retries"],
         connect=cfg["retries"],

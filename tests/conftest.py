@@ -181,3 +181,21 @@ def imgsent_cli(*args, env=None, umask=None, timeout=300, **kw) -> subprocess.Co
         preexec_fn=preexec,
         **kw,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dataset, tmp_path_factory) -> Path:
+    """A model bundle over the tiny random backbone, trained on ``tiny_dataset`` (fast to load: for
+    tests about inputs and outputs, not accuracy)."""
+    import warnings
+
+    import imgsent
+    from imgsent.errors import UselessModelWarning
+
+    root = tmp_path_factory.mktemp("tiny-model")
+    store = str(root / "store")
+    imgsent.extract([str(tiny_dataset)], store, backbones=[TINY], random_weights=True, workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UselessModelWarning)
+        imgsent.train(store, labels_from_folders=True, head="nn", epochs=5, cv=0, out=str(root / "model"))
+    return root / "model"

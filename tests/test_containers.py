@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY, imgsent_cli, jpeg_bytes, rgb_array, write_images
+from conftest import TINY, imgsent_cli, jpeg_bytes, rgb_array, run_cli, write_images
 
 import imgsent
 from imgsent.errors import ImgsentWarning
@@ -217,63 +217,56 @@ def test_hugging_face_image_structs_nulls_and_text_are_rows_with_reasons(tmp_pat
     assert ft.status == ["error", "error"] and "is text, not image bytes" in ft.error[0]
 
 
-def test_parquet_mistakes_are_one_line(tmp_path):
+def test_parquet_mistakes_are_one_line(tmp_path, capsys, monkeypatch):
     _posts(tmp_path / "posts.parquet", n=3, score=[1, 2, 3])
+    base = ["extract", tmp_path / "posts.parquet", "-o", tmp_path / "S", "-B", TINY, "--random-weights"]
     cases = [
         (["--image-column", "nope"], "has no column 'nope' for --image-column"),
         (["--image-column", "score"], "column 'score' of"),
         (["--image-column", "image", "--id-column", "nope"], "no column 'nope' for --id-column"),
-        ([], "is a Parquet file: give --image-column NAME"),
+        ([], "is a Parquet / Arrow file: give --image-column NAME"),
     ]
     for flags, fragment in cases:
-        r = imgsent_cli(
-            "extract", tmp_path / "posts.parquet", "-o", tmp_path / "S", "-B", TINY, "--random-weights", *flags
-        )
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and fragment in r.stderr, r.stderr
+        code, _, err = run_cli([*base, *flags], capsys, monkeypatch)
+        assert code == 2 and err.count("\n") == 1 and fragment in err, err
     pq.write_table(pa.table({"id": ["a", "a"], "image": [b"x", b"y"]}), tmp_path / "dup.parquet")
-    r = imgsent_cli(
-        "extract",
-        tmp_path / "dup.parquet",
-        "-o",
-        tmp_path / "S",
-        "-B",
-        TINY,
-        "--image-column",
-        "image",
-        "--id-column",
-        "id",
-    )
-    assert r.returncode == 2 and "repeats the id 'a'" in r.stderr, r.stderr
+    argv = ["extract", tmp_path / "dup.parquet", "-o", tmp_path / "S", "-B", TINY, "--image-column", "image"]
+    code, _, err = run_cli([*argv, "--id-column", "id"], capsys, monkeypatch)
+    assert code == 2 and "repeats the id 'a'" in err, err
     write_images(tmp_path / "imgs", 1)
-    r = imgsent_cli("extract", tmp_path / "imgs", "-o", tmp_path / "S", "-B", TINY, "--id-column", "id")
-    assert r.returncode == 2 and "give --image-column too" in r.stderr, r.stderr
+    code, _, err = run_cli(
+        ["extract", tmp_path / "imgs", "-o", tmp_path / "S", "-B", TINY, "--id-column", "id"], capsys, monkeypatch
+    )
+    assert code == 2 and "give --image-column too" in err, err
 
 
-def test_keep_columns_carries_tar_json_fields_and_parquet_columns_into_the_scores(tmp_path):
+def test_keep_columns_carries_tar_json_fields_and_parquet_columns_into_the_scores(tmp_path, tiny_model):
     images = webdataset_shards(tmp_path / "shards", shards=1, per_shard=3)
     with tarfile.open(tmp_path / "shards" / "00000.tar", "a") as tar:  # img2dataset writes a status field too
         _add(tar, "000000000.json", json.dumps({"key": "000000000", "status": "success", "n": 7}).encode())
-    r = imgsent_cli(
-        "score", tmp_path / "shards", "--out", tmp_path / "s.parquet", "--keep-columns", "url,status,n,txt", "-q"
+    score = {"model": str(tiny_model), "workers": 0}
+    imgsent.score(
+        [str(tmp_path / "shards")], str(tmp_path / "s.parquet"), keep_columns=("url,status", "n", "txt"), **score
     )
-    assert r.returncode == 0, r.stderr
     got = pq.read_table(tmp_path / "s.parquet").to_pylist()
     assert [g["id"] for g in got] == sorted(images)
     assert got[0]["source_status"] == "success" and got[0]["status"] == "ok"  # never over imgsent's own column
     assert got[0]["n"] == "7" and got[0]["txt"] == "a caption"
     assert got[1]["url"] == "https://x.org/000000001.jpg" and got[1]["source_status"] is None
     _posts(tmp_path / "posts.parquet", n=3, likes=[10, 20, 30])
-    r = imgsent_cli(
-        "score", tmp_path / "posts.parquet", "--image-column", "image", "--keep-columns", "*", "--out", "-", "-q"
-    )
-    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    posts = [str(tmp_path / "posts.parquet")]
+    imgsent.score(posts, str(tmp_path / "p.jsonl"), image_column="image", keep_columns=("*",), **score)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [(row["id"], row["tweet_id"], row["likes"]) for row in rows] == [
         ("0", "t0", "10"),
         ("1", "t1", "20"),
         ("2", "t2", "30"),
     ]
-    r = imgsent_cli("score", tmp_path / "posts.parquet", "--image-column", "image", "--keep-columns", "nope", "-q")
-    assert r.returncode == 2 and "no column 'nope' for --keep-columns" in r.stderr, r.stderr
+    with pytest.raises(imgsent.ImgsentError, match="no column 'nope' for --keep-columns"):
+        imgsent.score(posts, str(tmp_path / "q.jsonl"), image_column="image", keep_columns=("nope",), **score)
+    with pytest.warns(ImgsentWarning, match="--keep-columns found no fields"):
+        write_images(tmp_path / "plain", 1)
+        imgsent.score([str(tmp_path / "plain")], str(tmp_path / "r.jsonl"), keep_columns=("url",), **score)
 
 
 def test_arrow_ipc_files_as_hugging_face_saves_them(tmp_path):

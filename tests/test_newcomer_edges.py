@@ -12,12 +12,11 @@ import time
 import warnings
 
 import numpy as np
-import polars as pl
 import pytest
 from conftest import TINY, imgsent_cli, run_cli, write_images
 
 import imgsent
-from imgsent.errors import ImgsentWarning
+from imgsent.errors import ImgsentWarning, UselessModelWarning
 from imgsent.labels import map_labels, read_labels
 from imgsent.training import TrainConfig, fit
 
@@ -38,7 +37,22 @@ def small(tmp_path_factory):
     write_images(root / "imgs" / "neg", 12, size=(80, 60), seed=40)
     store = str(root / "store")
     imgsent.extract([str(root / "imgs")], store, backbones=[TINY], random_weights=True, workers=0, progress=False)
-    return {"root": root, "imgs": root / "imgs", "store": store}
+    ids = sorted(p.relative_to(root / "imgs").as_posix() for p in (root / "imgs").rglob("*.jpg"))
+    labels = root / "labels.txt"
+    labels.write_text("".join(f"{i} {int(i.startswith('pos'))}\n" for i in ids))
+    model = root / "model"
+    with warnings.catch_warnings():  # a throwaway model on random features: the messages are the point
+        warnings.simplefilter("ignore", UselessModelWarning)
+        imgsent.train(store, labels=str(labels), head="nn", epochs=30, lr=1e-3, cv=0, out=str(model))
+    scores = root / "scores.parquet"
+    imgsent.score([str(root / "imgs")], str(scores), model=str(model), workers=0)
+    return {"root": root, "imgs": root / "imgs", "store": store, "ids": ids, "model": model, "scores": scores}
+
+
+def one_line(result: tuple[int, str, str], *fragments: str) -> None:
+    """An in-process CLI run (:func:`conftest.run_cli`) that ended with one error line, exit 2."""
+    code, _, err = result
+    one_error_line(subprocess.CompletedProcess([], code, "", err), *fragments)
 
 
 # --- training on small sets -------------------------------------------------------------------
@@ -75,7 +89,7 @@ def test_the_lr_decay_is_stretched_with_the_epochs_and_explicit_epochs_are_kept(
     assert TrainConfig.named("moe1", epochs=5, min_steps=20).resolved().schedule_for(138) == (20, 160)
 
 
-def test_a_useless_model_is_said_so_on_stderr_and_in_its_card(small, tmp_path):
+def test_a_useless_model_is_said_so_on_stderr_and_in_its_card(small, tmp_path, capsys, monkeypatch):
     ids = sorted(p.relative_to(small["imgs"]).as_posix() for p in small["imgs"].rglob("*.jpg"))
     rng = np.random.default_rng(0)
     labels = tmp_path / "noise.txt"  # labels that have nothing to do with the images
@@ -87,9 +101,10 @@ def test_a_useless_model_is_said_so_on_stderr_and_in_its_card(small, tmp_path):
     card = json.loads((tmp_path / "m" / "model.json").read_text())
     assert card["training"]["warnings"] == model.training["warnings"]
     assert "WARNING: the held-out accuracy" in imgsent.load_model(str(tmp_path / "m")).describe_training()
-    r = imgsent_cli("train", small["store"], "--labels", labels, "--head", "moe", "-o", tmp_path / "m2")
-    assert r.returncode == 0, r.stderr
-    assert "imgsent: warning: the held-out accuracy" in r.stderr and "WARNING" not in r.stderr
+    argv = ["train", small["store"], "--labels", labels, "--head", "moe", "-o", tmp_path / "m2"]
+    code, _, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert "imgsent: warning: the held-out accuracy" in err and "WARNING" not in err
 
 
 def test_a_model_that_learnt_something_gets_no_warning():
@@ -163,14 +178,8 @@ def test_a_download_behind_a_silent_proxy_gives_up_with_one_line(spec, silent_pr
     assert "--weights FILE or" not in r.stderr  # extract has no --weights
 
 
-def test_what_a_hub_prints_while_downloading_goes_to_stderr(small, tmp_path, capsys, monkeypatch):
-    model = tmp_path / "m"
-    labels = tmp_path / "l.txt"
-    ids = sorted(p.relative_to(small["imgs"]).as_posix() for p in small["imgs"].rglob("*.jpg"))
-    labels.write_text("".join(f"{i} {int(i.startswith('pos'))}\n" for i in ids))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ImgsentWarning)  # one epoch: it learns nothing; only stdout matters here
-        imgsent.train(small["store"], labels=str(labels), head="nn", epochs=1, cv=0, out=str(model))
+def test_what_a_hub_prints_while_downloading_goes_to_stderr(small, capsys, monkeypatch):
+    model = small["model"]
     import imgsent.backbones as bbs
 
     real = bbs._SOURCES["timm"]
@@ -216,17 +225,19 @@ def test_torch_cpp_warnings_stay_off_stderr(tmp_path):
 # --- messages ----------------------------------------------------------------------------------
 
 
-def test_report_messages(small, tmp_path):
-    one_error_line(imgsent_cli("report", tmp_path / "missing.parquet", "--out", tmp_path / "r.html"), "missing.parquet")
-    scores = tmp_path / "s.parquet"
-    assert imgsent_cli("score", small["imgs"], "--out", scores, "-q").returncode == 0
-    r = imgsent_cli("report", scores, "--out", tmp_path / "nodir" / "r.html")
-    one_error_line(r, "nodir", "does not exist")
-    assert ".tmp" not in r.stderr
-    one_error_line(imgsent_cli("report", scores, "--out", tmp_path / "r.pdf"), "ending in .html")
+def test_report_messages(small, tmp_path, capsys, monkeypatch):
+    def cli(*args):
+        return run_cli(list(args), capsys, monkeypatch)
+
+    one_line(cli("report", tmp_path / "missing.parquet", "--out", tmp_path / "r.html"), "missing.parquet")
+    scores = small["scores"]
+    code, _, err = cli("report", scores, "--out", tmp_path / "nodir" / "r.html")
+    one_line((code, "", err), "nodir", "does not exist")
+    assert ".tmp" not in err
+    one_line(cli("report", scores, "--out", tmp_path / "r.pdf"), "ending in .html")
     assert not (tmp_path / "r.pdf").exists()
-    r = imgsent_cli("report", scores, "--out", tmp_path / "r.html")
-    assert r.returncode == 0 and (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>"), r.stderr
+    code, _, err = cli("report", scores, "--out", tmp_path / "r.html", "-q")
+    assert code == 0 and (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>"), err
 
 
 def test_json_labels_are_read_and_bad_ones_get_a_short_message(tmp_path):
@@ -259,54 +270,47 @@ def test_emotion_labels_are_said_so_and_mapped_with_polarity():
         assert map_labels({"a.jpg": "cat", "b.jpg": "dog"}, "auto") == {"a.jpg": "cat", "b.jpg": "dog"}
 
 
-def test_messages_name_flags_as_typed(small, tmp_path):
+def test_messages_name_flags_as_typed(small, tmp_path, capsys, monkeypatch):
+    def cli(*args):
+        return run_cli(list(args), capsys, monkeypatch)
+
     labels = tmp_path / "l.txt"
     labels.write_text("pos/img000.jpg 1\n")
-    one_error_line(
-        imgsent_cli("train", small["store"], "--labels", labels, "--labels-from-folders", "-o", tmp_path / "m"),
+    one_line(
+        cli("train", small["store"], "--labels", labels, "--labels-from-folders", "-o", tmp_path / "m"),
         "--labels FILE or --labels-from-folders",
     )
-    r = imgsent_cli("train", small["store"], "--labels-from-folders", "--head", "moee", "-o", tmp_path / "m")
-    one_error_line(r, "'moee' is not one of")
-    assert "Value error" not in r.stderr
-    scores = tmp_path / "s.parquet"
-    assert imgsent_cli("score", small["imgs"], "--out", scores, "-q").returncode == 0
-    one_error_line(imgsent_cli("prevalence", scores, "--by", "day"), "give --meta FILE")
-    one_error_line(imgsent_cli("prevalence", scores, "--meta", labels), "--meta needs --by COLUMN")
+    code, _, err = cli("train", small["store"], "--labels-from-folders", "--head", "moee", "-o", tmp_path / "m")
+    one_line((code, "", err), "'moee' is not one of")
+    assert "Value error" not in err
+    one_line(cli("prevalence", small["scores"], "--by", "day"), "give --meta FILE")
+    one_line(cli("prevalence", small["scores"], "--meta", labels), "--meta needs --by COLUMN")
 
 
-def test_prevalence_warnings_go_to_stderr_with_the_prefix(small, tmp_path):
-    scores = tmp_path / "s.parquet"
-    assert imgsent_cli("score", small["imgs"], "--out", scores, "-q").returncode == 0
-    r = imgsent_cli("prevalence", scores)
-    assert r.returncode == 0, r.stderr
-    assert "warning" not in r.stdout.lower()
-    assert r.stderr.startswith("imgsent: warning: ") and "biased" in r.stderr
+def test_prevalence_warnings_go_to_stderr_with_the_prefix(small, capsys, monkeypatch):
+    code, out, err = run_cli(["prevalence", small["scores"]], capsys, monkeypatch)
+    assert code == 0, err
+    assert "warning" not in out.lower()
+    assert err.startswith("imgsent: warning: ") and "biased" in err
 
 
-def test_no_blank_lines_on_stderr_outside_a_terminal(small, tmp_path):
+@pytest.mark.filterwarnings("ignore::imgsent.errors.UselessModelWarning")  # two epochs: stderr is the point
+def test_no_blank_lines_on_stderr_outside_a_terminal(small, tmp_path, capsys, monkeypatch):
     for args in (
-        ("train", small["store"], "--labels-from-folders", "--epochs", "2", "-o", tmp_path / "m"),
-        ("evaluate", small["store"], "--labels-from-folders", "--epochs", "1", "--splits", "2"),
+        ["train", small["store"], "--labels-from-folders", "--epochs", "2", "-o", tmp_path / "m"],
+        ["evaluate", small["store"], "--labels-from-folders", "--epochs", "1", "--splits", "2"],
     ):
-        r = imgsent_cli(*args)
-        assert r.returncode == 0, r.stderr
-        assert "\n\n" not in r.stderr and not r.stderr.startswith("\n"), repr(r.stderr[:200])
+        code, _, err = run_cli(args, capsys, monkeypatch)  # captured: stderr is no terminal
+        assert code == 0, err
+        assert "\n\n" not in err and not err.startswith("\n"), repr(err[:200])
 
 
-def test_a_run_says_at_once_that_it_started_then_reports_on_a_timer(small, tmp_path):
-    r = imgsent_cli(
-        "extract",
-        small["imgs"],
-        "-o",
-        tmp_path / "S",
-        "-B",
-        TINY,
-        "--random-weights",
-        env={"IMGSENT_PROGRESS_EVERY": "1"},
-    )
-    assert r.returncode == 0, r.stderr
-    assert r.stderr.splitlines()[0] == f"extract: started on 24 images; backbones {TINY}"
+def test_a_run_says_at_once_that_it_started_then_reports_on_a_timer(small, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IMGSENT_PROGRESS_EVERY", "1")
+    argv = ["extract", small["imgs"], "-o", tmp_path / "S", "-B", TINY, "--random-weights", "--workers", "0"]
+    code, _, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert err.splitlines()[0] == f"extract: started on 24 images; backbones {TINY}"
     import io
 
     from imgsent.report import RunProgress
@@ -334,11 +338,3 @@ def test_evaluate_with_a_one_class_test_split_gives_nan_auc_without_numpy_warnin
         mean, std = r.mean_std("roc_auc")
         assert np.isnan(mean) and np.isnan(std)
         assert r.mean_std("accuracy") == (1.0, 0.0)
-
-
-def test_score_on_stdout_is_json_lines_only(small):
-    r = imgsent_cli("score", small["imgs"], "--out", "-")
-    assert r.returncode == 0, r.stderr
-    rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert len(rows) == 24
-    assert pl.DataFrame(rows)["status"].to_list() == ["ok"] * 24

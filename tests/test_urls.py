@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY, imgsent_cli, jpeg_bytes, rgb_array
+from conftest import TINY, jpeg_bytes, rgb_array, run_cli
 
 import imgsent
 
@@ -164,10 +164,11 @@ def test_a_parquet_column_of_urls_is_downloaded(server, fast, tmp_path):
     assert "HTTP 404" in fs.error[1] and "nor an http(s) URL" in fs.error[2]
 
 
-def test_urls_from_the_cli_score_to_json_lines(server, tmp_path):
-    r = imgsent_cli("score", server + "/img0.jpg", server + "/missing.jpg", "--out", "-", "-q", env=FAST)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("\n") == 2 and '"status":"ok"' in r.stdout and "HTTP 404" in r.stdout
+def test_urls_from_the_cli_score_to_json_lines(server, fast, tiny_model, capsys, monkeypatch):
+    argv = ["score", server + "/img0.jpg", server + "/missing.jpg", "--model", tiny_model, "--out", "-", "-q"]
+    code, out, err = run_cli(argv, capsys, monkeypatch)
+    assert code == 0, err
+    assert out.count("\n") == 2 and '"status":"ok"' in out and "HTTP 404" in out
 
 
 def test_keep_images_saves_what_was_downloaded_and_rows_point_at_the_copies(server, fast, tmp_path):
