@@ -335,7 +335,7 @@ def shares(
             "without a labelled sample these shares are biased whenever this collection differs from the "
             "model's training data (other years, places, topics, image kinds): classify-and-count moves with "
             "the model's errors, not only with the truth. Label a random sample of ~200 images and pass it "
-            f"as labels for adjusted estimates with intervals{_card_note(df)}"
+            f"with --labels FILE for adjusted estimates with intervals{_card_note(df)}"
         )
     elif not two:
         warnings.append("adjusted counts and intervals are for two-class models; shown: calibrated probabilities")

@@ -135,7 +135,7 @@ def _tar_fields(path: str, keep: Sequence[str]) -> dict[str, dict]:
     try:
         with open_binary(path) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
             for member in tar:
-                key, ext = os.path.splitext(member.name)
+                key, ext = os.path.splitext(member.name[2:] if member.name.startswith("./") else member.name)
                 if not member.isreg() or ext.lower() not in (".json", ".txt") or member.size > 1 << 20:
                     continue
                 raw = tar.extractfile(member).read().decode("utf-8", errors="replace")
@@ -178,6 +178,8 @@ def _tar_members(path: str, label: str) -> Iterator[tuple[str, ImageRef]]:
                 if member is None:
                     return
                 name = member.name
+                while name.startswith("./"):  # tar -C DIR . writes ./a.jpg
+                    name = name[2:]
                 if not is_image_name(name):
                     continue
                 key = display_path(os.path.splitext(name)[0])

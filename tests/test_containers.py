@@ -312,3 +312,17 @@ def test_remote_paths_through_fsspec(tmp_path):
     assert imgsent.features.load(str(tmp_path / "p")).ids == ["0", "1", "2"]
     r = imgsent_cli("extract", "nosuchfs://x/y", "-o", tmp_path / "S", "-B", TINY, "--random-weights")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nosuchfs" in r.stderr, r.stderr
+
+
+def test_members_named_dot_slash_as_tar_c_dir_dot_writes_get_plain_ids(tmp_path):
+    with tarfile.open(tmp_path / "t.tar", "w") as tar:
+        _add(tar, "./a.jpg", jpeg_bytes(rgb_array(30, 40, 0)))
+        _add(tar, "./a.json", json.dumps({"url": "https://x.org/a.jpg"}).encode())
+    imgsent.extract([str(tmp_path / "t.tar")], str(tmp_path / "s"), **KW)
+    fs = imgsent.features.load(str(tmp_path / "s"))
+    assert fs.ids == ["t/a"] and fs.paths == [f"{tmp_path / 't.tar'}/a.jpg"]
+    from imgsent.inputs import tar_members
+
+    assert [json.loads(r.meta) for r in tar_members(str(tmp_path / "t.tar"), "t", ("url",))] == [
+        {"url": "https://x.org/a.jpg"}
+    ]
