@@ -119,45 +119,34 @@ def tar_members(path: str, label: str, keep: Sequence[str] = ()) -> Iterator[Ima
     keeps the members before the cut (the one cut becomes an error row when read); a file that is
     not a tar at all is one error row. ``keep``: fields of each sample's ``KEY.json`` (and ``txt``
     for ``KEY.txt``) to carry into ``meta`` (``*``: all of them)."""
-    found = list(_tar_members(path, label))
-    fields = _tar_fields(path, keep) if keep else {}
+    fields: dict[str, dict] | None = {} if keep else None
+    found = list(_tar_members(path, label, fields, keep))  # one pass: image members, and the fields kept
     for key, ref in found:
         yield ImageRef(ref.id, ref.path, ref.source, json.dumps(fields.get(key, {}))) if keep else ref
 
 
-def _tar_fields(path: str, keep: Sequence[str]) -> dict[str, dict]:
-    """{KEY: {field: value}} from the ``KEY.json`` and ``KEY.txt`` members of a tar shard."""
-    import tarfile
-
-    from .sources import open_binary
-
-    out: dict[str, dict] = {}
-    try:
-        with open_binary(path) as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-            for member in tar:
-                key, ext = os.path.splitext(member.name[2:] if member.name.startswith("./") else member.name)
-                if not member.isreg() or ext.lower() not in (".json", ".txt") or member.size > 1 << 20:
-                    continue
-                raw = tar.extractfile(member).read().decode("utf-8", errors="replace")
-                if ext.lower() == ".txt":
-                    fields = {"txt": raw}
-                else:
-                    try:
-                        fields = json.loads(raw)
-                    except ValueError:
-                        continue
-                    if not isinstance(fields, dict):
-                        continue
-                out.setdefault(display_path(key), {}).update(
-                    {k: v for k, v in fields.items() if "*" in keep or k in keep}
-                )
-    except (tarfile.ReadError, EOFError, OSError):
-        pass  # what could be read is kept; the listing already warned
-    return out
+def _sample_fields(tar, member, ext: str, keep: Sequence[str]) -> dict:
+    """The fields of a ``KEY.json`` (or ``txt`` of a ``KEY.txt``) member that ``keep`` names."""
+    if not member.isreg() or member.size > 1 << 20:
+        return {}
+    raw = tar.extractfile(member).read().decode("utf-8", errors="replace")
+    if ext == ".txt":
+        fields = {"txt": raw}
+    else:
+        try:
+            fields = json.loads(raw)
+        except ValueError:
+            return {}
+    if not isinstance(fields, dict):
+        return {}
+    return {k: v for k, v in fields.items() if "*" in keep or k in keep}
 
 
-def _tar_members(path: str, label: str) -> Iterator[tuple[str, ImageRef]]:
-    """(sample key, reference) per image member (see :func:`tar_members`)."""
+def _tar_members(
+    path: str, label: str, fields: dict[str, dict] | None = None, keep: Sequence[str] = ()
+) -> Iterator[tuple[str, ImageRef]]:
+    """(sample key, reference) per image member (see :func:`tar_members`); with ``fields``, the
+    ``keep`` fields of each sample's ``KEY.json`` / ``KEY.txt`` are gathered into it on the way."""
     import tarfile
 
     from .sources import open_binary, tar_source
@@ -181,6 +170,9 @@ def _tar_members(path: str, label: str) -> Iterator[tuple[str, ImageRef]]:
                 while name.startswith("./"):  # tar -C DIR . writes ./a.jpg
                     name = name[2:]
                 if not is_image_name(name):
+                    stem, ext = os.path.splitext(name)
+                    if fields is not None and ext.lower() in (".json", ".txt"):
+                        fields.setdefault(display_path(stem), {}).update(_sample_fields(tar, member, ext.lower(), keep))
                     continue
                 key = display_path(os.path.splitext(name)[0])
                 seen[key] = seen.get(key, 0) + 1

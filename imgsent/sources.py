@@ -54,7 +54,8 @@ def open_binary(path: str):
     """A local file, or a remote one through fsspec (a missing backend: one line saying which)."""
     if not is_remote(path):
         return open(path, "rb")
-    return remote_fs(path)[0].open(remote_fs(path)[1], "rb")
+    fs, inner = remote_fs(path)
+    return fs.open(inner, "rb")
 
 
 def remote_fs(path: str):
