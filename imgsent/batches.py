@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 @dataclass
 class FeatureBatch:
     """Rows for a batch of images, in input order. ``features[key]`` has one row per image;
-    rows of error images are NaN (and written as nulls)."""
+    rows of error images are NaN (and written as nulls). ``meta``: each image's kept fields
+    (:attr:`~imgsent.inputs.ImageRef.meta`, JSON text or ""), or empty when none were kept."""
 
     ids: list[str]
     paths: list[str]
@@ -31,6 +32,7 @@ class FeatureBatch:
     width: list[int | None]
     height: list[int | None]
     features: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -43,6 +45,7 @@ class FeatureBatch:
         """Rows ``start:stop`` (the same type, every per-row field cut alike)."""
         cut = {name: getattr(self, name)[start:stop] for name in ("ids", "paths", "status", "error", "width", "height")}
         cut["features"] = {k: v[start:stop] for k, v in self.features.items()}
+        cut["meta"] = self.meta[start:stop]
         extra = {name: getattr(self, name)[start:stop] for name in self._row_arrays()}
         return replace(self, **cut, **extra)
 

@@ -1,32 +1,48 @@
-"""The Ray distributor: the same shard work as the local engine, on a Ray cluster (Ray Data).
+"""The Ray distributor: the same shard work as the local engine, on a Ray cluster.
 
-``RayEngine`` keeps the :class:`~imgsent.batches.Engine` contract (ordered
-:class:`~imgsent.batches.FeatureBatch` es, or :class:`~imgsent.batches.ScoredBatch` es when it runs
-the head too), so ``extract`` and ``score`` feed it to the same
-sharded writer: same store / score layout, same manifest, same resume. Inside Ray Data, decoding runs
-as CPU tasks (``map_batches`` over a function) and the backbones in an actor pool (``concurrency``
-actors, ``num_gpus`` each), so weights load once per actor. Ray is an optional extra
-(``pip install 'imgsent[ray]'``); nothing here is imported by the local engine.
+Two ways, one result (the same rows, shard files and manifest as the local engine, so stores and
+score directories resume across engines):
+
+* **Workers write** (:meth:`RayEngine.write_shards`, every directory output): the driver plans the
+  chunks (one per output shard) and hands whole chunks to a pool of actors (``ray_workers``, each
+  with 1 CPU and ``gpus_per_worker`` GPUs). Each actor runs the local
+  :class:`~imgsent.engine.FeatureEngine` over its chunk (decoding processes sized to its share of
+  its node's CPUs) and writes the shard itself (:class:`~imgsent.shards.ShardTarget`: temporary
+  file, fsync, rename), returning only the manifest entry. The driver never sees a feature: it
+  lists finished shards, reports progress, and gives the chunks of a worker that died (its node
+  lost, an OOM kill) to the others. The output must be on a filesystem every node sees.
+* **Streams** (:meth:`RayEngine.run`: one output file, stdout): Ray Data; decoding as CPU tasks,
+  the backbones (and the head) in an actor pool, ordered
+  :class:`~imgsent.batches.FeatureBatch` es (:class:`~imgsent.batches.ScoredBatch` es) to the
+  driver, which writes the one file.
+
+Ray is an optional extra (``pip install 'imgsent[ray]'``); nothing here is imported by the local
+engine.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .backbones import Backbone, create_backbone, fingerprints_match
 from .batches import FeatureBatch, ScoredBatch
 from .decode import Preprocess, crop_count, decode_refs
-from .engine import FeatureEngine, flag_nonfinite, mark_failed
-from .errors import ImgsentError
+from .engine import FeatureEngine, default_workers, flag_nonfinite, mark_failed, select_device
+from .errors import ImgsentError, ImgsentWarning
 from .inputs import ImageRef
 from .options import RunOptions
+from .shards import Chunk, ShardTarget
+from .specs import map_files
 
 _FORWARDED_ENV = ("IMGSENT_WEIGHTS", "IMGSENT_HOME", "HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME")
 
@@ -45,13 +61,14 @@ def _decode_batch(
 ) -> dict:
     """Ray task: decode a batch of paths into uint8 views (zeros on error rows)."""
     pps = [Preprocess.from_dict(p) for p in preprocesses]
-    refs = [ImageRef(i, p, s) for i, p, s in zip(batch["id"], batch["path"], batch["source"])]
+    refs = [ImageRef(i, p, s, m) for i, p, s, m in zip(batch["id"], batch["path"], batch["source"], batch["meta"])]
     items = decode_refs(refs, pps, tta, max_pixels, keep_images)
     keys = list(dict.fromkeys(pp.view_key for pp in pps))
     crops = crop_count(tta)
     out = {
         "id": np.asarray([it.ref.id for it in items], dtype=object),
         "path": np.asarray([it.ref.path for it in items], dtype=object),
+        "meta": np.asarray([it.ref.meta for it in items], dtype=object),
         "status": np.asarray([it.status for it in items], dtype=object),
         "error": np.asarray([it.error or "" for it in items], dtype=object),  # "" = none: blocks keep one type
         "width": np.asarray([it.width or -1 for it in items], dtype=np.int64),
@@ -67,16 +84,99 @@ def _decode_batch(
     return out
 
 
+def _worker_spec(bb: Backbone) -> str:
+    """A spec that builds ``bb`` again on a worker: its recipe's spec (keyed by file names) with
+    every file it names at the absolute path the driver read it from (a filesystem the workers
+    share; the fingerprint check catches another file under that path)."""
+    recipe = bb.recipe()
+    paths = {f["name"]: f["path"] for f in recipe.get("files", [])}
+
+    def where(name: str) -> str:
+        found = paths.get(name) or paths.get(os.path.basename(name))
+        return found or (os.path.abspath(name) if os.path.exists(name) else name)
+
+    return map_files(recipe["spec"], where)
+
+
+def _worker_backbones(specs: list[tuple[str, bool, dict]], options: RunOptions) -> list[Backbone]:
+    """The driver's backbones, built again on a worker; weights that resolve differently there
+    (another file, another version) are refused."""
+    backbones = []
+    for spec, random_weights, fingerprint in specs:
+        bb = create_backbone(spec, random_weights=random_weights, int8=options.precision == "int8")
+        if not fingerprints_match(fingerprint, bb.fingerprint):
+            raise ImgsentError(f"{spec}: this Ray worker resolved other weights than the driver")
+        backbones.append(bb)
+    return backbones
+
+
+Output = tuple[ShardTarget, Callable[[FeatureBatch], "object"]]  # where a job's shards go, batch -> Arrow table
+
+
+class _ShardWorker:
+    """Ray actor of the workers-write path: builds the backbones once, then turns whole chunks into
+    finished shard files (decode, embed, tables, write, rename) and returns their manifest entries.
+    A failure to build is kept and raised by :meth:`node` (a task error the driver can read,
+    rather than a dead actor)."""
+
+    def __init__(self, specs: list[tuple[str, bool, dict]], options: RunOptions, outputs: list[Output]):
+        self.outputs = outputs
+        self.rows: tuple[int, int] = (-1, 0)  # (chunk index, rows of it embedded so far), read by progress()
+        self.failure: BaseException | None = None
+        try:
+            import ray
+            import torch
+
+            # The engine gets the CPUs Ray reserved for this worker: that many torch threads (one
+            # lane each on a CPU) and the decoding processes the local engine would start on a
+            # machine of that many cores (or the run's ``workers``).
+            cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+            torch.set_num_threads(cpus)
+            workers = options.workers
+            if workers is None:
+                workers = default_workers(select_device(options.device), cores=cpus)
+            self.cpus = cpus
+            self.engine = FeatureEngine(
+                _worker_backbones(specs, options), dataclasses.replace(options, workers=workers)
+            )
+        except Exception as exc:
+            self.failure = exc
+
+    def ready(self) -> tuple[str, int]:
+        """(the Ray node this worker runs on, its CPUs); raises what building it raised."""
+        if self.failure is not None:
+            raise self.failure
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), self.cpus
+
+    def write(self, refs: list[ImageRef], chunk: Chunk, which: list[int]) -> dict:
+        """The shard of ``chunk`` (rows ``refs``) in each output ``which`` names: finished files
+        and their entries; on any failure no file of the chunk is left half written."""
+        files = [(self.outputs[k][0].open(chunk), self.outputs[k][1]) for k in which]
+        self.rows, errors = (chunk.index, 0), 0
+        try:
+            for batch in self.engine.run(refs, groups=[len(refs)]):
+                for f, to_table in files:
+                    f.append(to_table(batch))
+                errors += int((~batch.ok_mask).sum())
+                self.rows = (chunk.index, self.rows[1] + len(batch))
+            entries = [f.finish(errors=errors) for f, _ in files]
+        except BaseException:
+            for f, _ in files:
+                f.abort()
+            raise
+        return {"index": chunk.index, "entries": entries, "schemas": [f.schema for f, _ in files], "errors": errors}
+
+    def progress(self) -> tuple[int, int]:
+        return self.rows
+
+
 class _EmbedActor:
     """Ray actor: builds the backbones once, then embeds decoded batches."""
 
     def __init__(self, specs: list[tuple[str, bool, dict]], options: RunOptions, head_path: str | None = None):
-        backbones = []
-        for spec, random_weights, fingerprint in specs:
-            bb = create_backbone(spec, random_weights=random_weights, int8=options.precision == "int8")
-            if not fingerprints_match(fingerprint, bb.fingerprint):
-                raise ImgsentError(f"{spec}: this Ray worker resolved other weights than the driver")
-            backbones.append(bb)
+        backbones = _worker_backbones(specs, options)
         self.engine = FeatureEngine(backbones, options, workers=0)
         self.keys = list(dict.fromkeys(bb.preprocess.view_key for bb in backbones))
         self.model = None
@@ -98,7 +198,7 @@ class _EmbedActor:
         status, error = [str(s) for s in batch["status"]], [str(e) if e else None for e in batch["error"]]
         checked = flag_nonfinite(mark_failed(FeatureBatch([], [], status, error, [], [], feats), failed))
         ok_pos = [k for k, s in enumerate(checked.status) if s == "ok"]
-        out = {k: batch[k] for k in ("id", "path", "width", "height")}
+        out = {k: batch[k] for k in ("id", "path", "meta", "width", "height")}
         out["status"] = np.asarray(checked.status, dtype=object)
         out["error"] = np.asarray([e or "" for e in checked.error], dtype=object)
         for j, key in enumerate(self.engine.keys):
@@ -164,7 +264,7 @@ class RayEngine:
         self.backbones = list(backbones)
         self.options = opts
         self.head_path = head_path
-        self.specs = [(bb.recipe()["spec"], bool(bb.fingerprint.get("random")), bb.fingerprint) for bb in backbones]
+        self.specs = [(_worker_spec(bb), bool(bb.fingerprint.get("random")), bb.fingerprint) for bb in backbones]
         device = "cuda" if opts.gpus_per_worker > 0 and opts.device == "auto" else opts.device
         if opts.gpus_per_worker == 0 and opts.device == "auto":
             device = "cpu"  # an actor with no GPU asked for must not grab one it happens to see
@@ -197,7 +297,7 @@ class RayEngine:
 
         bs = self.batch_size
         ds = ray.data.from_items(
-            [{"id": r.id, "path": r.path, "source": r.source} for r in refs],
+            [{"id": r.id, "path": r.path, "source": r.source, "meta": r.meta} for r in refs],
             override_num_blocks=max(1, len(refs) // bs),
         )
         ds = ds.map_batches(
@@ -228,10 +328,204 @@ class RayEngine:
                 width=[None if w < 0 else int(w) for w in batch["width"]],
                 height=[None if h < 0 else int(h) for h in batch["height"]],
                 features={key: np.asarray(batch[f"feat{j}"], dtype=np.float32) for j, key in enumerate(self.keys)},
+                meta=[str(m) for m in batch["meta"]] if any(batch["meta"]) else [],
             )
             if "proba" in batch:
                 rows = ScoredBatch(**vars(rows), proba=np.asarray(batch["proba"], dtype=np.float32))
             yield rows
+
+    def write_shards(
+        self,
+        refs: Sequence[ImageRef],
+        chunks: Sequence[Chunk],
+        outputs: list[Output],
+        pending: list[set[int]],
+        done: Callable[[dict, int], None],
+        progress: Callable[[int], None],
+    ) -> dict[str, str]:
+        """Workers write: each of ``chunks`` (rows ``refs[start:stop]``) becomes a finished shard in
+        every output of ``outputs`` whose ``pending`` set holds its index, written by a Ray worker.
+        ``done(result, rows_reported)`` gets each finished chunk's ``{index, entries, schemas,
+        errors}`` (entries in the order of the outputs that lacked it); ``progress(rows)`` gets rows
+        embedded meanwhile. Returns lines for the run summary (workers, lost workers)."""
+        if not chunks:
+            return {}
+        return _ShardPool(self, outputs).run(refs, chunks, pending, done, progress)
+
+    def worker_resources(self) -> dict[str, float]:
+        """What each writing worker asks Ray for: ``gpus_per_worker`` GPUs and an even share of the
+        CPUs (a GPU worker: its node's CPUs over its node's GPU workers; a CPU worker: the
+        cluster's CPUs over ``ray_workers``, at most one node's), at least 1."""
+        ray, opts = self.ray, self.options
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        wanted = opts.ray_workers or 1
+        if opts.gpus_per_worker > 0:
+            shares = [r.get("CPU", 0) * opts.gpus_per_worker / r["GPU"] for r in nodes if r.get("GPU")]
+        else:
+            biggest = max((r.get("CPU", 0) for r in nodes), default=1)
+            shares = [min(biggest, sum(r.get("CPU", 0) for r in nodes) / wanted)]
+        cpus = max(1, int(min(shares, default=1)))
+        return {"num_cpus": cpus, "num_gpus": opts.gpus_per_worker}
+
+
+START_TIMEOUT_S = 600.0  # IMGSENT_RAY_START_TIMEOUT: how long a run waits with no worker able to start
+CHUNK_TRIES = 3  # a chunk whose worker died this many times stops the run (it, not the workers, is the cause)
+DEPTH = 2  # chunks queued on each worker (the next one starts as soon as one is written)
+
+
+class _ShardPool:
+    """The driver's side of the workers-write path: starts ``ray_workers`` writing workers, keeps
+    each busy with up to :data:`DEPTH` chunks, lists what they finish, and hands the chunks of a
+    worker that died to the others (starting a replacement where the cluster has room)."""
+
+    def __init__(self, engine: RayEngine, outputs: list[Output]):
+        ray = engine.ray
+        self.ray = ray
+        self.resources = engine.worker_resources()
+        self.actor_class = ray.remote(concurrency_groups={"report": 1}, max_restarts=0, **self.resources)(_ShardWorker)
+        self.args = (engine.specs, engine.actor_options, ray.put(outputs))
+        self.wanted = engine.options.ray_workers or 1
+        self.starting: dict = {}  # ready() future -> actor
+        self.live: dict = {}  # actor -> chunks queued on it, oldest (the one being written) first
+        self.calls: dict = {}  # write() future -> (actor, chunk)
+        self.polls: dict = {}  # progress() future -> actor
+        self.dead: set = set()
+        self.lost = 0
+        self.redone = 0
+        self.started = 0
+
+    def _start(self) -> None:
+        actor = self.actor_class.remote(*self.args)
+        self.starting[actor.ready.remote()] = actor
+        self.started += 1
+
+    def run(self, refs, chunks, pending, done, progress) -> dict[str, str]:
+        ray = self.ray
+        queue = collections.deque(chunks)
+        tries: collections.Counter = collections.Counter()
+        shown: dict[int, int] = {}  # rows already reported per chunk
+        timeout = float(os.environ.get("IMGSENT_RAY_START_TIMEOUT", START_TIMEOUT_S))
+        if len(chunks) < self.wanted:
+            warnings.warn(
+                f"{len(chunks)} shard(s) to write for {self.wanted} Ray workers: a shard is one worker's job, so "
+                f"{self.wanted - len(chunks)} will have nothing to do; a smaller --rows-per-shard spreads the work",
+                ImgsentWarning,
+                stacklevel=4,
+            )
+        for _ in range(min(self.wanted, len(chunks))):
+            self._start()
+        idle_since, last_poll = time.monotonic(), 0.0
+        try:
+            while queue or self.calls:
+                for actor, queued in self.live.items():
+                    while queue and len(queued) < DEPTH:
+                        c = queue.popleft()
+                        which = [k for k, p in enumerate(pending) if c.index in p]
+                        self.calls[actor.write.remote(list(refs[c.start : c.stop]), c, which)] = (actor, c)
+                        queued.append(c)
+                if self.live:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since > timeout:
+                    raise ImgsentError(self._no_worker_message(timeout))
+                ready, _ = ray.wait([*self.calls, *self.starting, *self.polls], num_returns=1, timeout=1.0)
+                for f in ready:
+                    if f in self.starting:
+                        self._started(f)
+                    elif f in self.polls:
+                        actor = self.polls.pop(f)
+                        try:
+                            index, rows = ray.get(f)
+                        except ray.exceptions.RayError:
+                            continue  # a dead worker: its write() call says so
+                        if rows > shown.get(index, 0):
+                            progress(rows - shown.get(index, 0))
+                            shown[index] = rows
+                    else:
+                        actor, c = self.calls.pop(f)
+                        try:
+                            result = ray.get(f)
+                        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+                            head = self._lost(actor, exc)
+                            if head is not None:  # the chunk it was writing when it died
+                                tries[head.index] += 1
+                                if tries[head.index] >= CHUNK_TRIES:
+                                    raise ImgsentError(
+                                        f"rows {head.start}-{head.stop - 1} (shard {head.index}) were being written "
+                                        f"by {CHUNK_TRIES} Ray workers that died; stopped (finished shards are "
+                                        f"kept). Last: {_first_line(exc)}"
+                                    ) from None
+                            queue.appendleft(c)
+                            self.redone += 1
+                            continue
+                        except ray.exceptions.RayTaskError as exc:
+                            raise _cause(exc) from None
+                        self.live[actor].remove(c)
+                        done(result, shown.pop(c.index, 0))
+                if time.monotonic() - last_poll >= 1.0:
+                    last_poll = time.monotonic()
+                    for actor, queued in self.live.items():
+                        if queued and actor not in self.polls.values():
+                            self.polls[actor.progress.options(concurrency_group="report").remote()] = actor
+        finally:
+            for actor in [*self.live, *self.starting.values()]:
+                ray.kill(actor, no_restart=True)
+        details = {"ray workers": f"{len(self.live) + self.lost} x {self._resources_text()}"}
+        if self.lost:
+            details["ray workers lost"] = f"{self.lost} (their {self.redone} unfinished shard(s) redone by others)"
+        return details
+
+    def _started(self, f) -> None:
+        actor = self.starting.pop(f)
+        try:
+            self.ray.get(f)
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as exc:
+            self._lost(actor, exc)
+            return
+        except self.ray.exceptions.RayTaskError as exc:
+            raise _cause(exc) from None
+        self.live[actor] = []
+
+    def _lost(self, actor, exc: BaseException) -> Chunk | None:
+        """A worker died (its node lost, killed): counted once, a replacement started (it waits for
+        room on the cluster) unless workers keep dying. Returns the chunk it was writing (None when
+        this death was already counted, or it had none)."""
+        if actor in self.dead:
+            return None
+        self.dead.add(actor)
+        self.ray.kill(actor, no_restart=True)  # if it only seemed gone (unreachable a while), it writes no more
+        queued = self.live.pop(actor, [])
+        self.starting = {f: a for f, a in self.starting.items() if a is not actor}
+        self.lost += 1
+        if self.lost > 2 * self.wanted + 2:
+            raise ImgsentError(
+                f"{self.lost} Ray workers died; stopped (finished shards are kept). Last: {_first_line(exc)}"
+            )
+        self._start()
+        return queued[0] if queued else None
+
+    def _resources_text(self) -> str:
+        r = self.resources
+        return f"{r['num_cpus']} CPU" + (f" + {r['num_gpus']:g} GPU" if r["num_gpus"] else "")
+
+    def _no_worker_message(self, timeout: float) -> str:
+        return (
+            f"no Ray worker could start within {timeout:.0f} s (each asks for {self._resources_text()}); the cluster "
+            f"has no room for one, or its nodes were lost. Finished shards are kept. (IMGSENT_RAY_START_TIMEOUT sets "
+            f"the wait.)"
+        )
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """What a Ray task raised: an :class:`ImgsentError` as its one line, anything else as it was."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ImgsentError):
+        return ImgsentError(str(cause))
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 @contextlib.contextmanager

@@ -597,6 +597,7 @@ class FeatureEngine:
             width=[it.width for it in items],
             height=[it.height for it in items],
             features=feats,
+            meta=[it.ref.meta for it in items] if any(it.ref.meta for it in items) else [],
         )
         return flag_nonfinite(mark_failed(out, failed))
 
@@ -710,14 +711,15 @@ def frozen_cpu_batch(options: RunOptions) -> int | None:
     return CPU_MODEL_BATCH
 
 
-def default_workers(device: torch.device | None = None) -> int:
+def default_workers(device: torch.device | None = None, cores: int | None = None) -> int:
     """Decoding processes: one per core beyond the first (the main process runs the models); on a
     CPU at most 8 (the models need the cores too), on a GPU host every core but one (decoding is
-    what feeds the card)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    what feeds the card). ``cores``: the cores this engine may use (default: this process's)."""
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
     cap = 64 if device is not None and device.type == "cuda" else 8
     return max(1, min(cap, cores - 1)) if cores > 1 else 0
 

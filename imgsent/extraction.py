@@ -166,20 +166,40 @@ def run_sharded(
         detail = f"backbones {', '.join(engine.keys)}"
         with RunProgress(len(refs), description, enabled=options.progress, detail=detail) as bar:
             bar.advance(summary.resumed, skipped_errors, resumed=True)
-            todo_refs = [r for c in todo for r in refs[c.start : c.stop]]
-            for batch in engine.run(todo_refs, groups=[c.stop - c.start for c in todo]):
-                if stream is not None:
-                    stream(batch)
-                n_err = int((~batch.ok_mask).sum())
-                summary.errors += n_err
-                writing.submit(sinks.add, batch, n_err)
-                bar.advance(len(batch), n_err)
-            writing.drain()
+            if stream is None and outputs and hasattr(engine, "write_shards"):  # the workers write (Ray)
+                summary.details.update(_workers_write(engine, refs, todo, outputs, pending_by_writer, summary, bar))
+            else:
+                todo_refs = [r for c in todo for r in refs[c.start : c.stop]]
+                for batch in engine.run(todo_refs, groups=[c.stop - c.start for c in todo]):
+                    if stream is not None:
+                        stream(batch)
+                    n_err = int((~batch.ok_mask).sum())
+                    summary.errors += n_err
+                    writing.submit(sinks.add, batch, n_err)
+                    bar.advance(len(batch), n_err)
+                writing.drain()
         for writer, _ in outputs:
             writer.finish()
     summary.ok = summary.total - summary.errors
     summary.elapsed_s = time.perf_counter() - start
     return summary
+
+
+def _workers_write(engine, refs, todo: list[Chunk], outputs, pending_by_writer, summary: RunSummary, bar) -> dict:
+    """The chunks ``todo`` written by the engine's own workers (``engine.write_shards``); here only
+    their manifest entries are listed and the progress counted."""
+    sizes = {c.index: c.stop - c.start for c in todo}
+
+    def done(result: dict, reported: int) -> None:
+        index = result["index"]
+        writers = [w for (w, _), p in zip(outputs, pending_by_writer) if index in p]
+        for writer, entry, schema in zip(writers, result["entries"], result["schemas"]):
+            writer.record(index, entry, schema)
+        summary.errors += result["errors"]
+        bar.advance(sizes[index] - reported, result["errors"])
+
+    targets = [(w.target, to_table) for w, to_table in outputs]
+    return engine.write_shards(refs, todo, targets, pending_by_writer, done, bar.advance)
 
 
 def extract(

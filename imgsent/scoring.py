@@ -57,28 +57,26 @@ class ScoreTableBuilder:
         self.precision = precision
         self.pos = model.classes.index(model.positive_class) if model.positive_class else None
         self.device = None  # where the head runs (None: the CPU)
-        self.kept: dict[str, dict] = {}  # id -> fields carried into the rows (keep_columns)
-        self.kept_names: list[str] = []
+        self.kept_names: list[str] = []  # fields carried into the rows (keep_columns)
 
     def keep(self, refs) -> None:
         """Carry the fields the references hold (``ImageRef.meta``) into every score row, as text
-        columns; a name the score rows already have gets the prefix ``source_``."""
+        columns (the same columns in every shard: every name any reference has; the values come
+        with each batch, :attr:`~imgsent.batches.FeatureBatch.meta`); a name the score rows
+        already have gets the prefix ``source_``."""
         import json
 
-        self.kept = {r.id: json.loads(r.meta) for r in refs if r.meta}
-        names = dict.fromkeys(k for fields in self.kept.values() for k in fields)
+        names = dict.fromkeys(k for r in refs if r.meta for k in json.loads(r.meta))
         self.kept_names = list(names)
 
-    def _kept_columns(self, ids, names_taken: list[str]) -> tuple[list[pa.Array], list[str]]:
+    def _kept_columns(self, meta: Sequence[str], n: int, names_taken: list[str]) -> tuple[list[pa.Array], list[str]]:
         import json
 
-        ids = ids.to_pylist() if isinstance(ids, pa.Array) else list(ids)
+        fields = [json.loads(m) if m else {} for m in meta] if meta else [{}] * n
         arrays, names = [], []
         for name in self.kept_names:
-            values = []
-            for i in ids:
-                v = self.kept.get(i, {}).get(name)
-                values.append(v if v is None or isinstance(v, str) else json.dumps(v))
+            values = [f.get(name) for f in fields]
+            values = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
             arrays.append(pa.array(values, pa.string()))
             names.append(f"source_{name}" if name in names_taken else name)
         return arrays, names
@@ -98,10 +96,10 @@ class ScoreTableBuilder:
             ],
         }
 
-    def table(self, ids, paths, status, error, X: np.ndarray | None, ok: np.ndarray, proba=None) -> pa.Table:
+    def table(self, ids, paths, status, error, X: np.ndarray | None, ok: np.ndarray, proba=None, meta=()) -> pa.Table:
         """Score rows. ``ids``...``error``: lists or Arrow string arrays; ``X``: features of every row
         (whatever sits in rows that are not ``ok`` is ignored), or ``proba`` (n, C) when the head
-        already ran (Ray actors)."""
+        already ran (Ray actors); ``meta``: each row's kept fields (JSON text), if any."""
         n, classes = len(ok), self.model.classes
         if proba is None and ok.any():
             proba = self.model.predict_proba(X, self.precision, device=self.device)
@@ -128,7 +126,7 @@ class ScoreTableBuilder:
         arrays += [pa.repeat(pa.scalar(self.name, pa.string()), n), pa.repeat(pa.scalar(self.version, pa.string()), n)]
         names += ["model", "model_version"]
         if self.kept_names:
-            more, more_names = self._kept_columns(arrays[0], names)
+            more, more_names = self._kept_columns(meta, n, names)
             arrays, names = arrays + more, names + more_names
         return pa.Table.from_arrays(arrays, names=names)
 
@@ -139,7 +137,7 @@ class ScoreTableBuilder:
         if proba is None and ok.any():
             X = np.concatenate([batch.features[k] for k, _ in self.model.blocks], axis=1)
         paths = [display_path(p) for p in batch.paths]
-        return self.table(batch.ids, paths, batch.status, batch.error, X, ok, proba=proba)
+        return self.table(batch.ids, paths, batch.status, batch.error, X, ok, proba=proba, meta=batch.meta)
 
 
 def score(

@@ -83,18 +83,40 @@ def parquet_options(schema: pa.Schema) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class ShardTarget:
+    """Where one job's shard files go (``directory``, the job's ``--shard``): all a process needs
+    to write finished shards of that job, on this machine or on a worker of a cluster that sees
+    the same filesystem. Picklable; no lock, no manifest: :class:`ShardedWriter` (one process, the
+    job's only one) lists what the targets finished."""
+
+    directory: str
+    shard: tuple[int, int] | None = None
+
+    def open(self, chunk: Chunk) -> ShardFile:
+        return ShardFile(self, chunk)
+
+    def write_error(self, name: str, exc: OSError) -> ImgsentError:
+        return ImgsentError(
+            f"cannot write {name} in {self.directory}: {exc.strerror or exc}; finished shards are kept, "
+            f"rerun the same command to resume"
+        )
+
+
 class ShardFile:
     """One shard being written: tables are appended to a temporary file (so a shard never has to
-    sit in memory whole); :meth:`commit` renames it into place and lists it in the manifest."""
+    sit in memory whole); :meth:`finish` renames it into place and returns its manifest entry,
+    which the job's :class:`ShardedWriter` lists (:meth:`commit` does both, in one process)."""
 
-    def __init__(self, writer: ShardedWriter, chunk: Chunk):
-        self.writer, self.chunk = writer, chunk
-        self.name = part_name(writer.shard, chunk.index)
-        self.path = os.path.join(writer.directory, self.name)
+    def __init__(self, target: ShardTarget, chunk: Chunk, writer: ShardedWriter | None = None):
+        self.target, self.chunk, self.writer = target, chunk, writer
+        self.name = part_name(target.shard, chunk.index)
+        self.path = os.path.join(target.directory, self.name)
         self.tmp = temp_path(self.path, prefix=f"{TMP_PREFIX}{self.name}.")
         self._pq: pq.ParquetWriter | None = None
         self._held: list[pa.Table] = []  # rows waiting for a full row group
         self.ids: list[str] = []
+        self.schema: pa.Schema | None = None
 
     def append(self, table: pa.Table) -> None:
         """Add rows; they reach the file in row groups of :data:`ROW_GROUP_ROWS` (the last one
@@ -110,16 +132,17 @@ class ShardFile:
         try:
             if self._pq is None:
                 self._pq = pq.ParquetWriter(self.tmp, rows.schema, **parquet_options(rows.schema))
-                self.writer.schema = self.writer.schema or rows.schema
+                self.schema = rows.schema
             if full:
                 self._pq.write_table(rows.slice(0, full), row_group_size=ROW_GROUP_ROWS)
         except OSError as exc:
             self.abort()
-            raise self.writer.write_error(self.name, exc) from None
+            raise self.target.write_error(self.name, exc) from None
         self._held = [rows.slice(full)] if full < rows.num_rows else []
 
-    def commit(self, **extra: int) -> None:
-        """Finish the file and enter it in the manifest; ``extra`` counts (errors=...) go there too."""
+    def finish(self, **extra: int) -> dict:
+        """Finish the file (flushed, renamed into place) and return its manifest entry; ``extra``
+        counts (errors=...) go into the entry too."""
         if self._held:
             self._flush(final=True)
         try:
@@ -129,14 +152,19 @@ class ShardFile:
             commit(self.tmp, self.path)
         except OSError as exc:
             self.abort()
-            raise self.writer.write_error(self.name, exc) from None
+            raise self.target.write_error(self.name, exc) from None
         entry = {
             "index": self.chunk.index,
             "file": self.name,
             "rows": len(self.ids),
             "ids_sha256": ids_digest(self.ids),
         }
-        self.writer.record(self.chunk.index, {**entry, **extra})
+        return {**entry, **extra}
+
+    def commit(self, **extra: int) -> None:
+        """:meth:`finish`, then the entry listed in the manifest of the writer that opened it."""
+        entry = self.finish(**extra)
+        self.writer.record(self.chunk.index, entry, self.schema)
 
     def abort(self) -> None:
         try:
@@ -350,9 +378,15 @@ class ShardedWriter:
         pending = [c for c in chunks if c.index not in valid]
         return pending, sum(e["rows"] for e in valid.values())
 
+    @property
+    def target(self) -> ShardTarget:
+        """Where this job's shard files go, for processes that write them elsewhere (Ray workers);
+        their entries come back to :meth:`record`."""
+        return ShardTarget(self.directory, self.shard)
+
     def open_shard(self, chunk: Chunk) -> ShardFile:
         """Start the shard of ``chunk``; append tables to it, then commit."""
-        return ShardFile(self, chunk)
+        return ShardFile(self.target, chunk, self)
 
     def write(self, chunk: Chunk, table: pa.Table, **extra: int) -> None:
         """Write ``table`` as the whole shard of ``chunk``."""
@@ -360,7 +394,9 @@ class ShardedWriter:
         f.append(table)
         f.commit(**extra)
 
-    def record(self, index: int, entry: dict) -> None:
+    def record(self, index: int, entry: dict, schema: pa.Schema | None = None) -> None:
+        """List a finished shard (``entry`` from :meth:`ShardFile.finish`; ``schema``: its file's)."""
+        self.schema = self.schema or schema
         self.done[index] = entry
         try:
             self._write_manifest(complete=False)
@@ -369,12 +405,12 @@ class ShardedWriter:
         WRITTEN_HERE["shards"] += 1
 
     def write_error(self, name: str, exc: OSError) -> ImgsentError:
-        return ImgsentError(
-            f"cannot write {name} in {self.directory}: {exc.strerror or exc}; finished shards are kept, "
-            f"rerun the same command to resume"
-        )
+        return self.target.write_error(name, exc)
 
     def finish(self) -> None:
+        """Every shard is done: the manifest says so; files of this job it does not list (a
+        worker's unfinished temporary file, a shard of an older plan) are removed."""
+        self._clean_orphans()
         for stale in glob.glob(os.path.join(glob.escape(self.directory), _part_glob(self.shard))):
             name = os.path.basename(stale)
             if name not in {e["file"] for e in self.done.values()}:

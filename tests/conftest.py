@@ -132,22 +132,23 @@ class _Interrupter:
 
 @pytest.fixture
 def interrupt_after_commits(monkeypatch):
-    """Simulate a crash in the middle of a sharded run: ``arm(n, exc)`` lets n shards commit, then
-    the next commit raises ``exc``; ``disarm()`` lets everything through again."""
+    """Simulate a crash in the middle of a sharded run: ``arm(n, exc)`` lets n shards be listed in
+    the manifest, then listing the next raises ``exc``; ``disarm()`` lets everything through again.
+    (Listing is where the local engine's and Ray workers' shards meet: ``ShardedWriter.record``.)"""
     import imgsent.shards
 
     ctl = _Interrupter()
-    real = imgsent.shards.ShardFile.commit
+    real = imgsent.shards.ShardedWriter.record
 
-    def commit(self, **extra):
+    def record(self, index, entry, schema=None):
         if ctl.left == 0:
             raise ctl.exc
         if ctl.left is not None:
             ctl.left -= 1
         ctl.commits += 1
-        return real(self, **extra)
+        return real(self, index, entry, schema)
 
-    monkeypatch.setattr(imgsent.shards.ShardFile, "commit", commit)
+    monkeypatch.setattr(imgsent.shards.ShardedWriter, "record", record)
     return ctl
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import CLI_ENV, TINY, imgsent_cli, write_images
+from conftest import CLI_ENV, TINY, imgsent_cli, run_cli, write_images
 
 import imgsent
 from imgsent.shards import read_manifest
@@ -107,21 +107,30 @@ def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def test_every_file_follows_the_umask(setup, tmp_path):
+def test_every_file_follows_the_umask(setup, tmp_path, capsys, monkeypatch):
+    def with_umask(umask, *argv):
+        old = os.umask(umask)
+        try:
+            return run_cli(argv, capsys, monkeypatch)
+        finally:
+            os.umask(old)
+
     for umask, want in ((0o022, 0o644), (0o007, 0o660)):
         out = tmp_path / f"s{umask:o}.parquet"
-        r = cli("score", setup["imgs"], "-o", out, "--model", setup["model"], "-q", umask=umask)
-        assert r.returncode == 0, r.stderr
+        code, _, err = with_umask(umask, "score", setup["imgs"], "-o", out, "--model", setup["model"], "-q")
+        assert code == 0, err
         assert _mode(out) == want
         shards = tmp_path / f"d{umask:o}"
-        r = cli("score", setup["imgs"], "-o", f"{shards}/", "--model", setup["model"], "-q", umask=umask)
-        assert r.returncode == 0, r.stderr
+        code, _, err = with_umask(umask, "score", setup["imgs"], "-o", f"{shards}/", "--model", setup["model"], "-q")
+        assert code == 0, err
         assert {_mode(p) for p in shards.iterdir()} == {want}
         model = tmp_path / f"m{umask:o}"
         lab = tmp_path / "labels.txt"
         lab.write_text("".join(f"img{i:03d}.jpg {i % 2}\n" for i in range(12)))
-        r = cli("train", setup["store"], "-l", lab, "-o", model, "--epochs", "1", "--cv", "0", "-q", umask=umask)
-        assert r.returncode == 0, r.stderr
+        code, _, err = with_umask(
+            umask, "train", setup["store"], "-l", lab, "-o", model, "--epochs", "1", "--cv", "0", "-q"
+        )
+        assert code == 0, err
         assert {_mode(p) for p in model.iterdir()} == {want}
 
 

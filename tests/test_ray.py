@@ -2,6 +2,7 @@
 local Ray instance on loopback: num_cpus=2, no dashboard)."""
 
 import builtins
+import os
 
 import numpy as np
 import polars as pl
@@ -158,3 +159,108 @@ def test_tar_shards_and_parquet_on_ray_equal_local(cluster, tmp_path):
         b = imgsent.features.load(str(tmp_path / "ray"), only_ok=False)
         assert a.ids == b.ids and a.status == b.status and a.error == b.error
         np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-6)
+
+
+def test_workers_write_the_shards_and_the_driver_only_lists_them(cluster, images, tmp_path, monkeypatch):
+    """Directory outputs: Ray workers write the shard files; the driver neither receives a feature
+    (Ray Data's stream is not used) nor writes a row."""
+    from imgsent.distributed import RayEngine
+
+    local = tmp_path / "local"
+    imgsent.extract([str(images)], str(local), workers=0, **KW)
+
+    def no_stream(*a, **k):
+        raise AssertionError("features streamed to the driver")
+
+    def no_rows(*a, **k):
+        raise AssertionError("the driver wrote rows")
+
+    monkeypatch.setattr(RayEngine, "run", no_stream)
+    monkeypatch.setattr(imgsent.shards.ShardFile, "append", no_rows)  # the driver's copy; workers have their own
+    s = imgsent.extract([str(images)], str(tmp_path / "ray"), engine="ray", ray_workers=2, **KW)
+    assert (s.total, s.errors) == (10, 1) and s.details["ray workers"].startswith("2 x 1 CPU")
+    fa, fb = (
+        imgsent.features.load(str(local), only_ok=False),
+        imgsent.features.load(str(tmp_path / "ray"), only_ok=False),
+    )
+    assert fa.ids == fb.ids and fa.status == fb.status
+    np.testing.assert_allclose(fa.X, fb.X, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in (tmp_path / "ray").iterdir())
+
+
+def test_a_store_resumes_across_engines(cluster, images, tmp_path, interrupt_after_commits):
+    full = str(tmp_path / "full")
+    imgsent.extract([str(images)], full, workers=0, **KW)
+    for first, then in (("local", "ray"), ("ray", "local")):
+        out = str(tmp_path / f"{first}-then-{then}")
+        interrupt_after_commits.arm(1, KeyboardInterrupt("simulated kill"))
+        with pytest.raises(KeyboardInterrupt):
+            imgsent.extract([str(images)], out, engine=first, workers=0, **KW)
+        interrupt_after_commits.disarm()
+        s = imgsent.extract([str(images)], out, engine=then, workers=0, **KW)
+        assert s.resumed == 4, (first, then)
+        a, b = imgsent.features.load(full, only_ok=False), imgsent.features.load(out, only_ok=False)
+        assert a.ids == b.ids and a.status == b.status, (first, then)
+        np.testing.assert_allclose(a.X, b.X, rtol=1e-5, atol=1e-6)
+        assert sorted(os.listdir(full)) == sorted(os.listdir(out))  # no stray temporary file of a worker
+
+
+def test_score_directory_on_ray_keeps_columns_like_local(cluster, tiny_model, tmp_path):
+    import io
+    import json
+    import tarfile
+
+    from conftest import jpeg_bytes, rgb_array
+
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for k in range(6):
+            for name, data in (
+                (f"{k:04d}.jpg", jpeg_bytes(rgb_array(40, 50 + k, k))),
+                (f"{k:04d}.json", json.dumps({"url": f"http://x/{k}", "status": "success"}).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    common = dict(model=str(tiny_model), batch_size=4, rows_per_shard=4, keep_columns=("url,status",))
+    imgsent.score([str(tmp_path / "00000.tar")], str(tmp_path / "local") + "/", workers=0, **common)
+    imgsent.score([str(tmp_path / "00000.tar")], str(tmp_path / "ray") + "/", engine="ray", **common)
+    a, b = _frame(tmp_path / "local"), _frame(tmp_path / "ray")
+    assert b["url"].to_list() == [f"http://x/{k}" for k in range(6)] and set(b["source_status"]) == {"success"}
+    assert a.drop("p_negative", "p_positive", "score").equals(b.drop("p_negative", "p_positive", "score"))
+
+
+def test_fewer_shards_than_workers_is_said(cluster, images, tmp_path):
+    from imgsent.errors import ImgsentWarning
+
+    with pytest.warns(ImgsentWarning, match=r"1 shard\(s\) to write for 2 Ray workers.*--rows-per-shard"):
+        s = imgsent.extract(
+            [str(images)], str(tmp_path / "s"), engine="ray", ray_workers=2, **{**KW, "rows_per_shard": 100}
+        )
+    assert s.total == 10 and s.details["ray workers"].startswith("1 x")
+
+
+def test_a_backbone_failing_on_a_worker_stops_the_run_with_its_line(cluster, tmp_path):
+    """What a worker raises comes back as the local engine's one line, not as a Ray traceback."""
+    import warnings
+
+    import torch
+    from PIL import Image
+
+    class Picky(torch.nn.Module):  # refuses bright images (the fingerprint's probe is dark)
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool((x.mean(dim=(1, 2, 3)) > 1.5).any()):
+                raise RuntimeError("this model cannot take bright images")
+            return x.mean(dim=(2, 3))
+
+    path = tmp_path / "picky.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(Picky()), str(path))
+    (tmp_path / "white").mkdir()
+    for k in range(8):
+        Image.new("RGB", (64, 48), "white").save(tmp_path / "white" / f"{k}.png")
+    with pytest.raises(ImgsentError, match=r"failed on each of the first 8 images.*cannot take bright images"):
+        imgsent.extract(
+            [str(tmp_path / "white")], str(tmp_path / "s"), engine="ray", backbones=[f"torchscript:{path}"],
+            batch_size=4, rows_per_shard=8,
+        )  # fmt: skip
