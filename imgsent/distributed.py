@@ -404,6 +404,7 @@ class _ShardPool:
         queue = collections.deque(chunks)
         tries: collections.Counter = collections.Counter()
         shown: dict[int, int] = {}  # rows already reported per chunk
+        finished: set[int] = set()  # (a late progress report of one of these is ignored)
         timeout = float(os.environ.get("IMGSENT_RAY_START_TIMEOUT", START_TIMEOUT_S))
         if len(chunks) < self.wanted:
             warnings.warn(
@@ -437,7 +438,7 @@ class _ShardPool:
                             index, rows = ray.get(f)
                         except ray.exceptions.RayError:
                             continue  # a dead worker: its write() call says so
-                        if rows > shown.get(index, 0):
+                        if index not in finished and rows > shown.get(index, 0):
                             progress(rows - shown.get(index, 0))
                             shown[index] = rows
                     else:
@@ -459,7 +460,9 @@ class _ShardPool:
                             continue
                         except ray.exceptions.RayTaskError as exc:
                             raise _cause(exc) from None
-                        self.live[actor].remove(c)
+                        if c in self.live.get(actor, ()):  # (a worker may finish a chunk, then die)
+                            self.live[actor].remove(c)
+                        finished.add(c.index)
                         done(result, shown.pop(c.index, 0))
                 if time.monotonic() - last_poll >= 1.0:
                     last_poll = time.monotonic()

@@ -375,6 +375,16 @@ class FeatureEngine:
     def keys(self) -> list[str]:
         return [bb.key for bb in self.backbones]
 
+    def run_details(self) -> dict[str, str]:
+        """Lines for the run summary about how this engine ran (device decoding: which decoder)."""
+        if self.decode != "device":
+            return {}
+        from .devicedecode import backend
+
+        on, refused = self.device_decoded
+        where = "nvJPEG" if self.device.type == "cuda" else "libjpeg-turbo"
+        return {"device decoding": f"{backend()} ({where}): {on} JPEGs; {refused} refused and left to Pillow"}
+
     def dataset(self, refs: Sequence[ImageRef]) -> ImageDataset:
         """The decode step for ``refs`` with this engine's preprocessings, TTA and pixel limit."""
         pps = [bb.preprocess for bb in self.backbones]

@@ -180,6 +180,7 @@ def run_sharded(
                 writing.drain()
         for writer, _ in outputs:
             writer.finish()
+    summary.details.update(getattr(engine, "run_details", dict)())
     summary.ok = summary.total - summary.errors
     summary.elapsed_s = time.perf_counter() - start
     return summary

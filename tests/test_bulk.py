@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import polars as pl
@@ -31,6 +32,18 @@ def one_error_line(r: subprocess.CompletedProcess, fragment: str) -> None:
     assert r.stderr.startswith("imgsent: error: ") and fragment in r.stderr, r.stderr
 
 
+@pytest.fixture
+def here(capsys, monkeypatch):
+    """``imgsent ARGS`` run in this process (seconds less than a subprocess, which the tests about
+    signals, pipes and the process's environment keep), with a CompletedProcess's fields."""
+
+    def run(*argv):
+        code, out, err = run_cli(argv, capsys, monkeypatch)
+        return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """12 images, and a model (NN head over a tiny random backbone) trained on them."""
@@ -45,40 +58,40 @@ def setup(tmp_path_factory):
     return {"root": root, "imgs": imgs, "store": store, "model": str(root / "model")}
 
 
-def test_job_array_into_one_file_is_refused_and_a_shared_directory_keeps_every_row(setup, tmp_path):
+def test_job_array_into_one_file_is_refused_and_a_shared_directory_keeps_every_row(setup, tmp_path, here):
     imgs, model = setup["imgs"], setup["model"]
-    r = cli("score", imgs, "--shard", "0/2", "-o", tmp_path / "s.parquet", "--model", model, "-q")
+    r = here("score", imgs, "--shard", "0/2", "-o", tmp_path / "s.parquet", "--model", model, "-q")
     one_error_line(r, "give a directory")
     assert not (tmp_path / "s.parquet").exists()
     for i in range(2):  # the safe way: every job of the array writes into one directory
-        r = cli("score", imgs, "--shard", f"{i}/2", "-o", f"{tmp_path / 'scores'}/", "--model", model, "-q")
+        r = here("score", imgs, "--shard", f"{i}/2", "-o", f"{tmp_path / 'scores'}/", "--model", model, "-q")
         assert r.returncode == 0, r.stderr
     ids = pq.read_table(tmp_path / "scores").column("id").to_pylist()
     assert sorted(ids) == [f"img{i:03d}.jpg" for i in range(12)]
 
 
-def test_a_directory_named_like_an_image_is_walked(setup, tmp_path):
+def test_a_directory_named_like_an_image_is_walked(setup, tmp_path, here):
     src = tmp_path / "in"
     write_images(src / "sub.jpg", 2)
-    r = cli("score", src, "-o", tmp_path / "s.csv", "--model", setup["model"], "-q")
+    r = here("score", src, "-o", tmp_path / "s.csv", "--model", setup["model"], "-q")
     assert r.returncode == 0, r.stderr
     df = pl.read_csv(tmp_path / "s.csv")
     assert sorted(df["id"]) == ["sub.jpg/img000.jpg", "sub.jpg/img001.jpg"] and set(df["status"]) == {"ok"}
 
 
-def test_a_mistyped_input_is_an_error_and_writes_nothing(setup, tmp_path):
+def test_a_mistyped_input_is_an_error_and_writes_nothing(setup, tmp_path, here):
     one_error_line(
-        cli("score", tmp_path / "nosuchdir", "-o", tmp_path / "x.csv", "--model", setup["model"]), "nosuchdir"
+        here("score", tmp_path / "nosuchdir", "-o", tmp_path / "x.csv", "--model", setup["model"]), "nosuchdir"
     )
     assert not (tmp_path / "x.csv").exists()
-    r = cli("extract", tmp_path / "nosuchdir", "-o", tmp_path / "S", "-B", TINY, "--random-weights")
+    r = here("extract", tmp_path / "nosuchdir", "-o", tmp_path / "S", "-B", TINY, "--random-weights")
     one_error_line(r, "does not exist")
     assert not (tmp_path / "S").exists()
 
 
-def test_a_directory_without_images_warns_and_exits_0(setup, tmp_path):
+def test_a_directory_without_images_warns_and_exits_0(setup, tmp_path, here):
     (tmp_path / "empty" / "deeper").mkdir(parents=True)
-    r = cli("extract", tmp_path / "empty", "-o", tmp_path / "S", "-B", TINY, "--random-weights", "-q")
+    r = here("extract", tmp_path / "empty", "-o", tmp_path / "S", "-B", TINY, "--random-weights", "-q")
     assert r.returncode == 0
     assert r.stderr.startswith("imgsent: warning: no image files under") and "Traceback" not in r.stderr
 
@@ -134,15 +147,15 @@ def test_every_file_follows_the_umask(setup, tmp_path, capsys, monkeypatch):
         assert {_mode(p) for p in model.iterdir()} == {want}
 
 
-def test_tsv_output_and_unknown_extensions(setup, tmp_path):
-    r = cli("score", setup["imgs"], "-o", tmp_path / "s.tsv", "--model", setup["model"], "-q")
+def test_tsv_output_and_unknown_extensions(setup, tmp_path, here):
+    r = here("score", setup["imgs"], "-o", tmp_path / "s.tsv", "--model", setup["model"], "-q")
     assert r.returncode == 0, r.stderr
     df = pl.read_csv(tmp_path / "s.tsv", separator="\t")
     assert df.height == 12 and df.columns[:3] == ["id", "path", "status"]
-    r = cli("score", setup["imgs"], "-o", tmp_path / "s.txt", "--model", setup["model"])
+    r = here("score", setup["imgs"], "-o", tmp_path / "s.txt", "--model", setup["model"])
     one_error_line(r, "--format")
     assert not (tmp_path / "s.txt").exists()
-    r = cli("score", setup["imgs"], "-o", tmp_path / "s.txt", "--format", "csv", "--model", setup["model"], "-q")
+    r = here("score", setup["imgs"], "-o", tmp_path / "s.txt", "--format", "csv", "--model", setup["model"], "-q")
     assert r.returncode == 0 and pl.read_csv(tmp_path / "s.txt").height == 12
 
 
@@ -161,9 +174,9 @@ def _readers(directory) -> dict:
     }
 
 
-def test_output_directories_read_as_datasets_everywhere(setup, tmp_path):
+def test_output_directories_read_as_datasets_everywhere(setup, tmp_path, here):
     want = [f"img{i:03d}.jpg" for i in range(12)]
-    r = cli(
+    r = here(
         "score",
         setup["imgs"],
         "-o",
@@ -247,23 +260,23 @@ def test_a_signal_keeps_finished_shards_and_says_how_to_resume(setup, tmp_path, 
     assert r.returncode == 0 and len(imgsent.features.load(str(out))) == 40
 
 
-def test_single_file_outputs_carry_provenance_and_summaries_name_the_model(setup, tmp_path):
+def test_single_file_outputs_carry_provenance_and_summaries_name_the_model(setup, tmp_path, here):
     out = tmp_path / "s.parquet"
-    r = cli("score", setup["imgs"], "-o", out, "--model", setup["model"], "--threshold", "0.4")
+    r = here("score", setup["imgs"], "-o", out, "--model", setup["model"], "--threshold", "0.4")
     assert r.returncode == 0, r.stderr
     meta = json.loads(pq.read_schema(out).metadata[b"imgsent"])
     assert meta["model"] == "model" and len(meta["model_version"]) == 12 and meta["threshold"] == 0.4
     assert meta["imgsent_version"] == imgsent.__version__
     assert [b["key"] for b in meta["backbones"]] == [TINY] and meta["backbones"][0]["sha256"]
     assert f"model {meta['model_version']}" in r.stderr and "random (seeded)" in r.stderr
-    r = cli("models")
+    r = here("models")
     assert r.returncode == 0 and "backbone weights a score would use now" in r.stdout
 
 
-def test_an_output_in_a_missing_folder_is_one_line_not_a_traceback(setup, tmp_path):
+def test_an_output_in_a_missing_folder_is_one_line_not_a_traceback(setup, tmp_path, here):
     lab = tmp_path / "labels.txt"
     lab.write_text("".join(f"img{i:03d}.jpg {i % 2}\n" for i in range(12)))
-    r = cli(
+    r = here(
         "evaluate",
         setup["store"],
         "-l",

@@ -1,5 +1,6 @@
-"""decode="device": JPEGs decoded together where the models run (torchvision.io; nvJPEG on CUDA,
-libjpeg-turbo on the CPU, which is how these tests run it), other files by Pillow as before."""
+"""decode="device": JPEGs decoded together where the models run (TorchCodec when installed, else
+torchvision.io; nvJPEG on CUDA, libjpeg-turbo on the CPU, which is how these tests run it), other files by
+Pillow as before."""
 
 from __future__ import annotations
 
@@ -47,13 +48,22 @@ def mixed(tmp_path):
     return d
 
 
+@pytest.fixture(params=devicedecode.BACKENDS)
+def jpeg_backend(request, monkeypatch):
+    """Each JPEG decoder imgsent can use (TorchCodec's is skipped where it is not installed)."""
+    if request.param == "torchcodec":
+        pytest.importorskip("torchcodec.decoders", reason="TorchCodec is optional: pip install 'imgsent[gpu]'")
+    monkeypatch.setattr(devicedecode, "backend", lambda: request.param)
+    return request.param
+
+
 def _max_diff(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
     return int(diff.max()), float(diff.mean())
 
 
 @pytest.mark.parametrize("tta", ["none", "crops"])
-def test_device_views_are_pillows_within_a_few_grey_levels(mixed, tta):
+def test_device_views_are_pillows_within_a_few_grey_levels(mixed, tta, jpeg_backend):
     for path in sorted(mixed.glob("a*.jpg")) + [mixed / "grey.jpg", mixed / "turned.jpg"]:
         ref = ImageRef(path.name, str(path))
         want = decode_ref(ref, PPS, tta)
@@ -70,7 +80,7 @@ def test_device_views_are_pillows_within_a_few_grey_levels(mixed, tta):
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_exif_orientation_is_applied_as_pillow_does(tmp_path, orientation):
+def test_exif_orientation_is_applied_as_pillow_does(tmp_path, orientation, jpeg_backend):
     path = tmp_path / f"o{orientation}.jpg"
     path.write_bytes(_with_orientation(rgb_array(60, 100, seed=orientation), orientation))
     ref = ImageRef(path.name, str(path))
@@ -91,14 +101,19 @@ def test_files_the_device_cannot_take_are_left_to_pillow(mixed):
 
 def test_a_jpeg_the_device_refuses_is_decoded_by_pillow(mixed, monkeypatch):
     """A batch the decoder rejects costs only the image it chokes on; that one goes to Pillow."""
-    real = devicedecode.decode_jpeg
+    real = devicedecode._decoder
 
-    def picky(data, **kw):
-        if isinstance(data, list) or len(data) == (mixed / "a3.jpg").stat().st_size:
-            raise RuntimeError("nvjpeg: unsupported")
-        return real(data, **kw)
+    def picky_decoder(name):
+        decode, oriented = real(name)
 
-    monkeypatch.setattr(devicedecode, "decode_jpeg", picky)
+        def picky(data, device):
+            if isinstance(data, list) or len(data) == (mixed / "a3.jpg").stat().st_size:
+                raise RuntimeError("nvjpeg: unsupported")
+            return decode(data, device)
+
+        return picky, oriented
+
+    monkeypatch.setattr(devicedecode, "_decoder", picky_decoder)
     engine = FeatureEngine([imgsent.create_backbone(TINY, random_weights=True)], workers=0, decode="device")
     refs = find_images([str(mixed)])
     batches = list(engine.run(refs))
@@ -110,8 +125,13 @@ def test_a_jpeg_the_device_refuses_is_decoded_by_pillow(mixed, monkeypatch):
 def test_extract_with_device_decoding_matches_pillow_closely(mixed, tmp_path):
     """Also the full-size column: the device reads it from the header, Pillow from the decode."""
     pil, dev = tmp_path / "pil", tmp_path / "dev"
-    imgsent.extract([str(mixed)], str(pil), **KW)
-    imgsent.extract([str(mixed)], str(dev), decode="device", **KW)
+    s = imgsent.extract([str(mixed)], str(pil), **KW)
+    assert "device decoding" not in s.details
+    s = imgsent.extract([str(mixed)], str(dev), decode="device", **KW)
+    assert (
+        s.details["device decoding"]
+        == f"{devicedecode.backend()} (libjpeg-turbo): 7 JPEGs; 0 refused and left to Pillow"
+    )
     a, b = imgsent.features.load(str(pil)), imgsent.features.load(str(dev))
     assert a.ids == b.ids and len(a.ids) == 9
     # the same rows fail, for the same reasons (Pillow decodes what the device does not take)
