@@ -473,6 +473,8 @@ class _ShardPool:
             for actor in [*self.live, *self.starting.values()]:
                 ray.kill(actor, no_restart=True)
         details = {"ray workers": f"{len(self.live) + self.lost} x {self._resources_text()}"}
+        if self.starting:
+            details["ray workers"] += f" ({len(self.starting)} more found no room on the cluster)"
         if self.lost:
             details["ray workers lost"] = f"{self.lost} (their {self.redone} unfinished shard(s) redone by others)"
         return details

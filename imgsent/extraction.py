@@ -195,7 +195,7 @@ def _workers_write(engine, refs, todo: list[Chunk], outputs, pending_by_writer, 
         index = result["index"]
         writers = [w for (w, _), p in zip(outputs, pending_by_writer) if index in p]
         for writer, entry, schema in zip(writers, result["entries"], result["schemas"]):
-            writer.record(index, entry, schema)
+            writer.record_from_worker(index, entry, schema)
         summary.errors += result["errors"]
         bar.advance(sizes[index] - reported, result["errors"])
 

@@ -72,6 +72,7 @@ def ids_digest(ids: list[str]) -> str:
 
 WRITTEN_HERE = {"outputs": 0, "shards": 0}  # outputs opened and shards finished by this process (for messages)
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group in every shard: the unit readers work in
+VISIBLE_WAIT_S = 30.0  # how long a shard a worker finished may take to appear here (network filesystems)
 
 
 def parquet_options(schema: pa.Schema) -> dict:
@@ -403,6 +404,23 @@ class ShardedWriter:
         except OSError as exc:
             raise self.write_error("manifest.json", exc) from None
         WRITTEN_HERE["shards"] += 1
+
+    def record_from_worker(self, index: int, entry: dict, schema: pa.Schema | None = None) -> None:
+        """:meth:`record` a shard another process (a Ray worker, maybe on another machine) finished,
+        once this process sees its file: a worker writing to a disk of its own would otherwise give a
+        manifest listing files that are not here. Waits up to :data:`VISIBLE_WAIT_S` (a network
+        filesystem may show another client's new file a moment late)."""
+        path = os.path.join(self.directory, entry["file"])
+        deadline = time.monotonic() + VISIBLE_WAIT_S
+        while not os.path.isfile(path):
+            if time.monotonic() > deadline:
+                raise ImgsentError(
+                    f"a worker finished {entry['file']} but this machine does not see it in {self.directory} after "
+                    f"{VISIBLE_WAIT_S:.0f} s: the output must be on a filesystem every node shares (NFS, Lustre, a "
+                    f"mounted bucket), at the same path"
+                )
+            time.sleep(0.2)
+        self.record(index, entry, schema)
 
     def write_error(self, name: str, exc: OSError) -> ImgsentError:
         return self.target.write_error(name, exc)

@@ -231,3 +231,36 @@ def test_shard_writing_runs_in_order_off_the_main_thread_and_its_errors_come_bac
             w.drain()
     assert [i for i, _ in seen][:4] == [0, 1, 2, 3] and not any(main for _, main in seen)
     assert len(seen) <= 3 + 1 + 2  # at most `depth` writes queued after the failing one, never all ten
+
+
+def test_shards_a_worker_wrote_where_the_driver_cannot_see_them_are_refused(images, tmp_path, monkeypatch):
+    """An engine whose workers write the shards (Ray) on a disk of their own, not the shared output:
+    one line saying the output must be shared, never a manifest listing files that are not there."""
+    from imgsent.engine import FeatureEngine
+    from imgsent.shards import ShardTarget
+
+    class ElsewhereEngine:  # writes every shard as a worker would, but into another directory
+        def __init__(self, models, options):
+            self.local = FeatureEngine(models, options)
+            self.keys, self.numerics = self.local.keys, self.local.numerics
+
+        def write_shards(self, refs, chunks, outputs, pending, done, progress):
+            for c in chunks:
+                files = [(ShardTarget(str(tmp_path / "worker-disk"), t.shard).open(c), f) for t, f in outputs]
+                for batch in self.local.run(refs[c.start : c.stop], groups=[c.stop - c.start]):
+                    for f, to_table in files:
+                        f.append(to_table(batch))
+                entries = [f.finish(errors=0) for f, _ in files]
+                done({"index": c.index, "entries": entries, "schemas": [f.schema for f, _ in files], "errors": 0}, 0)
+            return {}
+
+    (tmp_path / "worker-disk").mkdir()
+    monkeypatch.setattr(
+        imgsent.extraction, "build_engine", lambda models, options, **kw: ElsewhereEngine(models, options)
+    )
+    monkeypatch.setattr(imgsent.shards, "VISIBLE_WAIT_S", 0.3)
+    out = tmp_path / "S"
+    with pytest.raises(ImgsentError, match=r"does not see it .* filesystem every node shares"):
+        extract([str(images)], str(out), rows_per_shard=3, **KW)
+    assert (tmp_path / "worker-disk" / "part-00000.parquet").is_file()
+    assert not (out / "_manifest.parquet").exists()  # nothing was listed
