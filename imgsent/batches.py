@@ -119,7 +119,9 @@ class Engine(Protocol):
     ``run(refs, groups)``: yields batches covering ``refs`` exactly once, in order; no batch
     straddles two consecutive ``groups`` (output shards), so a resumed run computes the same
     numbers. Bad images are rows with ``status="error"``, never exceptions. Batches are
-    :class:`ScoredBatch` when the engine also runs a head.
+    :class:`ScoredBatch` when the engine also runs a head. An engine may also offer
+    ``write_shards`` (Ray): then it writes directory outputs' shards itself and ``run_sharded`` only
+    lists them (see :meth:`imgsent.distributed.RayEngine.write_shards`).
     """
 
     @property

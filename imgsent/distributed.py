@@ -116,7 +116,7 @@ Output = tuple[ShardTarget, Callable[[FeatureBatch], "object"]]  # where a job's
 class _ShardWorker:
     """Ray actor of the workers-write path: builds the backbones once, then turns whole chunks into
     finished shard files (decode, embed, tables, write, rename) and returns their manifest entries.
-    A failure to build is kept and raised by :meth:`node` (a task error the driver can read,
+    A failure to build is kept and raised by :meth:`ready` (a task error the driver can read,
     rather than a dead actor)."""
 
     def __init__(self, specs: list[tuple[str, bool, dict]], options: RunOptions, outputs: list[Output]):
@@ -135,20 +135,16 @@ class _ShardWorker:
             workers = options.workers
             if workers is None:
                 workers = default_workers(select_device(options.device), cores=cpus)
-            self.cpus = cpus
             self.engine = FeatureEngine(
                 _worker_backbones(specs, options), dataclasses.replace(options, workers=workers)
             )
         except Exception as exc:
             self.failure = exc
 
-    def ready(self) -> tuple[str, int]:
-        """(the Ray node this worker runs on, its CPUs); raises what building it raised."""
+    def ready(self) -> None:
+        """Returns once the worker is built; raises what building it raised."""
         if self.failure is not None:
             raise self.failure
-        import ray
-
-        return ray.get_runtime_context().get_node_id(), self.cpus
 
     def write(self, refs: list[ImageRef], chunk: Chunk, which: list[int]) -> dict:
         """The shard of ``chunk`` (rows ``refs``) in each output ``which`` names: finished files
@@ -392,12 +388,10 @@ class _ShardPool:
         self.dead: set = set()
         self.lost = 0
         self.redone = 0
-        self.started = 0
 
     def _start(self) -> None:
         actor = self.actor_class.remote(*self.args)
         self.starting[actor.ready.remote()] = actor
-        self.started += 1
 
     def run(self, refs, chunks, pending, done, progress) -> dict[str, str]:
         ray = self.ray
