@@ -353,11 +353,15 @@ class ShardedWriter:
 
     def _clean_orphans(self) -> None:
         # Only this job's leftovers: other jobs (--shard) may be writing beside us.
-        for tmp in glob.glob(os.path.join(glob.escape(self.directory), TMP_PREFIX + _part_glob(self.shard) + ".*")):
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        # A process killed mid-write leaves a part's or the manifest's temporary file.
+        here = glob.escape(self.directory)
+        patterns = (_part_glob(self.shard), glob.escape(manifest_name(self.shard)))
+        for pattern in patterns:
+            for tmp in glob.glob(os.path.join(here, TMP_PREFIX + pattern + ".*")):
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
 
     def plan(self, ids: list[str]) -> tuple[list[Chunk], int]:
         """Split ``ids`` (the job's full, ordered list) into chunks; return (pending chunks, rows done).

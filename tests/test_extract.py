@@ -103,6 +103,19 @@ def test_resume_after_interruption_equals_uninterrupted(images, tmp_path, interr
     assert sorted(os.listdir(part)) == sorted(os.listdir(full))
 
 
+def test_a_killed_writers_temporary_files_are_removed_on_resume_but_not_another_jobs(images, tmp_path):
+    # A process killed while writing a part or replacing its manifest leaves a '.tmp-' file.
+    out = tmp_path / "store"
+    extract([str(images)], str(out), rows_per_shard=4, shard="0/2", **KW)
+    mine = [".tmp-_manifest.shard-0-of-2.parquet.k1ll3d.tmp", ".tmp-part-shard-0-of-2-00001.parquet.k1ll3d.tmp"]
+    theirs = [".tmp-_manifest.shard-1-of-2.parquet.w0rk1n.tmp", ".tmp-part-shard-1-of-2-00000.parquet.w0rk1n.tmp"]
+    for name in mine + theirs:
+        (out / name).write_bytes(b"half written")
+    extract([str(images)], str(out), rows_per_shard=4, shard="0/2", **KW)
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp-"))
+    assert left == sorted(theirs)
+
+
 def test_job_array_shards_read_together(images, tmp_path):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     extract([str(images)], full, **KW)
