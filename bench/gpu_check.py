@@ -23,6 +23,11 @@ with 16 cores. Measures:
                         EfficientNet-B2 (bf16, batch 64 and 256), both ways of decoding
   nvjpeg probe          torchvision's GPU JPEG decoder alone on the 1080p files (batch decode +
                         bicubic resize on the card), images/s; its pixel difference from PIL's decode
+  decoders              each installed ``decode="device"`` decoder (nvImageCodec, TorchCodec,
+                        torchvision; ``IMGSENT_DEVICE_DECODER``): EfficientNet-B2 and MobileNetV2 end
+                        to end (bf16, batch 256) at 640x480 and 1920x1080, overlap on and off
+                        (``FeatureEngine(overlap=...)``), and features vs Pillow-decoded ones: the
+                        measurement that sets ``devicedecode.PREFERRED`` (issue 26)
 Each section runs on its own: an error is recorded in the JSON (with the traceback's tail) and the
 rest goes on; sections are skipped once ``--budget`` seconds have passed. The JSON is rewritten
 after every section, so a run stopped early still leaves what it measured.
@@ -258,6 +263,44 @@ def nvjpeg_probe(tmp: Path, device: str) -> dict:
     return out
 
 
+def decoders(images: Path, tmp: Path, device: str, n_1080p: int) -> dict:
+    """Each installed device decoder x overlap on / off, end to end; features against Pillow's."""
+    from imgsent import devicedecode
+
+    big = tmp / "res_1920x1080"
+    if not big.is_dir():
+        make_jpegs(big, n_1080p, (1920, 1080))
+    sets = {"640x480": find_images([str(images)]), "1920x1080": find_images([str(big)])}
+    out: dict = {"installed": [b for b in devicedecode.BACKENDS if devicedecode.installed(b)], "runs": {}}
+    pillow = {}
+    for name, specs in (("efficientnet_b2", MODELS["efficientnet_b2"]), ("mobilenet_v2", MODELS["mobilenet_v2"])):
+        models = [imgsent.create_backbone(s, random_weights=True) for s in specs]
+        ref_engine = FeatureEngine(models, device=device, batch_size=256, precision="bf16", decode="workers")
+        pillow[name] = np.concatenate([b.features[specs[0]] for b in ref_engine.run(sets["640x480"][:256])])
+        for decoder in out["installed"]:
+            os.environ[devicedecode.CHOICE_ENV] = decoder
+            for overlap in (True, False):
+                engine = FeatureEngine(
+                    models, device=device, batch_size=256, precision="bf16", decode="device", overlap=overlap
+                )
+                for _ in engine.run(sets["640x480"][:256]):  # warm-up (and cuDNN / nvJPEG set-up)
+                    pass
+                for size, refs in sets.items():
+                    _sync(device)
+                    t = time.perf_counter()
+                    feats = [b.features[specs[0]] for b in engine.run(refs)]
+                    _sync(device)
+                    key = f"{name}/{decoder}/{'overlap' if overlap else 'serial'}/{size}"
+                    out["runs"][key] = round(len(refs) / (time.perf_counter() - t), 1)
+                    if size == "640x480" and overlap:
+                        a, b = pillow[name].astype(np.float64), np.concatenate(feats)[:256].astype(np.float64)
+                        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+                        out[f"{name}/{decoder}/cosine_vs_pillow_min"] = round(float(cos.min()), 5)
+                out[f"{name}/{decoder}/refused_then_pillow"] = engine.device_decoded[1]
+    os.environ.pop(devicedecode.CHOICE_ENV, None)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
@@ -331,6 +374,7 @@ def main() -> None:
     result["resolution"] = section("resolution", resolution, tmp, args.resolution_images, args.device)
     if cuda:
         result["nvjpeg_probe"] = section("nvjpeg_probe", nvjpeg_probe, tmp, args.device)
+    result["decoders"] = section("decoders", decoders, images, tmp, args.device, args.resolution_images)
     save()
     print(json.dumps(result, indent=1))
 

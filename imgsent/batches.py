@@ -115,7 +115,8 @@ class Engine(Protocol):
     Ray one (:class:`~imgsent.distributed.RayEngine`).
 
     ``keys``: the feature columns it produces (one per backbone, in order). ``numerics``: what it
-    computes them in (fp32, tf32, bf16, fp16; see :mod:`imgsent.precision`).
+    computes them in (fp32, tf32, bf16, fp16; see :mod:`imgsent.precision`). ``decoder``: the JPEG
+    decoder of ``decode="device"`` (:data:`imgsent.devicedecode.BACKENDS`), else None.
     ``run(refs, groups)``: yields batches covering ``refs`` exactly once, in order; no batch
     straddles two consecutive ``groups`` (output shards), so a resumed run computes the same
     numbers. Bad images are rows with ``status="error"``, never exceptions. Batches are
@@ -128,5 +129,6 @@ class Engine(Protocol):
     def keys(self) -> list[str]: ...
 
     numerics: str
+    decoder: str | None
 
     def run(self, refs: Sequence[ImageRef], groups: Sequence[int] | None = None) -> Iterator[FeatureBatch]: ...

@@ -267,6 +267,7 @@ class RayEngine:
         # Resolved here, so that every actor computes the numerics the store records: on GPUs,
         # auto is bf16 (the driver cannot ask the actors' cards whether they have bf16 cores).
         on_gpu = device.startswith("cuda")
+        self.decoder = None  # decode="device" runs with the local engine only
         self.numerics = {"auto": "bf16" if on_gpu else "fp32", "tf32": "tf32" if on_gpu else "fp32"}.get(
             opts.precision, opts.precision
         )

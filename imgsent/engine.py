@@ -49,7 +49,7 @@ from .decode import (
 )
 from .errors import ImgsentError
 from .inputs import ImageRef
-from .lanes import in_lanes
+from .lanes import ahead, in_lanes
 from .options import DEFAULT_BATCH_SIZE, RunOptions
 from .precision import AUTOCAST, resolve_numerics
 
@@ -225,7 +225,10 @@ class FeatureEngine:
     GPU). Frozen and compiled modules always get exactly that many (the last pass padded), so an
     image's features never depend on which images share its batch. ``lanes``: batches embedded
     side by side (default: on CPU one per torch thread, each lane single-threaded, see
-    :func:`~imgsent.lanes.in_lanes`; 1 on GPU).
+    :func:`~imgsent.lanes.in_lanes`; 1 on GPU). ``overlap``: the next batch's decoding (on the
+    device, or by Pillow for what it refuses) and copies to the device run on a thread (and CUDA
+    stream) of their own while the models run this one (:func:`~imgsent.lanes.ahead`; default: on
+    CUDA with one lane); features are the same either way.
     The caller's :class:`~imgsent.backbones.Backbone` objects are never modified: the engine keeps
     its own prepared (moved, traced, compiled) modules.
     """
@@ -239,6 +242,7 @@ class FeatureEngine:
         optimize: str = "auto",
         model_batch: int | None = None,
         lanes: int | None = None,
+        overlap: bool | None = None,
         **overrides,
     ):
         if not backbones:
@@ -261,6 +265,10 @@ class FeatureEngine:
         self.tta = opts.tta
         self.max_pixels = opts.max_pixels
         self.decode = opts.decode
+        # Each batch's decoding and copies to the device on a thread (and CUDA stream) of their own,
+        # while the models run the batch before: on CUDA, where one lane runs the models.
+        self.overlap = (cuda and self.lanes == 1) if overlap is None else overlap
+        self.decoder: str | None = None  # the JPEG decoder of decode="device" (devicedecode.BACKENDS)
         self.backbones = list(backbones)
         if self.decode == "device":
             for bb in self.backbones:
@@ -269,6 +277,9 @@ class FeatureEngine:
                         f"decode=device resizes with {' or '.join(DEVICE_INTERPOLATIONS)} only; backbone {bb.key} "
                         f"uses {bb.preprocess.interpolation} (use decode=workers)"
                     )
+            from .devicedecode import backend
+
+            self.decoder = backend(self.device.type)
         self.device_decoded = [0, 0]  # JPEGs decoded on the device, and those it refused (then Pillow)
         self._count_lock = threading.Lock()
         self._outcomes = [[0, 0] for _ in self.backbones]  # per backbone: images it embedded, images it failed on
@@ -329,6 +340,10 @@ class FeatureEngine:
             frozen = [i for i, bb in enumerate(self.backbones) if bb.frozen_batch is not None]
             for _ in in_lanes(self._warm_frozen, frozen, min(self.lanes, len(frozen))):
                 pass
+            for dev in dict.fromkeys(d for d in self._devices if d.type == "cuda"):
+                # Prepared on whichever thread and stream came first (the staging one, overlapped):
+                # every copy done before any stream uses the modules.
+                torch.cuda.synchronize(dev)
             self._prepared = True
 
     def _warm_frozen(self, index: int) -> None:
@@ -379,11 +394,11 @@ class FeatureEngine:
         """Lines for the run summary about how this engine ran (device decoding: which decoder)."""
         if self.decode != "device":
             return {}
-        from .devicedecode import backend
+        from .devicedecode import describe
 
         on, refused = self.device_decoded
-        where = "nvJPEG" if self.device.type == "cuda" else "libjpeg-turbo"
-        return {"device decoding": f"{backend()} ({where}): {on} JPEGs; {refused} refused and left to Pillow"}
+        what = describe(self.decoder, self.device)
+        return {"device decoding": f"{what}: {on} JPEGs; {refused} refused and left to Pillow"}
 
     def dataset(self, refs: Sequence[ImageRef]) -> ImageDataset:
         """The decode step for ``refs`` with this engine's preprocessings, TTA and pixel limit."""
@@ -469,7 +484,20 @@ class FeatureEngine:
         )
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             # the chosen card is current while loaders pin memory and kernels launch (cuda:N)
-            yield from in_lanes(self._features, self._decoded(dataset, batches), self.lanes)
+            decoded = self._decoded(dataset, batches)
+            if self.overlap:
+                yield from map(self._embed, ahead(self._stage, decoded, context=self._staging))
+            else:
+                yield from in_lanes(self._features, decoded, self.lanes)
+
+    def _staging(self):
+        """Where :meth:`_stage` runs when overlapped: this engine's card, on a CUDA stream of its own."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.cuda.device(self.device))
+        stack.enter_context(torch.cuda.stream(torch.cuda.Stream(self.device)))
+        return stack
 
     def _decoded(self, dataset: ImageDataset, batches: list[list[int]]) -> Iterator[_CollatedBatch]:
         received = 0
@@ -569,7 +597,7 @@ class FeatureEngine:
         host_pos = [i for i, it in enumerate(items) if it.status == "ok" and i not in left]
         jpegs = list(torch.split(batch.jpeg_bytes, batch.jpeg_sizes))
         on_device, failed = decode_views(
-            jpegs, [items[i].orientation for i in jpeg_pos], preprocesses, self.tta, self.device
+            jpegs, [items[i].orientation for i in jpeg_pos], preprocesses, self.tta, self.device, self.decoder
         )
         refused = [jpeg_pos[j] for j in failed]
         refused_set = set(refused)
@@ -596,8 +624,28 @@ class FeatureEngine:
         return views, ok_pos
 
     def _features(self, batch: _CollatedBatch) -> FeatureBatch:
+        return self._embed(self._stage(batch))
+
+    def _stage(self, batch: _CollatedBatch) -> _Staged:
+        """A batch's views on the device (decoded there, or copied over). On a CUDA side stream
+        (overlap), an event marks when they are ready."""
         views, ok_pos = self._views(batch)
-        items = batch.items
+        ready = None
+        if self.device.type == "cuda" and torch.cuda.current_stream(self.device) != torch.cuda.default_stream(
+            self.device
+        ):
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Staged(batch, views, ok_pos, ready)
+
+    def _embed(self, staged: _Staged) -> FeatureBatch:
+        views, ok_pos, items = staged.views, staged.ok_pos, staged.batch.items
+        if staged.ready is not None:  # made on the staging stream: wait for it, and keep its memory until used
+            here = torch.cuda.current_stream(self.device)
+            here.wait_event(staged.ready)
+            for v in views.values():
+                if v.device.type == "cuda":
+                    v.record_stream(here)
         feats, failed = self.embed_views(views, ok_pos, len(items))
         out = FeatureBatch(
             ids=[it.ref.id for it in items],
@@ -610,6 +658,17 @@ class FeatureEngine:
             meta=[it.ref.meta for it in items] if any(it.ref.meta for it in items) else [],
         )
         return flag_nonfinite(mark_failed(out, failed))
+
+
+@dataclasses.dataclass
+class _Staged:
+    """A batch ready for the models: its views (on the device), the rows they are, and (on a CUDA
+    side stream) the event that says the views are there."""
+
+    batch: _CollatedBatch
+    views: dict[tuple, torch.Tensor]
+    ok_pos: list[int]
+    ready: torch.cuda.Event | None
 
 
 def mark_failed(batch: FeatureBatch, failed: dict[int, str]) -> FeatureBatch:

@@ -229,17 +229,18 @@ def extract(
     refs = resolve_inputs(inputs, opts, stdin=stdin)
     models = load_backbones(backbones, random_weights=random_weights, int8=opts.precision == "int8")
     engine = build_engine(models, opts)
-    output = store_writer(out, models, dtype, opts, engine.numerics)
+    output = store_writer(out, models, dtype, opts, engine)
     return run_sharded(engine, refs, [output], opts, "extract", out)
 
 
 def store_writer(
-    out: str, models: Sequence[Backbone], dtype: str, options: RunOptions, numerics: str
+    out: str, models: Sequence[Backbone], dtype: str, options: RunOptions, engine: Engine
 ) -> tuple[ShardedWriter, Callable[[FeatureBatch], pa.Table]]:
     """The writer of a feature store for ``models`` (and how a batch becomes its rows), as
-    ``run_sharded`` takes it; used by ``extract`` and by ``score --keep-features``. ``numerics``:
-    what the engine computes in (recorded; a store never mixes two)."""
-    header = store_header([b.recipe() for b in models], dtype, options.tta, numerics, options.decode)
+    ``run_sharded`` takes it; used by ``extract`` and by ``score --keep-features``. What ``engine``
+    computes in and which JPEG decoder it uses are recorded: a store never mixes two."""
+    recipes = [b.recipe() for b in models]
+    header = store_header(recipes, dtype, options.tta, engine.numerics, options.decode, engine.decoder)
     writer = ShardedWriter(
         out,
         kind=KIND,

@@ -29,10 +29,18 @@ DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 BASE_COLUMNS = ("id", "path", "status", "error", "width", "height")
 
 
-def store_header(recipes: list[dict], dtype: str, tta: str, numerics: str = "fp32", decode: str = "workers") -> dict:
+def store_header(
+    recipes: list[dict],
+    dtype: str,
+    tta: str,
+    numerics: str = "fp32",
+    decode: str = "workers",
+    decoder: str | None = None,
+) -> dict:
     """What a store's features are: backbone recipes, stored dtype, TTA, the numerics they were
-    computed in and where JPEGs were decoded (each recorded only when not the default, fp32 and
-    workers, so older stores keep their header)."""
+    computed in, where JPEGs were decoded and by which decoder (each recorded only when not the
+    default, fp32, workers and torchvision (the one decoder before imgsent 0.7), so older stores
+    keep their header)."""
     if dtype not in DTYPES:
         raise ImgsentError(f"dtype must be float32 or float16, got {dtype!r}")
     header = {"backbones": recipes, "dtype": dtype, "tta": tta}
@@ -40,6 +48,8 @@ def store_header(recipes: list[dict], dtype: str, tta: str, numerics: str = "fp3
         header["numerics"] = numerics
     if decode != "workers":
         header["decode"] = decode
+    if decode == "device" and decoder not in (None, "torchvision"):
+        header["decoder"] = decoder
     return header
 
 
@@ -52,9 +62,16 @@ def describe_header_difference(old: dict, new: dict) -> str:
         for field in ("dim", "preprocess", "fingerprint"):
             if o.get(field) != n.get(field):
                 return f"backbone {n.get('key')} differs in {field}"
-    for field, default in (("dtype", None), ("tta", None), ("numerics", "fp32"), ("decode", "workers")):
+    for field, default in (
+        ("dtype", None),
+        ("tta", None),
+        ("numerics", "fp32"),
+        ("decode", "workers"),
+        ("decoder", "torchvision"),
+    ):
         if old.get(field, default) != new.get(field, default):
-            return f"it has {field}={old.get(field, default)!r}, this run computes {new.get(field, default)!r}"
+            how = " (choose with IMGSENT_DEVICE_DECODER)" if field == "decoder" else ""
+            return f"it has {field}={old.get(field, default)!r}, this run computes {new.get(field, default)!r}{how}"
     return "settings differ"
 
 

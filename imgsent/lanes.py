@@ -1,7 +1,11 @@
-"""Lanes: an ordered ``map`` over batches on several threads, torch single-threaded in each."""
+"""Lanes: an ordered ``map`` over batches on several threads, torch single-threaded in each; and
+:func:`ahead`, one stage of a pipeline run on its own thread ahead of its consumer."""
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,3 +35,57 @@ def in_lanes(fn: Callable, items: Iterable, lanes: int) -> Iterator:
                 yield pending.popleft().result()
     finally:
         torch.set_num_threads(before)
+
+
+_END = object()
+JOIN_S = 60.0  # how long a stopped consumer waits for the stage to finish the item in its hands
+
+
+def ahead(fn: Callable, items: Iterable, depth: int = 2, context: Callable | None = None) -> Iterator:
+    """``map(fn, items)``, in order, with ``items`` consumed and ``fn`` run on one thread of its own,
+    at most ``depth`` results ahead of the consumer: the two sides of a pipeline overlap (decoding
+    the next batch on the GPU while the models run this one). ``context``: a context manager
+    factory entered on that thread (a CUDA device and stream). An exception on that thread is
+    raised here, where its item would have come; when the consumer stops early (an error, a
+    break), the thread stops after the item in its hands and closes ``items``."""
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            with context() if context else contextlib.nullcontext():
+                for item in items:
+                    if stop.is_set() or not put((True, fn(item))):
+                        return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((False, exc))
+        finally:
+            getattr(items, "close", lambda: None)()  # a generator's cleanup (decoding processes) runs here
+            put(_END)
+
+    thread = threading.Thread(target=produce, name="imgsent-stage", daemon=True)
+    thread.start()
+    try:
+        while True:
+            entry = results.get()
+            if entry is _END:
+                return
+            ok, value = entry
+            if not ok:
+                raise value
+            yield value
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                results.get_nowait()
+        thread.join(JOIN_S)

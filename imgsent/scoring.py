@@ -207,7 +207,7 @@ def score(
     )
     engine = build_engine(backbones, opts, head_path=model_path(model))
     builder.device = getattr(engine, "device", None)  # the local engine's card runs the head too
-    outputs = [store_writer(keep_features, backbones, "float32", opts, engine.numerics)] if keep_features else []
+    outputs = [store_writer(keep_features, backbones, "float32", opts, engine)] if keep_features else []
     summary_model = {"model": f"{builder.name} {builder.version}", "weights": _weights_summary(backbones)}
 
     if dir_out:

@@ -1,6 +1,6 @@
-"""decode="device": JPEGs decoded together where the models run (TorchCodec when installed, else
-torchvision.io; nvJPEG on CUDA, libjpeg-turbo on the CPU, which is how these tests run it), other files by
-Pillow as before."""
+"""decode="device": JPEGs decoded together where the models run (nvImageCodec, TorchCodec or
+torchvision.io; hardware engines / nvJPEG on CUDA, libjpeg-turbo on the CPU, which is how these tests
+run each of them), other files by Pillow as before."""
 
 from __future__ import annotations
 
@@ -50,10 +50,11 @@ def mixed(tmp_path):
 
 @pytest.fixture(params=devicedecode.BACKENDS)
 def jpeg_backend(request, monkeypatch):
-    """Each JPEG decoder imgsent can use (TorchCodec's is skipped where it is not installed)."""
-    if request.param == "torchcodec":
-        pytest.importorskip("torchcodec.decoders", reason="TorchCodec is optional: pip install 'imgsent[gpu]'")
-    monkeypatch.setattr(devicedecode, "backend", lambda: request.param)
+    """Each JPEG decoder imgsent can use, chosen as a user does ($IMGSENT_DEVICE_DECODER); the
+    optional ones (imgsent[gpu]) are skipped where they are not installed."""
+    if not devicedecode.installed(request.param):
+        pytest.skip(f"{request.param} is optional (pip install 'imgsent[gpu]') and not installed here")
+    monkeypatch.setenv(devicedecode.CHOICE_ENV, request.param)
     return request.param
 
 
@@ -103,13 +104,13 @@ def test_a_jpeg_the_device_refuses_is_decoded_by_pillow(mixed, monkeypatch):
     """A batch the decoder rejects costs only the image it chokes on; that one goes to Pillow."""
     real = devicedecode._decoder
 
-    def picky_decoder(name):
-        decode, oriented = real(name)
+    def picky_decoder(name, device):
+        decode, oriented = real(name, device)
 
-        def picky(data, device):
-            if isinstance(data, list) or len(data) == (mixed / "a3.jpg").stat().st_size:
+        def picky(data):
+            if len(data) > 1 or len(data[0]) == (mixed / "a3.jpg").stat().st_size:
                 raise RuntimeError("nvjpeg: unsupported")
-            return decode(data, device)
+            return decode(data)
 
         return picky, oriented
 
@@ -122,16 +123,14 @@ def test_a_jpeg_the_device_refuses_is_decoded_by_pillow(mixed, monkeypatch):
     assert engine.device_decoded[1] == 1 and engine.device_decoded[0] == 6
 
 
-def test_extract_with_device_decoding_matches_pillow_closely(mixed, tmp_path):
+def test_extract_with_device_decoding_matches_pillow_closely(mixed, tmp_path, monkeypatch):
     """Also the full-size column: the device reads it from the header, Pillow from the decode."""
     pil, dev = tmp_path / "pil", tmp_path / "dev"
     s = imgsent.extract([str(mixed)], str(pil), **KW)
     assert "device decoding" not in s.details
+    monkeypatch.setenv(devicedecode.CHOICE_ENV, "torchvision")  # the decoder of imgsent 0.6 (the header's default)
     s = imgsent.extract([str(mixed)], str(dev), decode="device", **KW)
-    assert (
-        s.details["device decoding"]
-        == f"{devicedecode.backend()} (libjpeg-turbo): 7 JPEGs; 0 refused and left to Pillow"
-    )
+    assert s.details["device decoding"] == "torchvision (libjpeg-turbo): 7 JPEGs; 0 refused and left to Pillow"
     a, b = imgsent.features.load(str(pil)), imgsent.features.load(str(dev))
     assert a.ids == b.ids and len(a.ids) == 9
     # the same rows fail, for the same reasons (Pillow decodes what the device does not take)
@@ -140,9 +139,50 @@ def test_extract_with_device_decoding_matches_pillow_closely(mixed, tmp_path):
     assert fa.status.count("error") == 2
     cos = (a.X * b.X).sum(1) / np.linalg.norm(a.X, axis=1) / np.linalg.norm(b.X, axis=1)
     assert cos.min() > 0.99 and not np.array_equal(a.X, b.X)
-    assert b.header["decode"] == "device" and "decode" not in a.header
+    assert b.header["decode"] == "device" and "decode" not in a.header and "decoder" not in b.header
     with pytest.raises(ImgsentError, match="decode"):
         imgsent.extract([str(mixed)], str(dev), **KW)  # a workers-decoded run into a device-decoded store
+
+
+@pytest.mark.parametrize("other", [b for b in devicedecode.BACKENDS if b != "torchvision"])
+def test_the_store_says_which_decoder_and_a_resume_keeps_to_it(mixed, tmp_path, monkeypatch, other):
+    if not devicedecode.installed(other):
+        pytest.skip(f"{other} is optional (pip install 'imgsent[gpu]') and not installed here")
+    store = str(tmp_path / "s")
+    monkeypatch.setenv(devicedecode.CHOICE_ENV, other)
+    s = imgsent.extract([str(mixed)], store, decode="device", **KW)
+    assert s.details["device decoding"].startswith(f"{other} (libjpeg-turbo): 7 JPEGs")
+    assert imgsent.features.load(store).header["decoder"] == other
+    monkeypatch.setenv(devicedecode.CHOICE_ENV, "torchvision")
+    with pytest.raises(ImgsentError, match=f"decoder={other!r}, this run computes 'torchvision'"):
+        imgsent.extract([str(mixed)], store, decode="device", **KW)
+    monkeypatch.setenv(devicedecode.CHOICE_ENV, other)
+    assert imgsent.extract([str(mixed)], store, decode="device", **KW).resumed == 11
+
+
+def test_a_decoder_choice_that_cannot_be_had_is_one_line(monkeypatch, capsys, mixed, tmp_path):
+    monkeypatch.setenv(devicedecode.CHOICE_ENV, "dali")
+    with pytest.raises(ImgsentError, match="must be auto or one of nvimgcodec, torchcodec, torchvision, got 'dali'"):
+        FeatureEngine([imgsent.create_backbone(TINY, random_weights=True)], workers=0, decode="device")
+    monkeypatch.setattr(devicedecode, "installed", lambda name: name == "torchvision")
+    monkeypatch.setenv(devicedecode.CHOICE_ENV, "nvimgcodec")
+    args = ["extract", mixed, "-o", tmp_path / "s", "-B", TINY, "--random-weights", "--workers", "0"]
+    code, _, err = run_cli([*args, "--decode", "device"], capsys, monkeypatch)
+    assert code == 2 and err.strip().splitlines() == [
+        "imgsent: error: IMGSENT_DEVICE_DECODER=nvimgcodec, but nvimgcodec is not installed: pip install 'imgsent[gpu]'"
+    ]
+    assert run_cli(args, capsys, monkeypatch)[0] == 0  # not asked for without decode=device
+    monkeypatch.setenv(devicedecode.CHOICE_ENV, "auto")
+    assert devicedecode.backend("cuda") == devicedecode.backend("cpu") == "torchvision"
+
+
+def test_the_preferred_decoders(monkeypatch):
+    monkeypatch.delenv(devicedecode.CHOICE_ENV, raising=False)
+    monkeypatch.setattr(devicedecode, "installed", lambda name: True)
+    # On CUDA nvImageCodec (the cards' hardware JPEG engines); on the CPU all three are libjpeg-turbo.
+    assert (devicedecode.backend("cuda"), devicedecode.backend("cpu")) == ("nvimgcodec", "torchcodec")
+    monkeypatch.setattr(devicedecode, "installed", lambda name: name != "nvimgcodec")
+    assert devicedecode.backend("cuda") == "torchcodec"
 
 
 def test_device_decoding_keeps_features_independent_of_batching(mixed, tmp_path):

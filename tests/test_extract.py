@@ -255,7 +255,7 @@ def test_shards_a_worker_wrote_where_the_driver_cannot_see_them_are_refused(imag
     class ElsewhereEngine:  # writes every shard as a worker would, but into another directory
         def __init__(self, models, options):
             self.local = FeatureEngine(models, options)
-            self.keys, self.numerics = self.local.keys, self.local.numerics
+            self.keys, self.numerics, self.decoder = self.local.keys, self.local.numerics, self.local.decoder
 
         def write_shards(self, refs, chunks, outputs, pending, done, progress):
             for c in chunks:
