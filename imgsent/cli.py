@@ -738,6 +738,71 @@ def calibrate(
 
 
 @app.command()
+def label(
+    out: Annotated[
+        str, typer.Option("--out", "-o", metavar="LABELS.csv", help="The labels file (created, or resumed).")
+    ],
+    inputs: Annotated[list[str] | None, typer.Argument(metavar="[INPUT...]", help=INPUT_HELP)] = None,
+    features: Annotated[
+        str | None,
+        typer.Option(
+            "--features", metavar="STORE", help="Feature store to label from (with INPUT: where to extract them)."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", metavar="NAME|DIR", help="The model to start from (default).")
+    ] = None,
+    model_out: Annotated[
+        str | None, typer.Option("--model-out", metavar="DIR", help="Write the model as it stands when you stop.")
+    ] = None,
+    classes: Annotated[
+        str | None, typer.Option("--classes", metavar="A,B,...", help="Class names (default: the model's).")
+    ] = None,
+    strategy: Annotated[
+        Literal["mix", "random", "active"],
+        typer.Option(help="Which image next: random (honest estimates), active (least sure), mix (both)."),
+    ] = "mix",
+    host: Annotated[
+        str, typer.Option(metavar="ADDRESS", help="Address to serve on (another than 127.0.0.1 warns).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="N", min=0, max=65535, help="Port (0: any free one).")] = 8750,
+    token: Annotated[
+        str | None, typer.Option(metavar="T", help="The page's access token (default: a random one).")
+    ] = None,
+    annotator: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Who labels (default: $USER); the page may name another.")
+    ] = None,
+    no_browser: Annotated[bool, typer.Option("--no-browser", help="Print the page's URL, do not open it.")] = False,
+    seed: Seed = 0,
+    models_dirs: ModelsDirs = None,
+    device: Device = "auto",
+    workers: Workers = None,
+    quiet: Quiet = False,
+) -> None:
+    """Label images in the browser: the model learns as you label and says how good it is on them."""
+    from .labelling import label as run
+
+    run(
+        inputs or [],
+        out,
+        features=features,
+        model=model,
+        model_out=model_out,
+        classes=[c.strip() for c in classes.split(",") if c.strip()] if classes else None,
+        host=host,
+        port=port,
+        token=token,
+        annotator=annotator,
+        browser=not no_browser,
+        strategy=strategy,
+        seed=seed,
+        models=[str(d) for d in models_dirs or []],
+        options=RunOptions(device=device, workers=workers, progress=not quiet),
+        echo=lambda text: typer.echo(text, err=True),
+    )
+
+
+@app.command()
 def models(
     model: Annotated[
         str | None,

@@ -226,8 +226,9 @@ def prevalence(
 
 
 def read_sample(labels: str, mapping: str = "auto", id_column=None, label_column=None) -> dict[str, str]:
-    """A labelled sample file (any format ``train`` reads) as {id or path: class}."""
-    return map_labels(read_labels(labels, id_column=id_column, label_column=label_column), mapping)
+    """A labelled sample file (any format ``train`` reads) as {id or path: class}; of a file of
+    ``imgsent label``, its random-mode labels only."""
+    return map_labels(read_labels(labels, id_column=id_column, label_column=label_column, random_only=True), mapping)
 
 
 def load_collection(scores: str, *, by: str | None = None, meta: str | None = None, stdin=None):

@@ -150,6 +150,16 @@ def _check_regular_file(path: str) -> None:
         raise DecodeError(f"is {kind}, not a regular file")
 
 
+def preview_jpeg(path: str, size: int, quality: int = 85) -> bytes:
+    """A JPEG of the image at ``path``, oriented as its EXIF says, its longer side at most ``size``
+    (the report's thumbnails, the labelling page's images); raises :class:`DecodeError`."""
+    img, _ = decode_image(path, min_short_side=size // 2)
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def decode_image(
     path: str, *, min_short_side: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, data: bytes | None = None
 ) -> tuple[Image.Image, tuple[int, int]]:

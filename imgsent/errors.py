@@ -20,3 +20,9 @@ class ImgsentWarning(UserWarning):
 
 class UselessModelWarning(ImgsentWarning):
     """A trained model that may have learnt nothing (see :func:`imgsent.training.quality_warnings`)."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception as one line of at most ``limit`` characters: its type when its text is empty."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

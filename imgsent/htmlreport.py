@@ -67,16 +67,13 @@ def svg(fig) -> str:
 
 def _thumbnail(path: str) -> str | None:
     """A data URI of a small JPEG of the image, or None when it cannot be read any more."""
-    from .decode import DecodeError, decode_image
+    from .decode import DecodeError, preview_jpeg
 
     try:
-        img, _ = decode_image(path, min_short_side=THUMB)
+        data = preview_jpeg(path, THUMB, quality=80)
     except DecodeError:
         return None
-    img.thumbnail((THUMB, THUMB))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=80)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
 def _card(items: list[tuple[str, float]], title: str) -> str:

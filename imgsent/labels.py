@@ -62,9 +62,17 @@ def _open_text(path: str) -> str:
         raise ImgsentError(f"labels file {path} is not UTF-8 text") from None
 
 
-def read_labels(path: str, *, id_column: str | None = None, label_column: str | None = None) -> dict[str, str]:
+def read_labels(
+    path: str, *, id_column: str | None = None, label_column: str | None = None, random_only: bool = False
+) -> dict[str, str]:
     """Read ``{id_or_path: raw_label}`` from a CSV/TSV (header sniffed), a ``<file> <label>`` list,
     or JSON (``{id: label}``, a list of objects, or JSON Lines).
+
+    A headed file's rows with an empty label are skipped images (``imgsent label`` writes them so),
+    not labels. A ``mode`` column (``imgsent label``'s files): ``repeat`` rows (a second annotator's
+    label of an image, kept for their agreement) are left out; with ``random_only``, so is every row
+    whose mode is not ``random`` (images picked for the model are no random sample of the
+    collection), said in a warning.
 
     Raises :class:`ImgsentError` naming the line for malformed files or conflicting duplicates.
     """
@@ -75,6 +83,8 @@ def read_labels(path: str, *, id_column: str | None = None, label_column: str | 
     first = lines[0]
     delimited = path.lower().endswith((".csv", ".tsv")) or "," in first or "\t" in first
     rows: list[tuple[int, str, str]] = []
+    modes: dict[int, str] = {}  # line -> the row's mode, for files with a mode column
+    headed = True
     if text.lstrip().startswith(("{", "[")):
         rows = _json_rows(text, path, id_column, label_column)
     elif delimited:
@@ -88,20 +98,26 @@ def read_labels(path: str, *, id_column: str | None = None, label_column: str | 
             or any(h in ID_COLUMNS + LABEL_COLUMNS for h in header)
             or not is_image_name(header[0])
         )
+        mode_idx = None
         if has_header:
             id_idx = _column_index(header, id_column, ID_COLUMNS, path, "id")
             label_idx = _column_index(header, label_column, LABEL_COLUMNS, path, "label")
+            mode_idx = header.index("mode") if "mode" in header else None
             body = list(enumerate(reader[1:], start=2))
         else:
             id_idx, label_idx = 0, 1
             body = list(enumerate(reader, start=1))
+        headed = has_header
         for lineno, row in body:
             if len(row) <= max(id_idx, label_idx):
                 raise ImgsentError(
                     f"labels file {path}, line {lineno}: expected at least {max(id_idx, label_idx) + 1} columns"
                 )
             rows.append((lineno, row[id_idx].strip(), row[label_idx].strip()))
+            if mode_idx is not None and len(row) > mode_idx:
+                modes[lineno] = row[mode_idx].strip().lower()
     else:
+        headed = False
         for lineno, ln in enumerate(lines, start=1):
             parts = ln.strip().rsplit(None, 1)
             if len(parts) != 2:
@@ -109,8 +125,23 @@ def read_labels(path: str, *, id_column: str | None = None, label_column: str | 
                     f"labels file {path}, line {lineno}: expected '<file> <label>', got {ln.strip()[:80]!r}"
                 )
             rows.append((lineno, parts[0], parts[1]))
+    if modes:
+        rows = [r for r in rows if modes.get(r[0]) != "repeat"]
+        if random_only:
+            kept = [r for r in rows if modes.get(r[0]) == "random"]
+            others = sum(1 for r in rows if r[2]) - sum(1 for r in kept if r[2])
+            if others:
+                warnings.warn(
+                    f"labels file {path}: using its {sum(1 for r in kept if r[2])} mode=random labels only; "
+                    f"{others} labels chosen otherwise (for the model, not at random) would bias the estimate",
+                    ImgsentWarning,
+                    stacklevel=3,
+                )
+            rows = kept
     labels: dict[str, str] = {}
     for lineno, key, label in rows:
+        if headed and key and not label:
+            continue  # a skipped image
         if not key or not label:
             raise ImgsentError(f"labels file {path}, line {lineno}: empty id or label")
         if key in labels and labels[key] != label:
@@ -209,6 +240,11 @@ def map_labels(raw: dict[str, str], mapping: str = "auto") -> dict[str, str]:
     return dict(raw)
 
 
+def is_bare_name(key: str) -> bool:
+    """A label key that is only a file name (``1.jpg``), not a path (``pos/1.jpg``, ``/x/1.jpg``)."""
+    return "/" not in key and "\\" not in key
+
+
 @dataclass
 class LabelJoin:
     """Labelled rows of a feature set: ``rows`` index the feature set, ``y`` index ``classes``."""
@@ -236,22 +272,29 @@ class LabelJoin:
 
 
 def join_labels(ids: list[str], paths: list[str], status: list[str], labels: dict[str, str]) -> LabelJoin:
-    """Match labels to rows by id, then path, then file name. Error rows are counted, not used."""
-    by_name: dict[str, list[str]] = {}
+    """Match labels to rows by id, then path; a label whose key is a bare file name (no folder)
+    matches the one row whose file name it is, never a name that several rows share. A label that
+    names a folder and a file is matched by id or path alone: ``pos/1.jpg`` never labels
+    ``neg/1.jpg``. Error rows are counted, not used."""
+    by_id = {rid: k for k, rid in enumerate(ids)}
+    by_path = {p: k for k, p in enumerate(paths)}
+    names = Counter(os.path.basename(p) for p in ids)
+    by_name = {os.path.basename(rid): k for k, rid in enumerate(ids) if names[os.path.basename(rid)] == 1}
+    row_key: dict[int, str] = {}
     for key in labels:
-        by_name.setdefault(os.path.basename(key), []).append(key)
-    used: set[str] = set()
+        k = by_id.get(key, by_path.get(key))
+        if k is None and is_bare_name(key):
+            k = by_name.get(key)
+        if k is not None and k not in row_key:
+            row_key[k] = key
+    used = set(row_key.values())
     rows, y_names = [], []
     unlabelled = errors = 0
-    for i, (rid, rpath, st) in enumerate(zip(ids, paths, status)):
-        key = rid if rid in labels else rpath if rpath in labels else None
-        if key is None:
-            cands = by_name.get(os.path.basename(rid), [])
-            key = cands[0] if len(cands) == 1 else None
+    for i, st in enumerate(status):
+        key = row_key.get(i)
         if key is None:
             unlabelled += 1
             continue
-        used.add(key)
         if st != "ok":
             errors += 1
             continue
@@ -267,9 +310,15 @@ def join_labels(ids: list[str], paths: list[str], status: list[str], labels: dic
             f"{examples}{', '.join(map(repr, ids[:3]))})"
         )
     if unmatched:
+        ambiguous = sum(1 for key in unmatched if is_bare_name(key) and names[key] > 1)
+        why = (
+            f"; {ambiguous} of them are file names that several images share (name those by id or path)"
+            if ambiguous
+            else ""
+        )
         warnings.warn(
             f"{len(unmatched)} of {len(labels)} labels name no image of the store, e.g. "
-            f"{', '.join(map(repr, unmatched[:3]))} (image ids look like {', '.join(map(repr, ids[:2]))})",
+            f"{', '.join(map(repr, unmatched[:3]))} (image ids look like {', '.join(map(repr, ids[:2]))}){why}",
             ImgsentWarning,
             stacklevel=3,
         )

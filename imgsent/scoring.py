@@ -140,6 +140,43 @@ class ScoreTableBuilder:
         return self.table(batch.ids, paths, batch.status, batch.error, X, ok, proba=proba, meta=batch.meta)
 
 
+def _model_engine(sentiment, model: str | None, weights, models, opts: RunOptions, *, head: bool):
+    """(options, backbones, engine) that compute ``sentiment``'s features as its recipe says: its
+    TTA, and (unless the user asks otherwise) the numerics its training features had."""
+    precision = sentiment.numerics if opts.precision == "auto" else opts.precision
+    opts = RunOptions.build(opts, tta=sentiment.feature_header.get("tta", "none"), precision=precision)
+    bundle = None if packaged_name(model) else model_path(model)
+    backbones = model_backbones(
+        sentiment,
+        weights,
+        int8=precision == "int8",
+        model_dir=bundle,
+        models_dirs=models,
+        frozen_batch=frozen_cpu_batch(opts),
+    )
+    return opts, backbones, build_engine(backbones, opts, head_path=model_path(model) if head else None)
+
+
+def extract_model_features(
+    inputs: Sequence[str],
+    out: str,
+    *,
+    model: str | None = None,
+    weights: Sequence[str] = (),
+    models: Sequence[str] = (),
+    options: RunOptions | None = None,
+    stdin=None,
+    **overrides,
+) -> RunSummary:
+    """A feature store ``out`` (resumable) of exactly the backbones ``model`` needs, computed as
+    ``score`` computes them: what ``imgsent label INPUT...`` serves from."""
+    opts = RunOptions.build(options, **overrides)
+    sentiment = resolve_model(model)
+    refs = resolve_inputs(inputs, opts, stdin=stdin)
+    opts, backbones, engine = _model_engine(sentiment, model, weights, models, opts, head=False)
+    return run_sharded(engine, refs, [store_writer(out, backbones, "float32", opts, engine)], opts, "extract", out)
+
+
 def score(
     inputs: Sequence[str] = (),
     out: str = "-",
@@ -193,19 +230,7 @@ def score(
             ImgsentWarning,
             stacklevel=2,
         )
-    # The model's recipe: its TTA, and (unless the user asks otherwise) the numerics its features had.
-    precision = sentiment.numerics if opts.precision == "auto" else opts.precision
-    opts = RunOptions.build(opts, tta=sentiment.feature_header.get("tta", "none"), precision=precision)
-    bundle = None if packaged_name(model) else model_path(model)
-    backbones = model_backbones(
-        sentiment,
-        weights,
-        int8=precision == "int8",
-        model_dir=bundle,
-        models_dirs=models,
-        frozen_batch=frozen_cpu_batch(opts),
-    )
-    engine = build_engine(backbones, opts, head_path=model_path(model))
+    opts, backbones, engine = _model_engine(sentiment, model, weights, models, opts, head=True)
     builder.device = getattr(engine, "device", None)  # the local engine's card runs the head too
     outputs = [store_writer(keep_features, backbones, "float32", opts, engine)] if keep_features else []
     summary_model = {"model": f"{builder.name} {builder.version}", "weights": _weights_summary(backbones)}

@@ -59,3 +59,20 @@ def test_join_counts_everything():
     assert labels_from_folders(ids[:2]) == {"pos/a.jpg": "pos", "neg/b.jpg": "neg"}
     with pytest.raises(ImgsentError, match="single class"):
         join_labels(ids[:1], paths[:1], status[:1], {"pos/a.jpg": "positive"})
+
+
+def test_labels_land_on_exactly_the_images_they_name():
+    """Class folders that reuse file names (pos/1.jpg, neg/1.jpg): a label by path names one image;
+    the unlabelled image of the same file name is never labelled through its name (issue 32)."""
+    ids = [f"{c}/{k}.jpg" for c in ("pos", "neg") for k in range(1, 6)]
+    paths = ["/data/" + i for i in ids]
+    status = ["ok"] * len(ids)
+    labels = {"/data/pos/1.jpg": "positive", "/data/pos/2.jpg": "positive", "neg/3.jpg": "negative"}
+    j = join_labels(ids, paths, status, labels)
+    assert [ids[r] for r in j.rows] == ["pos/1.jpg", "pos/2.jpg", "neg/3.jpg"]
+    assert j.summary()["images_without_label"] == 7 and j.summary()["labels_without_image"] == 0
+    # A bare file name matches only where it is unique in the store; a shared one matches nothing, said so.
+    only = {"ok1.jpg": "positive", "3.jpg": "negative", "pos/4.jpg": "negative"}
+    with pytest.warns(ImgsentWarning, match="1 of them are file names that several images share"):
+        j = join_labels(ids + ["x/ok1.jpg"], paths + ["/data/x/ok1.jpg"], status + ["ok"], only)
+    assert [(ids + ["x/ok1.jpg"])[r] for r in j.rows] == ["pos/4.jpg", "x/ok1.jpg"]
