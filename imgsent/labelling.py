@@ -211,7 +211,7 @@ class LabelSession:
         with self.lock:
             if wait > 0:
                 self.changed.wait_for(lambda: self.fitted_version >= self.version or self._stop, timeout=wait)
-            for (who, rid), offer in self.offers.items():
+            for (who, _rid), offer in self.offers.items():
                 if who == annotator:
                     return offer
             offer = self._pick(annotator)

@@ -28,9 +28,9 @@ PREVIEW = 1024  # the longer side of the images the page shows, in pixels
 
 def create_app(session: LabelSession, token: str):
     """The ASGI app of the page and the API over ``session``."""
+    import anyio
     from starlette.applications import Starlette
     from starlette.requests import Request
-    import anyio
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
@@ -164,7 +164,9 @@ def bind(host: str, port: int):
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ImgsentError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port (0: any free one)")
+        raise ImgsentError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port (0: any free one)"
+        ) from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
