@@ -4,7 +4,7 @@ _imgsent() {
     cur="${COMP_WORDS[COMP_CWORD]}"
     prev="${COMP_WORDS[COMP_CWORD-1]}"
     if [ "$COMP_CWORD" -eq 1 ]; then
-        COMPREPLY=( $(compgen -W "backbones calibrate evaluate extract models prevalence report score train version --help --version" -- "$cur") )
+        COMPREPLY=( $(compgen -W "backbones calibrate evaluate extract label models prevalence report score train version --help --version" -- "$cur") )
         return
     fi
     cmd="${COMP_WORDS[1]}"
@@ -58,6 +58,20 @@ _imgsent() {
         extract:--ray-address) COMPREPLY=(); return ;;
         extract:--ray-workers) COMPREPLY=(); return ;;
         extract:--gpus-per-worker) COMPREPLY=(); return ;;
+        label:--out|label:-o) COMPREPLY=(); return ;;
+        label:--features) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        label:--model|label:-m) COMPREPLY=(); return ;;
+        label:--model-out) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        label:--classes) COMPREPLY=(); return ;;
+        label:--strategy) COMPREPLY=( $(compgen -W "mix random active" -- "$cur") ); return ;;
+        label:--host) COMPREPLY=(); return ;;
+        label:--port) COMPREPLY=(); return ;;
+        label:--token) COMPREPLY=(); return ;;
+        label:--annotator) COMPREPLY=(); return ;;
+        label:--seed) COMPREPLY=(); return ;;
+        label:--models) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        label:--device) COMPREPLY=( $(compgen -W "auto cpu cuda mps cuda:0 cuda:1" -- "$cur") ); return ;;
+        label:--workers) COMPREPLY=(); return ;;
         models:--models) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         prevalence:--labels|prevalence:-l) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         prevalence:--by) COMPREPLY=(); return ;;
@@ -124,6 +138,7 @@ _imgsent() {
         calibrate) opts="--labels -l --out -o --features --scores --method --map --id-column --label-column --overwrite --no-overwrite --help" ;;
         evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --plots --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --seed --id-column --label-column --quiet -q --help" ;;
         extract) opts="--out -o --backbones -B --random-weights --no-random-weights --tta --dtype --device --precision --batch-size -b --workers --decode --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
+        label) opts="--out -o --features --model -m --model-out --classes --strategy --host --port --token --annotator --no-browser --seed --models --device --workers --quiet -q --help" ;;
         models) opts="--models --help" ;;
         prevalence) opts="--labels -l --by --meta --json --level --bootstrap --seed --map --id-column --label-column --plot --help" ;;
         report) opts="--out -o --by --meta --labels -l --per-class --seed --map --quiet -q --help" ;;

@@ -29,11 +29,14 @@ _API = {
     "RunOptions": ("options", "RunOptions"),
     "prevalence": ("collection", "prevalence"),
     "calibrate": ("collection", "calibrate"),
+    "label": ("labelling", "label"),
+    "open_label_session": ("labelling", "open_session"),
     "create_backbone": ("backbones", "create_backbone"),
     "find_images": ("inputs", "find_images"),
     "ImgsentError": ("errors", "ImgsentError"),
 }
 _MODULES = {
+    "adapting",
     "atomicio",
     "backbones",
     "batches",
@@ -51,6 +54,8 @@ _MODULES = {
     "htmlreport",
     "inputs",
     "labels",
+    "labelling",
+    "labelserver",
     "lanes",
     "models",
     "objects",

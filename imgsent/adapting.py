@@ -28,6 +28,7 @@ from .training import SentimentModel, TrainConfig
 
 LAMBDAS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 MIN_PER_CLASS = 3  # fewer labels of some class: no correction is fitted (the starting model stands)
+MIN_JUDGES = 10  # random labels needed before they alone choose the penalty (see fit_correction)
 METHODS = ("prior", "finetune")
 
 
@@ -112,21 +113,36 @@ def _folds(y: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
     return [sp.test for sp in stratified_kfold(y, k, seed=seed)]
 
 
-def fit_correction(U: np.ndarray, S: np.ndarray | None, y: np.ndarray, C: int, *, seed: int = 0) -> Correction:
+def fit_correction(
+    U: np.ndarray, S: np.ndarray | None, y: np.ndarray, C: int, *, seed: int = 0, judge: np.ndarray | None = None
+) -> Correction:
     """The correction of :func:`_fit` whose ``lam`` (or none at all) has the lowest stratified
-    cross-validated log-loss; no correction with fewer than :data:`MIN_PER_CLASS` labels of a class."""
+    cross-validated log-loss; no correction with fewer than :data:`MIN_PER_CLASS` labels of a class.
+
+    ``judge`` (a boolean mask): the rows whose out-of-fold loss decides, when at least
+    :data:`MIN_JUDGES` of them hold two classes: the labels drawn at random from the collection.
+    Labels picked where the model is least sure are no sample of the collection: a correction that
+    fits them (mostly a shift of the intercept) can be worse everywhere else (measured: 20 such
+    labels took a model from 81.5 % to 76.3 % on the rest of its collection). They still train
+    every fold."""
     counts = np.bincount(y, minlength=C)
     if counts.min() < MIN_PER_CLASS:
         return Correction.zero(C, U.shape[1])
     folds = _folds(y, min(5, int(counts.min())), seed)
-    best_lam, best = None, _log_loss(S, y) if S is not None else math.inf
+    judged = np.ones(len(y), dtype=bool)
+    if judge is not None and judge.sum() >= MIN_JUDGES and len(np.unique(y[judge])) > 1:
+        judged = np.asarray(judge, dtype=bool)
+    best_lam, best = None, _log_loss(S[judged], y[judged]) if S is not None else math.inf
     for lam in LAMBDAS:
-        losses = []
+        total = 0.0
         for test in folds:
             train = np.setdiff1d(np.arange(len(y)), test)
+            test = test[judged[test]]
+            if not len(test):
+                continue
             c = _fit(U[train], None if S is None else S[train], y[train], C, lam)
-            losses.append(_log_loss(c.logits(U[test], None if S is None else S[test]), y[test]) * len(test))
-        loss = sum(losses) / len(y)
+            total += _log_loss(c.logits(U[test], None if S is None else S[test]), y[test]) * len(test)
+        loss = total / judged.sum()
         if loss < best - 1e-9:
             best_lam, best = lam, loss
     if best_lam is None:

@@ -266,6 +266,7 @@ def extract(
     summary = run(inputs, out, backbones=backbones, random_weights=random_weights, dtype=dtype, options=options)
     if not quiet:
         summary.print("imgsent extract")
+    _fail_when_none_ok(summary, "extracted")
 
 
 # --- options shared by train and evaluate ---------------------------------------------------------
@@ -614,6 +615,15 @@ def score(
     )
     if not quiet:
         summary.print("imgsent score")
+    _fail_when_none_ok(summary, "scored")
+
+
+def _fail_when_none_ok(summary, done: str) -> None:
+    """A non-empty run in which no image succeeded exits 1 with one line (the rows are written)."""
+    if summary.total and summary.ok == 0:
+        first = summary.first_error or "see the error column of the output"
+        typer.echo(f"imgsent: error: 0 of {summary.total} images {done}; first error: {first}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -897,9 +907,34 @@ def main() -> None:
 CPP_LOG_ENV = "TORCH_CPP_LOG_LEVEL"
 
 
+def _one_dash_long_option(argv: list[str]) -> str | None:
+    """A long option typed with one dash (``-out``, which the parser reads as ``-o ut``)."""
+    command = typer.main.get_command(app)
+    longs = {
+        name
+        for sub in getattr(command, "commands", {}).values()
+        for p in sub.params
+        for name in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]
+        if name.startswith("--")
+    }
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg.startswith("-") and not arg.startswith("--") and "-" + arg.split("=")[0] in longs:
+            return arg
+    return None
+
+
 def _run() -> int:
     from typer._click.exceptions import ClickException
 
+    typo = _one_dash_long_option(sys.argv[1:])
+    if typo is not None:
+        name = typo.split("=")[0]
+        typer.echo(
+            f"imgsent: error: {name} has one dash (read as {name[:2]} {name[2:]}): did you mean -{name}?", err=True
+        )
+        return 2
     try:
         code = app(standalone_mode=False)
     except ImgsentError as exc:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from .inputs import ImageRef
-from .sources import SourceError, keep_copy, read_source, read_sources
+from .sources import SourceError, keep_copy, not_found, read_source, read_sources
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GB of RGBA)
 
@@ -138,7 +138,7 @@ def _check_regular_file(path: str) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise DecodeError("file not found (deleted or moved after listing?)") from None
+        raise DecodeError(not_found(path)) from None
     except PermissionError:
         raise DecodeError("permission denied") from None
     except OSError as exc:
@@ -202,7 +202,7 @@ def decode_image(
     except DecodeError:
         raise
     except FileNotFoundError:
-        raise DecodeError("file not found (deleted or moved after listing?)") from None
+        raise DecodeError(not_found(path)) from None
     except IsADirectoryError:
         raise DecodeError("is a directory, not an image file") from None
     except PermissionError:

@@ -175,6 +175,8 @@ def run_sharded(
                         stream(batch)
                     n_err = int((~batch.ok_mask).sum())
                     summary.errors += n_err
+                    if n_err and summary.first_error is None:
+                        summary.first_error = next(e for e, ok in zip(batch.error, batch.ok_mask) if not ok)
                     writing.submit(sinks.add, batch, n_err)
                     bar.advance(len(batch), n_err)
                 writing.drain()

@@ -33,6 +33,7 @@ import numpy as np
 from . import adapting
 from .atomicio import atomic_open
 from .errors import ImgsentError, one_line
+from .training import MARGIN
 
 FIELDS = ("id", "path", "label", "mode", "annotator", "time", "p")
 MODES = ("random", "active", "repeat", "user")  # user: labelled by id through the API, never offered
@@ -324,7 +325,8 @@ class LabelSession:
         y = np.asarray([self.classes.index(r.label) for r in rows], dtype=np.int64)
         C = len(self.classes)
         U, S = self.U[k], None if self.S is None else self.S[k]
-        correction = adapting.fit_correction(U, S, y, C, seed=self.seed)
+        judge = np.asarray([r.mode == "random" for r in rows], dtype=bool)
+        correction = adapting.fit_correction(U, S, y, C, seed=self.seed, judge=judge)
         proba = adapting.predict(self.prior, correction, self.X)
         oof = adapting.out_of_fold(U, S, y, C, correction.lam, seed=self.seed) if len(y) else np.zeros((0, C))
         return correction, proba, self._estimates(rows, all_rows, y, oof, proba)
@@ -343,6 +345,13 @@ class LabelSession:
                 "n": n,
                 "method": "random-mode labels, each predicted by a model fitted without it (5-fold); Wilson 95 %",
             }
+            base = float(np.bincount(y[random_rows], minlength=len(self.classes)).max() / n)
+            if n >= 20 and hits / n < base + MARGIN:
+                common = self.classes[int(np.bincount(y[random_rows]).argmax())]
+                out["warnings"] = [
+                    f"on this collection the model is not clearly better than always answering {common} "
+                    f"({100 * base:.0f} % of the random labels): label more, or check the classes"
+                ]
             idx = np.asarray([self.index[r.id] for r, m in zip(rows, random_rows) if m])
             start_hits = int((self.start_proba[idx].argmax(1) == y[random_rows]).sum())
             lo, hi = adapting.wilson(start_hits, n)
@@ -460,6 +469,8 @@ class LabelSession:
                     "sha256": hashlib.sha256(fh.read()).hexdigest(),
                 }
         acc = self.estimates.get("accuracy")
+        if self.estimates.get("warnings"):
+            info["warnings"] = self.estimates["warnings"]
         if acc and acc.get("estimate") is not None:
             info["held_out"] = {
                 "method": acc["method"],

@@ -24,6 +24,9 @@ _POLARITY_NAMES = {
     "1": "positive",
     "0": "negative",
 }
+# -1 / 1 (and +1): read as polarity by --map auto and polarity only when no label is anything else
+# (-1 / 0 / 1 is three classes: negative, neutral, positive).
+_SIGNED = {"-1": "negative", "1": "positive", "+1": "positive"}
 # Other names of the paper's emotions (adjectives, and the expression classes of face datasets),
 # so that --map polarity reads "happy" / "sad" as it reads "joy" / "sadness". "neutral" has none.
 _EMOTION_SYNONYMS = {
@@ -81,22 +84,22 @@ def read_labels(
     if not lines:
         raise ImgsentError(f"labels file {path} has no labels")
     first = lines[0]
-    delimited = path.lower().endswith((".csv", ".tsv")) or "," in first or "\t" in first
+    delimited = path.lower().endswith((".csv", ".tsv")) or any(d in first for d in ",;\t")
     rows: list[tuple[int, str, str]] = []
     modes: dict[int, str] = {}  # line -> the row's mode, for files with a mode column
     headed = True
     if text.lstrip().startswith(("{", "[")):
         rows = _json_rows(text, path, id_column, label_column)
     elif delimited:
-        delim = "\t" if ("\t" in first or path.lower().endswith(".tsv")) else ","
+        delim = _delimiter(first, path)
         reader = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=delim))
         header = [c.strip().lower() for c in reader[0]]
-        # A header names columns; a data row starts with an image file name.
+        # A header names columns; a data row holds an image file name (first, or swapped with its label).
         has_header = (
             id_column is not None
             or label_column is not None
             or any(h in ID_COLUMNS + LABEL_COLUMNS for h in header)
-            or not is_image_name(header[0])
+            or not any(is_image_name(c.strip()) for c in header)
         )
         mode_idx = None
         if has_header:
@@ -138,6 +141,7 @@ def read_labels(
                     stacklevel=3,
                 )
             rows = kept
+    _check_not_swapped(rows, path)
     labels: dict[str, str] = {}
     for lineno, key, label in rows:
         if headed and key and not label:
@@ -150,6 +154,29 @@ def read_labels(
             )
         labels[key] = label
     return labels
+
+
+def _delimiter(first: str, path: str) -> str:
+    """The delimiter of a CSV/TSV: a tab (or .tsv), else a semicolon where the first line has more
+    of them than commas (spreadsheets in many European locales save so), else a comma."""
+    if "\t" in first or path.lower().endswith(".tsv"):
+        return "\t"
+    return ";" if first.count(";") > first.count(",") else ","
+
+
+def _check_not_swapped(rows: list[tuple[int, str, str]], path: str) -> None:
+    """Refuse, naming the likely cause, a file whose label column holds the file names."""
+    if len(rows) < 2:
+        return
+    names_as_labels = sum(is_image_name(label) for _, _, label in rows)
+    names_as_ids = sum(is_image_name(key) for _, key, _ in rows)
+    if names_as_labels >= 0.8 * len(rows) and names_as_ids <= 0.2 * len(rows):
+        _, key, label = rows[0]
+        raise ImgsentError(
+            f"labels file {path}: the columns look swapped: the label column holds file names (e.g. {label!r}) "
+            f"and the id column labels (e.g. {key!r}); put the file first, or name them with --id-column and "
+            "--label-column"
+        )
 
 
 def _json_rows(text: str, path: str, id_column: str | None, label_column: str | None) -> list[tuple[int, str, str]]:
@@ -222,12 +249,21 @@ def map_labels(raw: dict[str, str], mapping: str = "auto") -> dict[str, str]:
     if mapping == "none":
         return dict(raw)
     if mapping == "polarity":
+        if set(lowered.values()) <= set(_SIGNED):
+            return {k: _SIGNED[v] for k, v in lowered.items()}
         unknown = sorted({v for v in lowered.values() if v not in POLARITY})
         if unknown:
             raise ImgsentError(f"--map polarity: no polarity for label(s) {', '.join(unknown[:5])}")
         return {k: POLARITY[v] for k, v in lowered.items()}
     if all(v in _POLARITY_NAMES for v in lowered.values()):
         return {k: _POLARITY_NAMES[v] for k, v in lowered.items()}
+    if set(lowered.values()) <= set(_SIGNED):
+        warnings.warn(
+            "the labels are -1 / 1: read as negative / positive (--map none keeps them as classes '-1' and '1')",
+            ImgsentWarning,
+            stacklevel=3,
+        )
+        return {k: _SIGNED[v] for k, v in lowered.items()}
     names = sorted(set(raw.values()))
     if all(v in POLARITY for v in lowered.values()):
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")

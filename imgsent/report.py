@@ -39,6 +39,7 @@ class RunSummary:
     elapsed_s: float = 0.0
     labels: dict[str, int] = field(default_factory=dict)
     details: dict[str, str] = field(default_factory=dict)  # model, weights... (printed as is)
+    first_error: str | None = None  # the first error row's reason this run met (None: none, or resumed ones only)
 
     @property
     def images_per_s(self) -> float:

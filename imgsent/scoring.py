@@ -31,7 +31,7 @@ from .options import RunOptions
 from .precision import head_precision
 from .report import RunSummary
 from .shards import ShardedWriter
-from .sinks import SCORES_KIND, FileSink, format_of, is_dir_output
+from .sinks import SCORES_KIND, FileSink, check_replace, format_of, is_dir_output
 from .training import SentimentModel
 
 
@@ -218,6 +218,9 @@ def score(
     fmt = None if dir_out else format_of(out, fmt)
     sentiment = resolve_model(model)
     builder = ScoreTableBuilder(sentiment, *model_identity(sentiment, model), threshold, head_precision(opts.precision))
+    if not dir_out:
+        made = {"model": builder.name, "model_version": builder.version, "threshold": threshold}
+        check_replace(out, fmt, made, opts.overwrite)
     if features:
         accept = None if opts.precision == "auto" else opts.precision
         return _score_store(features, out, sentiment, builder, fmt, accept)

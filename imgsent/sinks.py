@@ -50,6 +50,50 @@ def is_dir_output(out: str) -> bool:
     return out.endswith(("/", os.sep)) or os.path.isdir(out)
 
 
+def made_by(out: str, fmt: str) -> dict | None:
+    """What an existing output file says made it: a Parquet file's provenance, or the ``model`` and
+    ``model_version`` of a CSV/TSV/JSON Lines file's first row; None when it is no imgsent output."""
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.read_schema(out).metadata or {}
+            return json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+        with open(out, encoding="utf-8", newline="") as fh:
+            if fmt == "jsonl":
+                row = json.loads(fh.readline() or "null")
+            else:
+                import csv
+
+                reader = csv.reader(fh, delimiter="\t" if fmt == "tsv" else ",")
+                header, first = next(reader, []), next(reader, [])
+                row = dict(zip(header, first))
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, StopIteration):
+        return None
+    except Exception:  # pyarrow's own errors for a file that is not Parquet
+        return None
+    if not isinstance(row, dict) or "model" not in row:
+        return None
+    return {"model": row.get("model"), "model_version": row.get("model_version")}
+
+
+def check_replace(out: str, fmt: str, made: dict, overwrite: bool) -> None:
+    """An existing output file is replaced by the same command (same model and version, same
+    threshold), or with ``overwrite``; a file of another model, or not made by imgsent, is kept and
+    the run refused with one line saying what differs."""
+    if out == "-" or overwrite or not os.path.exists(out):
+        return
+    if os.path.isdir(out):
+        return  # a directory output: the shard writer checks it
+    old = made_by(out, fmt)
+    if old is None:
+        raise ImgsentError(f"{out} exists and is not a score file of imgsent; pass --overwrite to replace it")
+    differs = [k for k in ("model", "model_version", "threshold") if k in old and old.get(k) != made.get(k)]
+    if differs:
+        said = ", ".join(f"{k} {old.get(k)!r} (this run: {made.get(k)!r})" for k in differs)
+        raise ImgsentError(f"{out} holds scores made otherwise: {said}; pass --overwrite to replace it")
+
+
 class FileSink:
     """One output file, written to a temporary name and renamed on success (mode from the umask);
     or stdout (``-``). ``metadata`` (Parquet only) is stored as the file's key-value metadata."""

@@ -32,6 +32,13 @@ _held: dict[str, tuple] = {}  # per process: the last Parquet row group and Arro
 _held_lock = threading.Lock()  # the threads of read_sources share them
 
 
+def not_found(path: str) -> str:
+    """Why a listed file cannot be opened any more; a relative path says where it was looked for."""
+    if os.path.isabs(path) or "://" in path:
+        return "file not found (deleted or moved after listing?)"
+    return f"file not found: {path} was read relative to the current directory {os.getcwd()} (run from elsewhere?)"
+
+
 def _cached(kind: str, key: tuple, load):
     """``load()``, unless the last ``kind`` entry loaded in this process had ``key``."""
     with _held_lock:
@@ -150,7 +157,7 @@ def _read_remote_file(path: str) -> bytes:
     except SourceError:
         raise
     except FileNotFoundError:
-        raise SourceError("file not found (deleted or moved after listing?)") from None
+        raise SourceError(not_found(path)) from None
     except Exception as exc:
         raise SourceError(f"cannot read {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}") from None
 

@@ -613,7 +613,7 @@ def check_model_output(out: str, overwrite: bool) -> None:
     if others and not overwrite:
         raise ImgsentError(
             f"{out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), not just a "
-            f"model; choose another output directory, or overwrite to write into it anyway"
+            f"model; choose another output directory, or pass --overwrite to write into it anyway"
         )
 
 

@@ -103,12 +103,18 @@ def test_heads_keep_to_int8_or_float_features(images, tmp_path):
 def test_the_official_int8_mobilenet_v2_is_read_from_its_traced_file_exactly():
     traced = torch.jit.load(str(SHARED_TORCHSCRIPT))
     probs = create_backbone(f"{MNV2}:probs@{SHARED_TORCHSCRIPT}", int8=True)
-    x = torch.cat([probe_image(probs.preprocess), torch.rand(3, 3, 224, 224) * 4 - 2])
+    noise = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    x = torch.cat([probe_image(probs.preprocess), noise])
     with torch.inference_mode():
         ours = probs(x)
         theirs = torch.softmax(torch.cat([traced(x[i : i + 1]) for i in range(len(x))]), dim=1)
-    assert ours.argmax(1).tolist() == theirs.argmax(1).tolist()
-    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=0)  # the same int8 network, other kernels
+    # The same int8 network, other kernels: the probe image agrees to rounding. Noise images spread
+    # their probability over near-tied classes, where the quantized engines' rounding (x86 here,
+    # qnnpack when the file was traced) moves a probability by up to ~0.02 and can swap the top two
+    # (measured over 8 noise seeds on an x86 Xeon): close on the whole, not equal.
+    assert ours[0].argmax() == theirs[0].argmax()
+    torch.testing.assert_close(ours[:1], theirs[:1], atol=2e-3, rtol=0)
+    assert (ours[1:] - theirs[1:]).abs().max() < 0.05 and (ours[1:] - theirs[1:]).abs().mean() < 1e-3
     if SHARED_WEIGHTS.is_file():  # and close to the float network made from the same checkpoint
         float_bb = create_backbone(f"{MNV2}@{SHARED_WEIGHTS}")
         int8_bb = create_backbone(f"{MNV2}@{SHARED_TORCHSCRIPT}", int8=True)

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 
 from imgsent.errors import ImgsentError, ImgsentWarning
@@ -76,3 +78,31 @@ def test_labels_land_on_exactly_the_images_they_name():
     with pytest.warns(ImgsentWarning, match="1 of them are file names that several images share"):
         j = join_labels(ids + ["x/ok1.jpg"], paths + ["/data/x/ok1.jpg"], status + ["ok"], only)
     assert [(ids + ["x/ok1.jpg"])[r] for r in j.rows] == ["pos/4.jpg", "x/ok1.jpg"]
+
+
+def test_semicolon_csv_and_signed_labels_train_a_negative_positive_model(tiny_model, tmp_path):
+    """European spreadsheets save CSV with semicolons; -1/1 is a common polarity coding (issue 35)."""
+    import imgsent
+    from imgsent.errors import UselessModelWarning
+
+    store = str(tiny_model.parent / "store")
+    semi = tmp_path / "export.csv"
+    semi.write_text("image;sentiment\n" + "".join(f"pos{i:02d}.jpg;1\nneg{i:02d}.jpg;-1\n" for i in (1, 2, 4, 5, 7)))
+    with pytest.warns(ImgsentWarning, match="-1 / 1: read as negative / positive"):
+        assert read_labels(str(semi))["pos01.jpg"] == "1" and map_labels({"a": "-1", "b": "1"}) == {
+            "a": "negative",
+            "b": "positive",
+        }
+    with pytest.warns(ImgsentWarning, match="-1 / 1"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UselessModelWarning)
+        model = imgsent.train(store, labels=str(semi), epochs=2, cv=0)
+    assert model.classes == ["negative", "positive"] and model.training["labelled"] == 10
+    assert map_labels({"a": "-1", "b": "0", "c": "1"}) == {"a": "-1", "b": "0", "c": "1"}  # three classes: kept
+    assert map_labels({"a": "-1", "b": "+1"}, "polarity") == {"a": "negative", "b": "positive"}
+
+
+def test_swapped_columns_are_named_as_the_likely_cause(tmp_path):
+    p = tmp_path / "l.csv"
+    p.write_text("positive,a.jpg\nnegative,b.jpg\npositive,c.jpg\n")
+    with pytest.raises(ImgsentError, match="columns look swapped: the label column holds file names"):
+        read_labels(str(p))

@@ -1,0 +1,69 @@
+"""A newcomer's day (issue 35): nothing failed quietly."""
+
+import shutil
+
+from conftest import imgsent_cli
+
+
+def test_a_run_in_which_every_image_fails_exits_1_with_one_line_naming_the_current_directory(
+    tiny_dataset, tiny_model, tmp_path
+):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in ("pos01.jpg", "pos02.jpg", "neg01.jpg"):
+        shutil.copy(tiny_dataset / name[:3].replace("pos", "positive").replace("neg", "negative") / name, images)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    listing = "pos01.jpg\npos02.jpg\nneg01.jpg\n"  # `ls imgs | imgsent score -`, run from another directory
+    r = imgsent_cli(
+        "score", "-", "--out", tmp_path / "s.csv", "--model", tiny_model, "-q", input=listing, cwd=elsewhere
+    )
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines == [
+        f"imgsent: error: 0 of 3 images scored; first error: file not found: neg01.jpg was read relative to the "
+        f"current directory {elsewhere} (run from elsewhere?)"
+    ]
+    assert (tmp_path / "s.csv").read_text().count("\n") == 4  # the error rows are written all the same
+    ok = imgsent_cli("score", "-", "--out", tmp_path / "t.csv", "--model", tiny_model, "-q", input=listing, cwd=images)
+    assert ok.returncode == 0 and ok.stderr == ""
+
+
+def test_a_single_file_output_of_another_model_is_kept_without_overwrite(tiny_dataset, tiny_model, tmp_path):
+    import warnings
+
+    import imgsent
+    from imgsent.errors import ImgsentError, UselessModelWarning
+
+    store = str(tiny_model.parent / "store")
+    other = str(tmp_path / "other")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UselessModelWarning)
+        imgsent.train(store, labels_from_folders=True, epochs=2, cv=0, out=other, seed=1)
+    for ext in ("parquet", "csv", "jsonl"):
+        out = str(tmp_path / f"s.{ext}")
+        imgsent.score(features=store, out=out, model=str(tiny_model))
+        before = open(out, "rb").read()
+        imgsent.score(features=store, out=out, model=str(tiny_model))  # the same command again: replaced
+        try:
+            imgsent.score(features=store, out=out, model=other)
+        except ImgsentError as exc:
+            assert "holds scores made otherwise: model 'model'" in str(exc) and "--overwrite" in str(exc)
+        else:
+            raise AssertionError(f"{ext}: another model's scores replaced the file")
+        assert open(out, "rb").read() == before
+        imgsent.score(features=store, out=out, model=other, overwrite=True)
+        assert open(out, "rb").read() != before
+    (tmp_path / "notes.csv").write_text("my,own\nfile,here\n")
+    r = imgsent_cli("score", "--features", store, "--model", tiny_model, "--out", tmp_path / "notes.csv")
+    assert r.returncode == 2 and "is not a score file of imgsent; pass --overwrite" in r.stderr
+    assert (tmp_path / "notes.csv").read_text() == "my,own\nfile,here\n"
+
+
+def test_a_long_option_with_one_dash_is_named(capsys, monkeypatch):
+    from conftest import run_cli
+
+    code, _, err = run_cli(["score", "x.jpg", "-out", "s.parquet"], capsys, monkeypatch)
+    assert code == 2 and err.strip() == "imgsent: error: -out has one dash (read as -o ut): did you mean --out?"
+    code, _, err = run_cli(["label", "-model=x", "--out", "l.csv"], capsys, monkeypatch)
+    assert code == 2 and "did you mean --model?" in err
