@@ -5,14 +5,16 @@ Twitter I with a simulated annotator (its 3-agree ground truth) through the HTTP
 
 Two collections, each with a starting model that has not seen it:
 - ``held-out``: a NN head trained (as `imgsent train` trains it) on a random 30 % of Twitter I over
-  the default model's backbones; the collection is the other 70 % (888 images).
+  the default model's backbones; the collection is the other 70 % (888 images: 666 served, 222 test).
 - ``default``: the packaged default model, on the 387 Twitter I images outside its training set
-  (5-agree): the hard, ambiguous ones.
+  (5-agree), the hard, ambiguous ones (291 served, 96 test).
 For each strategy (random, active, mix) the annotator labels through `GET /api/next?wait=` and
 `POST /api/label`; at each checkpoint the server is stopped with SIGTERM (it writes `--model-out`)
 and restarted on the same labels file. The written model is scored on the images not yet labelled
-(accuracy, ROC-AUC), beside the starting model on the same images; the page's accuracy estimate
-and its 95 % interval are read from `/api/status` and checked against that truth.
+(accuracy, ROC-AUC), beside the starting model on the same images, and on a fixed quarter of the
+collection that is never served (the same images for every strategy: the unlabelled rest of an
+active run is easier than a random run's); the page's accuracy estimate and its 95 % interval are
+read from `/api/status` and checked against the truth on the unlabelled rest.
 
 Then the learner, offline on random labels (3 draws): the starting model's logits as a prior with
 a linear correction (imgsent's), fine-tuning the starting head, and a linear model on the labels
@@ -76,20 +78,21 @@ def stop_server(proc: subprocess.Popen) -> None:
         raise SystemExit(f"bench: imgsent label exited {proc.returncode}: {err[-2000:]}")
 
 
-def evaluate_on_rest(store: str, model: str, ids_done: set[str], gt: dict[str, str]) -> dict:
+def evaluate_on(store: str, model: str, keep, gt: dict[str, str]) -> dict:
+    """Accuracy and ROC-AUC of ``model`` on the images of ``store`` whose id ``keep`` accepts."""
     m = load_model(model) if os.path.isdir(model) else resolve_model(model)
     fs = load(store, backbones=[k for k, _ in m.blocks])
-    rest = [k for k, i in enumerate(fs.ids) if i not in ids_done]
-    y = np.asarray([m.classes.index(gt[os.path.basename(fs.ids[k])]) for k in rest])
-    got = metrics(y, m.predict_proba(fs.X[rest]))
+    rows = [k for k, i in enumerate(fs.ids) if keep(i)]
+    y = np.asarray([m.classes.index(gt[os.path.basename(fs.ids[k])]) for k in rows])
+    got = metrics(y, m.predict_proba(fs.X[rows]))
     return {
-        "images": len(rest),
+        "images": len(rows),
         "accuracy": round(got["accuracy"], 4),
         "auc": round(got.get("roc_auc", float("nan")), 4),
     }
 
 
-def run_loop(name, store, start_model, gt, strategy, checkpoints, work: Path, seed: int) -> list[dict]:
+def run_loop(name, store, full, test, start_model, gt, strategy, checkpoints, work: Path, seed: int) -> list[dict]:
     import httpx
 
     labels = work / f"{name}-{strategy}.csv"
@@ -115,8 +118,10 @@ def run_loop(name, store, start_model, gt, strategy, checkpoints, work: Path, se
         stop_server(proc)
         if len(done) < target:
             break
-        rest = evaluate_on_rest(store, str(model_out), set(done), gt)
-        start = evaluate_on_rest(store, start_model, set(done), gt)
+        seen = set(done)
+        rest = evaluate_on(store, str(model_out), lambda i, seen=seen: i not in seen, gt)
+        start = evaluate_on(store, start_model, lambda i, seen=seen: i not in seen, gt)
+        on_test = lambda i: os.path.basename(i) in test  # noqa: E731
         acc = status["accuracy"]
         row = {
             "collection": name,
@@ -125,6 +130,8 @@ def run_loop(name, store, start_model, gt, strategy, checkpoints, work: Path, se
             "by_mode": status["by_mode"],
             "written_model": rest,
             "starting_model": start,
+            "test_written": evaluate_on(full, str(model_out), on_test, gt),
+            "test_starting": evaluate_on(full, start_model, on_test, gt),
             "estimate": {k: acc[k] for k in ("estimate", "low", "high", "n")},
             "interval_covers_truth": None
             if acc["estimate"] is None
@@ -194,6 +201,11 @@ def main() -> None:
         "held-out": [n for n in names if n not in start_part],
         "default": [n for n in names if n not in five],
     }
+    tests = {}
+    for name, files in collections.items():  # a fixed quarter of each collection is never served
+        rng_t = np.random.default_rng(args.seed + 1)
+        tests[name] = set(rng_t.choice(files, size=len(files) // 4, replace=False).tolist())
+        collections[name] = [f for f in files if f not in tests[name]]
     full = str(work / "twitter_i.features")
     imgsent.scoring.extract_model_features([str(TWITTER)], full, workers=1)  # resumable: once
     started = str(work / "start-held-out")
@@ -209,7 +221,9 @@ def main() -> None:
         imgsent.scoring.extract_model_features([f"@{listing}"], store, workers=1)
         points = [c for c in args.checkpoints if c <= len(files) - 100]
         for strategy in args.strategies:
-            result["loops"] += run_loop(name, store, starts[name], gt, strategy, points, work, args.seed)
+            result["loops"] += run_loop(
+                name, store, full, tests[name], starts[name], gt, strategy, points, work, args.seed
+            )
         result["learners"][name] = learners(store, starts[name], gt, points)
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")

@@ -61,6 +61,7 @@ from .weights import (
     downloading,
     load_state_dict_file,
     packaged_weights_file,
+    stall_guarded,
     state_dict_sha256,
 )
 
@@ -176,7 +177,10 @@ def _timm_pretrained_file_or_download(spec: BackboneSpec, random_weights: bool):
     packaged = _packaged_entry(spec) if pretrained else None
     found = packaged_weights_file(packaged) if packaged else None
     try:
-        model = timm.create_model(name, pretrained=pretrained and found is None)
+        if pretrained and found is None:
+            model = stall_guarded(timm.create_model, name, pretrained=True)
+        else:
+            model = timm.create_model(name, pretrained=False)
     except Exception as exc:
         if pretrained:
             hint = _offline_hint(spec, exc)
@@ -276,7 +280,7 @@ def quantized_weights_path(spec: BackboneSpec) -> str:
         return local[0]
     cached = cached_float_weights(spec)
     try:
-        state = download_quantized_mobilenet_v2()
+        state = stall_guarded(download_quantized_mobilenet_v2)
     except Exception as exc:
         raise ImgsentError(
             f"cannot download torchvision's quantized MobileNetV2 ({describe_failure(exc)}); on an offline "
@@ -343,7 +347,7 @@ def _load_torchvision(spec: BackboneSpec, random_weights: bool) -> Loaded:
             weights_file = quantized_weights_path(spec)
         else:
             try:
-                model = tvm.get_model(spec.name, weights=entry, **kwargs)
+                model = stall_guarded(tvm.get_model, spec.name, weights=entry, **kwargs)
             except Exception as exc:
                 raise _offline_hint(spec, exc) from None
     if weights_file is not None:

@@ -980,7 +980,14 @@ def _interrupted(code: int) -> int:
 def _what_was_kept() -> str:
     """What an interrupted run leaves: nothing yet (still loading models), or shards to resume from."""
     from .shards import WRITTEN_HERE
+    from .sinks import WRITING
 
+    if WRITING and not WRITTEN_HERE["shards"]:
+        out = sorted(WRITING)[0]
+        return (
+            f"{out} was not written (a single file appears only when the run completes); "
+            f"--out {os.path.splitext(out)[0]}/ writes shards that a rerun resumes"
+        )
     if not WRITTEN_HERE["outputs"]:
         return "nothing was written yet"
     if not WRITTEN_HERE["shards"]:

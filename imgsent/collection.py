@@ -283,6 +283,12 @@ def shares(
     estimates: list[Estimate] = []
     if info is not None:
         counts = np.bincount(y_s, minlength=len(classes))
+        if info["size"] < SMALL_SAMPLE:
+            half = 100 * 1.96 * np.sqrt(0.25 / info["size"])
+            warnings.append(
+                f"the labelled sample has only {info['size']} images: its intervals are wide (a share's "
+                f"sampling error alone is up to ±{half:.0f} points); about 200 labels give ±7"
+            )
         if counts.min() < 5:
             raise ImgsentError(
                 f"the labelled sample has {info['size']} usable images ({', '.join(f'{c} {n}' for c, n in zip(classes, counts))}); "
@@ -353,10 +359,15 @@ def shares(
     )
 
 
+SMALL_SAMPLE = 100  # a labelled sample below this many images gets a warning about its intervals' width
+
+
 def _add_binary(out: list, group: str, classes, pos: int, method: str, est: float, dist, alpha, n: int) -> None:
+    """Both classes' estimates, in the order of ``classes`` (as without a sample)."""
     lo, hi = (float(v) for v in np.quantile(np.clip(dist, 0, 1), [alpha, 1 - alpha]))
-    out.append(Estimate(group, classes[pos], method, est, lo, hi, n))
-    out.append(Estimate(group, classes[1 - pos], method, 1 - est, 1 - hi, 1 - lo, n))
+    pair = {pos: Estimate(group, classes[pos], method, est, lo, hi, n)}
+    pair[1 - pos] = Estimate(group, classes[1 - pos], method, 1 - est, 1 - hi, 1 - lo, n)
+    out.extend(pair[k] for k in sorted(pair))
 
 
 def _card_note(df) -> str:
@@ -441,5 +452,16 @@ def calibrate(
     m.calibration = fit_calibration(
         proba, y, m.classes, m.classes.index(m.positive_class) if m.positive_class else None, method, info
     )
+    if len(y) < SMALL_SAMPLE:
+        import warnings as _warnings
+
+        from .errors import ImgsentWarning
+
+        _warnings.warn(
+            f"the labelled sample has only {len(y)} images: the recalibration is rough (about 200 labels "
+            "make it steady)",
+            ImgsentWarning,
+            stacklevel=2,
+        )
     m.save(out)
     return m

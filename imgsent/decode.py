@@ -210,10 +210,35 @@ def decode_image(
     except Image.DecompressionBombError:
         raise DecodeError(f"image is over the limit of {max_pixels} pixels") from None
     except Image.UnidentifiedImageError:
-        raise DecodeError("not a recognised image format (corrupt, empty, or not an image)") from None
+        if (len(data) if data is not None else _size(path)) == 0:
+            raise DecodeError("empty file (0 bytes)") from None
+        raise DecodeError("not a recognised image format (corrupt, or not an image)") from None
     except Exception as exc:  # truncated data, decoder errors, MemoryError...
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DecodeError(f"{type(exc).__name__}: {reason}"[:300]) from None
+        raise DecodeError(_plain_reason(exc)) from None
+
+
+# Pillow's own words for broken image data, and what they mean to someone reading an error column.
+_PILLOW_REASONS = {
+    "truncated file read": "truncated file: the image data ends early (an interrupted copy or download?)",
+    "image file is truncated": "truncated file: the image data ends early (an interrupted copy or download?)",
+    "broken data stream": "corrupt image data (the decoder could not read it)",
+}
+
+
+def _plain_reason(exc: BaseException) -> str:
+    """A decoder's exception as a reason a person can act on; others as ``Type: text``."""
+    text = " ".join(str(exc).split())
+    for words, reason in _PILLOW_REASONS.items():
+        if words in text.lower():
+            return reason
+    return f"{type(exc).__name__}: {text or type(exc).__name__}"[:300]
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return -1
 
 
 def _resized_size(width: int, height: int, size: int | tuple[int, int]) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from .protocols import (
     stratified_kfold,
     train_val_test,
 )
+from .report import FitProgress
 from .training import LabelledFeatures, TrainConfig, fit, load_labelled
 
 METRICS = ("accuracy", "macro_f1", "balanced_accuracy", "roc_auc")
@@ -259,28 +260,33 @@ def evaluate(
     layout = Blocks.of(data.blocks)
     recipes = {r["key"]: r for r in data.recipes}
     results = []
-    for blocks, head, views in configs:
-        X = data.X if len(blocks) == len(data.blocks) else data.X[:, layout.columns([k for k, _ in blocks])]
-        res = ConfigResult(features=" + ".join(k for k, _ in blocks), head=head, views=views)
-        for k, sp in enumerate(split_list):
-            config = TrainConfig.named(head, seed=seed + k, **hyper)
-            model = fit(
-                X[sp.train],
-                data.y[sp.train],
-                data.classes,
-                blocks,
-                config,
-                recipes=[recipes[b] for b, _ in blocks],
-                progress=progress,
-            )
-            proba = model.predict_proba(X[sp.test])
-            m = metrics(data.y[sp.test], proba)
-            res.predictions.append((data.y[sp.test], proba))
-            if sp.val is not None and len(sp.val):
-                m["val_accuracy"] = metrics(data.y[sp.val], model.predict_proba(X[sp.val]))["accuracy"]
-            m["split"] = sp.name
-            res.per_split.append(m)
-        results.append(res)
+    start = (
+        f"{len(data.y)} labelled images, {len(configs)} head/feature set(s) x {len(split_list)} split(s) ({protocol})"
+    )
+    with FitProgress("evaluate", len(configs) * len(split_list), start, enabled=progress) as tracker:
+        for blocks, head, views in configs:
+            X = data.X if len(blocks) == len(data.blocks) else data.X[:, layout.columns([k for k, _ in blocks])]
+            res = ConfigResult(features=" + ".join(k for k, _ in blocks), head=head, views=views)
+            for k, sp in enumerate(split_list):
+                config = TrainConfig.named(head, seed=seed + k, **hyper)
+                model = fit(
+                    X[sp.train],
+                    data.y[sp.train],
+                    data.classes,
+                    blocks,
+                    config,
+                    recipes=[recipes[b] for b, _ in blocks],
+                    progress=tracker,
+                    what=f"{head} on {views}, split {sp.name}",
+                )
+                proba = model.predict_proba(X[sp.test])
+                m = metrics(data.y[sp.test], proba)
+                res.predictions.append((data.y[sp.test], proba))
+                if sp.val is not None and len(sp.val):
+                    m["val_accuracy"] = metrics(data.y[sp.val], model.predict_proba(X[sp.val]))["accuracy"]
+                m["split"] = sp.name
+                res.per_split.append(m)
+            results.append(res)
     out = EvaluationReport(
         protocol=protocol,
         splits=[

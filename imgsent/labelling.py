@@ -33,12 +33,14 @@ import numpy as np
 from . import adapting
 from .atomicio import atomic_open
 from .errors import ImgsentError, one_line
+from .specs import file_record
 from .training import MARGIN
 
 FIELDS = ("id", "path", "label", "mode", "annotator", "time", "p")
 MODES = ("random", "active", "repeat", "user")  # user: labelled by id through the API, never offered
 STRATEGIES = ("mix", "random", "active")
 OVERLAP = 0.2  # share of a second annotator's picks that repeat another annotator's images
+RESELECT = 5  # the correction's penalty is chosen again once this many (or 10 %) more labels judge it
 
 
 @dataclass
@@ -168,6 +170,7 @@ class LabelSession:
         self.start_proba = self.proba
         self.estimates: dict = {}
         self.fit_error: str | None = None
+        self._selected: tuple[int, float | None] | None = None  # (judging labels, penalty) last chosen
         self._stop = False
         self._check_resumed_rows()
         self._thread = threading.Thread(target=self._refit_loop, name="imgsent-label-fit", daemon=True)
@@ -326,7 +329,16 @@ class LabelSession:
         C = len(self.classes)
         U, S = self.U[k], None if self.S is None else self.S[k]
         judge = np.asarray([r.mode == "random" for r in rows], dtype=bool)
-        correction = adapting.fit_correction(U, S, y, C, seed=self.seed, judge=judge)
+        if self.strategy == "active" and not judge.any():
+            judge = None  # active alone: its own labels judge (early corrections can hurt: README)
+        judges = int(len(y) if judge is None else judge.sum())
+        last = self._selected
+        if last is None or judges < last[0] or judges >= last[0] + max(RESELECT, last[0] // 10):
+            lam = adapting.select_penalty(U, S, y, C, seed=self.seed, judge=judge)
+            self._selected = (judges, lam)  # chosen again after RESELECT (or 10 %) more judging labels
+        else:
+            lam = last[1]
+        correction = adapting.fit_penalised(U, S, y, C, lam)
         proba = adapting.predict(self.prior, correction, self.X)
         oof = adapting.out_of_fold(U, S, y, C, correction.lam, seed=self.seed) if len(y) else np.zeros((0, C))
         return correction, proba, self._estimates(rows, all_rows, y, oof, proba)
@@ -364,7 +376,7 @@ class LabelSession:
                 "n": 0,
                 "method": "no random-mode label yet",
             }
-        out["prevalence"] = self._prevalence(rows, random_rows, oof, proba)
+        out["prevalence"] = _Once(lambda: self._prevalence(rows, random_rows, oof, proba))
         out["agreement"] = self._agreement(all_rows)
         return out
 
@@ -420,6 +432,10 @@ class LabelSession:
     # --- status and the model -------------------------------------------------------------------
     def status(self) -> dict:
         with self.lock:
+            estimates = dict(self.estimates)
+        if isinstance(estimates.get("prevalence"), _Once):  # the bootstrap runs once per fit, when asked
+            estimates["prevalence"] = estimates["prevalence"]()
+        with self.lock:
             first = self._first_labels()
             rows = self.log.rows
             return {
@@ -437,8 +453,13 @@ class LabelSession:
                     "prior": self.prior.model is not None,
                     "error": self.fit_error,
                 },
-                **self.estimates,
+                **estimates,
             }
+
+    def labelled(self) -> int:
+        """How many images have a label."""
+        with self.lock:
+            return len(self._first_labels())
 
     def wait_fitted(self, timeout: float = 600.0) -> bool:
         with self.lock:
@@ -447,8 +468,6 @@ class LabelSession:
     def current_model(self, labels_file: str | None = None):
         """The current model as a bundle-ready :class:`SentimentModel` (an NN head, see
         :func:`adapting.merge`), its card recording the labels it learnt from."""
-        import hashlib
-
         with self.lock:
             correction, first = self.correction, self._first_labels()
         model = adapting.merge(self.prior, correction, self.recipes, self.header)
@@ -463,11 +482,7 @@ class LabelSession:
         if self.start_model is not None:
             info["started_from"] = self.start_model.training.get("card", {}).get("name") or repr(self.start_model)
         if labels_file is not None:
-            with open(labels_file, "rb") as fh:
-                info["labels_file"] = {
-                    "name": os.path.basename(labels_file),
-                    "sha256": hashlib.sha256(fh.read()).hexdigest(),
-                }
+            info["labels_file"] = file_record(labels_file)
         acc = self.estimates.get("accuracy")
         if self.estimates.get("warnings"):
             info["warnings"] = self.estimates["warnings"]
@@ -486,6 +501,19 @@ class LabelSession:
             self._stop = True
             self.changed.notify_all()
         self._thread.join(timeout=10)
+
+
+class _Once:
+    """A value computed on first use, once, whichever thread asks first."""
+
+    def __init__(self, fn):
+        self.fn, self.lock, self.done, self.value = fn, threading.Lock(), False, None
+
+    def __call__(self):
+        with self.lock:
+            if not self.done:
+                self.value, self.done = self.fn(), True
+            return self.value
 
 
 def _r(v):
@@ -578,7 +606,7 @@ def label(
     sock = bind(host, port)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}/?token={token}"
-    echo(f"imgsent label: {session.status()['labelled']} labelled, {len(session.ids)} images; open {url}")
+    echo(f"imgsent label: {session.labelled()} labelled, {len(session.ids)} images; open {url}")
     echo("imgsent label: Ctrl-C stops (labels are saved as they are given)")
     if browser and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt" or _is_mac()):
         import webbrowser
@@ -591,7 +619,7 @@ def label(
         if model_out is not None:
             session.wait_fitted()
             session.current_model(out).save(model_out)
-            echo(f"imgsent label: wrote {model_out} (learnt from {session.status()['labelled']} labels)")
+            echo(f"imgsent label: wrote {model_out} (learnt from {session.labelled()} labels)")
         session.close()
     return session
 

@@ -116,12 +116,12 @@ def create_app(session: LabelSession, token: str):
             row = session.undo(who(request, data))
         except LookupError as exc:
             return error(409, str(exc))
-        return JSONResponse({"undone": row.id, "labelled": session.status()["labelled"]})
+        return JSONResponse({"undone": row.id, "labelled": session.labelled()})
 
     async def status(request: Request):
         if (denied := authorised(request)) is not None:
             return denied
-        return JSONResponse(session.status())
+        return JSONResponse(await anyio.to_thread.run_sync(session.status))
 
     async def image(request: Request):
         if (denied := authorised(request)) is not None:

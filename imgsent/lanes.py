@@ -37,6 +37,17 @@ def in_lanes(fn: Callable, items: Iterable, lanes: int) -> Iterator:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 _END = object()
 JOIN_S = 60.0  # how long a stopped consumer waits for the stage to finish the item in its hands
 

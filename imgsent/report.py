@@ -18,11 +18,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 stderr_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)  # resolves sys.stderr when writing
 
@@ -53,6 +55,8 @@ class RunSummary:
 
     def print(self, title: str) -> None:
         t = Table(title=title, show_header=False, title_justify="left")
+        t.add_column()
+        t.add_column(max_width=SUMMARY_WIDTH, overflow="fold")  # long weight paths wrap, not the whole log line
         t.add_row("output", self.output)
         for k, v in self.details.items():
             t.add_row(k, v)
@@ -68,6 +72,7 @@ class RunSummary:
         stderr_console.print(t)
 
 
+SUMMARY_WIDTH = 76  # the value column of a run summary, in characters (the table stays within 100)
 PROGRESS_ENV = "IMGSENT_PROGRESS_EVERY"
 DEFAULT_PROGRESS_EVERY = 30.0
 
@@ -87,6 +92,32 @@ def progress_interval() -> float:
         return DEFAULT_PROGRESS_EVERY
 
 
+class _Ticker:
+    """Prints ``line()`` on stderr every ``every`` seconds from a thread of its own, until stopped
+    (plain progress lines in logs: they come on time however long the work between them takes)."""
+
+    def __init__(self, line, every: float):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(line, every), name="imgsent-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self, line, every: float) -> None:
+        while not self._stop.wait(every):
+            print(line(), file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _ErrorsColumn(ProgressColumn):
+    """ "N errors", red only when N > 0."""
+
+    def render(self, task) -> Text:
+        n = task.fields.get("errors", 0)
+        return Text(f"{n} errors", style="red" if n else "dim")
+
+
 class RunProgress:
     """Progress of a run with images/s, ETA and an error count, on stderr: a rich bar on a
     terminal, plain lines every :func:`progress_interval` seconds otherwise (from a timer, so they
@@ -104,14 +135,14 @@ class RunProgress:
         self._progress = None
         self._plain = enabled and (not sys.stderr.isatty() if plain is None else plain)
         self._every = progress_interval()
-        self._ticker: threading.Thread | None = None
+        self._ticker: _Ticker | None = None
         if enabled and not self._plain:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]:.1f} img/s"),
-                TextColumn("[red]{task.fields[errors]} errors"),
+                _ErrorsColumn(),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=stderr_console,
@@ -126,21 +157,14 @@ class RunProgress:
             what = f"; {self.detail}" if self.detail else ""
             print(f"{self.description}: started on {self.total} images{what}", file=sys.stderr, flush=True)
         if self._plain and self._every > 0:
-            self._stop = threading.Event()
-            self._ticker = threading.Thread(target=self._tick, name="imgsent-progress", daemon=True)
-            self._ticker.start()
+            self._ticker = _Ticker(self.line, self._every)
         return self
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.stop()
         if self._ticker is not None:
-            self._stop.set()
-            self._ticker.join()
-
-    def _tick(self) -> None:
-        while not self._stop.wait(self._every):
-            print(self.line(), file=sys.stderr, flush=True)
+            self._ticker.stop()
 
     def advance(self, n: int, errors: int = 0, resumed: bool = False) -> None:
         """``n`` more rows done (``resumed``: done by an earlier run, not counted in the rate)."""
@@ -165,4 +189,47 @@ class RunProgress:
         return (
             f"{self.description}: {self.done}/{self.total} ({share:.1f}%), {rate:.1f} images/s, "
             f"{self.errors} errors, elapsed {_duration(elapsed)}, ETA {eta}"
+        )
+
+
+class FitProgress:
+    """Progress of head training (``train``, ``evaluate``): which fit of how many and which epoch.
+    On a terminal each fit's epochs show as a bar (see ``training._EpochBar``); in logs, a first
+    line, then a plain line every :func:`progress_interval` seconds from a timer, as for images."""
+
+    def __init__(self, description: str, fits: int, start_line: str, enabled: bool = True):
+        self.description, self.fits, self.start_line = description, fits, start_line
+        self.enabled = enabled
+        self.plain = enabled and not sys.stderr.isatty()
+        self.fit, self.what, self.epoch, self.epochs = 0, "", 0, 0
+        self.start = time.perf_counter()
+        self._ticker: _Ticker | None = None
+
+    def __enter__(self) -> FitProgress:
+        if self.plain:
+            print(f"{self.description}: started: {self.start_line}", file=sys.stderr, flush=True)
+            if progress_interval() > 0:
+                self._ticker = _Ticker(self.line, progress_interval())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+
+    def next_fit(self, what: str) -> str:
+        """A new fit begins (``what`` it is); returns the label of its epoch bar."""
+        self.fit += 1
+        self.what, self.epoch = what, 0
+        return f"fit {self.fit}/{self.fits} {what}"
+
+    def at_epoch(self, epoch: int, epochs: int) -> None:
+        self.epoch, self.epochs = epoch, epochs
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        if self.fit == 0:
+            return f"{self.description}: preparing the first fit, {elapsed:.0f} s"
+        return (
+            f"{self.description}: fit {self.fit} of {self.fits} ({self.what}), epoch {self.epoch} of {self.epochs}, "
+            f"{elapsed:.0f} s"
         )

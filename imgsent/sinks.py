@@ -26,6 +26,7 @@ EXTENSIONS = {
     ".json": "jsonl",
 }
 METADATA_KEY = b"imgsent"  # Parquet file metadata: provenance as JSON
+WRITING: set[str] = set()  # single-file outputs begun and not completed in this process (for the CLI's Ctrl-C line)
 
 
 def format_of(out: str, fmt: str | None) -> str:
@@ -115,6 +116,7 @@ class FileSink:
             try:
                 self._tmp = temp_path(out)
                 self._fh = open(self._tmp, "wb")  # noqa: SIM115 (closed in close())
+                WRITING.add(out)
             except OSError as exc:
                 discard(self._tmp)
                 raise ImgsentError(f"cannot write to {directory}: {exc.strerror}") from None
@@ -167,6 +169,7 @@ class FileSink:
             return
         self._fh.close()
         if ok:
+            WRITING.discard(self.out)  # left there otherwise: the CLI's interrupted line names it
             try:
                 commit(self._tmp, self.out)
             except OSError as exc:

@@ -27,8 +27,10 @@ from .errors import ImgsentError, UselessModelWarning
 from .features import FeatureSet, load
 from .heads import HEADS, BlockNorm, create_head
 from .labels import LabelJoin, join_labels, labels_from_folders, map_labels, read_labels
+from .lanes import torch_threads
 from .precision import HEAD_PRECISIONS
-from .specs import normalize_key, normalized_recipe
+from .report import FitProgress
+from .specs import file_record, normalize_key, normalized_recipe
 from .weights import atomic_save_safetensors
 
 MODEL_FORMAT = "imgsent-model"
@@ -37,7 +39,11 @@ MODEL_FORMAT_VERSION = 1
 HEAD_FILE = "head.safetensors"
 MODEL_FILE = "model.json"
 
-HEAD_NAMES = ("nn", "moe", "moe1", "moe2")  # moe = moe1 unless a schedule is given
+HEAD_NAMES = ("nn", "moe", "moe1", "moe2")
+# torch threads while a head trains: one. Its steps are small matrix products (batch 8 x 2,560 x
+# 200 for nn) that gain nothing from a pool and lose much when the cores are shared: OpenMP's
+# barrier waits for a core another process holds (bench/train_threads.py; README's figures).
+FIT_THREADS = 1  # moe = moe1 unless a schedule is given
 
 # The paper's settings, one row per head (and MoE schedule). Flags override single fields.
 # Not from the paper (it leaves them unsaid): the MoE dropout rate 0.5, and the NN's weight decay 0.
@@ -463,9 +469,19 @@ def fit(
     *,
     recipes: list[dict] | None = None,
     feature_header: dict | None = None,
-    progress: bool = False,
+    progress: bool | FitProgress = False,
+    threads: int | None = None,
+    what: str = "",
 ) -> SentimentModel:
-    """Train one head on ``X`` (N, D) with integer labels ``y``; deterministic for a given seed."""
+    """Train one head on ``X`` (N, D) with integer labels ``y``; deterministic for a given seed.
+    ``threads``: torch threads while it trains (default :data:`FIT_THREADS`). ``progress``: a bar
+    of the epochs on a terminal; a :class:`~imgsent.report.FitProgress` also gets each epoch (and
+    ``what`` this fit is) for its log lines."""
+    with torch_threads(threads or FIT_THREADS):
+        return _fit(X, y, classes, blocks, config, recipes, feature_header, progress, what)
+
+
+def _fit(X, y, classes, blocks, config, recipes, feature_header, progress, what) -> SentimentModel:
     cfg = config.resolved()
     X = np.asarray(X, dtype=np.float32)
     if len(X) != len(y) or len(X) == 0:
@@ -485,7 +501,9 @@ def fit(
         epochs, lr_step = cfg.schedule_for(n)
         opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=lr_step, gamma=cfg.lr_gamma) if lr_step else None
-        bar = _EpochBar(epochs, cfg.label, progress)
+        tracker = progress if isinstance(progress, FitProgress) else None
+        label = tracker.next_fit(what or cfg.label) if tracker is not None else cfg.label
+        bar = _EpochBar(epochs, label, bool(progress))
         head.train()
         for _epoch in range(epochs):
             perm = torch.randperm(n, generator=gen).to(device)
@@ -500,6 +518,8 @@ def fit(
             if sched is not None:
                 sched.step()
             bar.update(total / steps)
+            if tracker is not None:
+                tracker.at_epoch(_epoch + 1, epochs)
         bar.close()
         head.eval()
     head = head.cpu()
@@ -545,7 +565,7 @@ class _EpochBar:
             self._p.stop()
 
 
-def held_out_estimate(data: LabelledFeatures, config: TrainConfig, folds: int) -> dict:
+def held_out_estimate(data: LabelledFeatures, config: TrainConfig, folds: int, progress=False) -> dict:
     """Stratified ``folds``-fold accuracy of ``config`` on ``data`` (seeded by ``config.seed``),
     next to the majority-class baseline: what to expect on unseen images of the same kind."""
     from .protocols import stratified_kfold
@@ -558,8 +578,16 @@ def held_out_estimate(data: LabelledFeatures, config: TrainConfig, folds: int) -
     from .protocols import metrics
 
     accs, balanced = [], []
-    for sp in stratified_kfold(data.y, k, seed=config.seed):
-        m = fit(data.X[sp.train], data.y[sp.train], data.classes, data.blocks, config)
+    for j, sp in enumerate(stratified_kfold(data.y, k, seed=config.seed), start=1):
+        m = fit(
+            data.X[sp.train],
+            data.y[sp.train],
+            data.classes,
+            data.blocks,
+            config,
+            progress=progress,
+            what=f"fold {j} of {k}",
+        )
         got = metrics(data.y[sp.test], m.predict_proba(data.X[sp.test]))
         accs.append(got["accuracy"])
         balanced.append(got["balanced_accuracy"])
@@ -654,17 +682,23 @@ def train(
         label_column=label_column,
     )
     config = TrainConfig.named(head, **hyper)
-    held_out = held_out_estimate(data, config, cv) if cv >= 2 else None
-    model = fit(
-        data.X,
-        data.y,
-        data.classes,
-        data.blocks,
-        config,
-        recipes=data.recipes,
-        feature_header=data.header,
-        progress=progress,
+    fits = 1 + (cv if cv >= 2 else 0)
+    start = f"{len(data.y)} labelled images, {config.label} head" + (
+        f"; a {cv}-fold held-out estimate first, then the final fit" if cv >= 2 else ""
     )
+    with FitProgress("train", fits, start, enabled=progress) as tracker:
+        held_out = held_out_estimate(data, config, cv, progress=tracker) if cv >= 2 else None
+        model = fit(
+            data.X,
+            data.y,
+            data.classes,
+            data.blocks,
+            config,
+            recipes=data.recipes,
+            feature_header=data.header,
+            progress=tracker,
+            what="final model",
+        )
     train_pred = model.predict_proba(data.X).argmax(1)
     train_acc = float((train_pred == data.y).mean())
     model.training = {
@@ -673,6 +707,8 @@ def train(
         "schedule": model.training["schedule"],
         "store": os.path.abspath(store),
     }
+    if labels is not None:
+        model.training["labels_file"] = file_record(labels)
     if held_out is not None:
         model.training["held_out"] = held_out
     concerns = quality_warnings(held_out, train_pred, data.y, data.classes)

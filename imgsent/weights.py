@@ -68,6 +68,65 @@ def downloading():
                 os.environ.pop(k, None)
 
 
+def stall_guarded(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` (a download) on a helper thread, given up with ``TimeoutError`` once no
+    byte has arrived in the hubs' caches for :func:`download_timeout` seconds. Each socket already
+    gives up after that long, but a client that retries (Hugging Face's retries its metadata request
+    five times, with pauses) would otherwise keep a run waiting for several times the limit behind
+    a proxy that never answers; a slow download that keeps arriving is never cut."""
+    import threading
+    import time
+
+    limit = download_timeout()
+    dirs = _hub_dirs()
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the caller's thread below
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="imgsent-download", daemon=True)
+    worker.start()
+    seen, since = _bytes_under(dirs), time.monotonic()
+    while True:
+        worker.join(min(1.0, limit))
+        if not worker.is_alive():
+            break
+        now = _bytes_under(dirs)
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= limit:
+            raise TimeoutError(f"nothing arrived for {limit:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _hub_dirs() -> list[str]:
+    import torch.hub
+
+    dirs = [torch.hub.get_dir()]
+    try:
+        from huggingface_hub import constants
+
+        dirs.append(constants.HF_HUB_CACHE)
+    except ImportError:
+        pass
+    return dirs
+
+
+def _bytes_under(dirs: list[str]) -> int:
+    total = 0
+    for d in dirs:
+        for root, _, files in os.walk(d):
+            for f in files:
+                with contextlib.suppress(OSError):
+                    total += os.stat(os.path.join(root, f)).st_size
+    return total
+
+
 def describe_failure(exc: BaseException) -> str:
     """A download's exception as one short clause; a timeout says so, and how to change the limit."""
     text = " ".join(str(exc).split())[:160]

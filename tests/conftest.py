@@ -200,3 +200,16 @@ def tiny_model(tiny_dataset, tmp_path_factory) -> Path:
         warnings.simplefilter("ignore", UselessModelWarning)
         imgsent.train(store, labels_from_folders=True, head="nn", epochs=5, cv=0, out=str(root / "model"))
     return root / "model"
+
+
+# Debian's chromium, headless, as root on a closed network: without the background-networking flags
+# it tries (and fails) to reach Google's hosts at every start.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]

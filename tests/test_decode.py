@@ -144,9 +144,17 @@ def test_truncated_jpeg_and_png(tmp_path):
     buf = io.BytesIO()
     Image.fromarray(rgb_array(200, 200)).save(buf, "PNG")
     (tmp_path / "t.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    reasons = []
     for name in ("t.jpg", "t.png"):
-        with pytest.raises(DecodeError):
+        with pytest.raises(DecodeError) as exc:
             decode_image(str(tmp_path / name))
+        reasons.append(str(exc.value))
+    # the reasons a person reads in the error column: what happened, not Pillow's exception (issue 35)
+    assert all(not r.startswith("OSError") for r in reasons), reasons
+    assert any(r.startswith("truncated file: the image data ends early") for r in reasons), reasons
+    (tmp_path / "e.jpg").write_bytes(b"")
+    with pytest.raises(DecodeError, match=r"^empty file \(0 bytes\)$"):
+        decode_image(str(tmp_path / "e.jpg"))
 
 
 def test_jpeg_named_png_still_decodes(tmp_path):

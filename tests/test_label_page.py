@@ -7,18 +7,9 @@ import threading
 import time
 
 import pytest
+from conftest import CHROMIUM_ARGS
 
 from imgsent.labelling import LabelLog, open_session
-
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture

@@ -67,3 +67,47 @@ def test_a_long_option_with_one_dash_is_named(capsys, monkeypatch):
     assert code == 2 and err.strip() == "imgsent: error: -out has one dash (read as -o ut): did you mean --out?"
     code, _, err = run_cli(["label", "-model=x", "--out", "l.csv"], capsys, monkeypatch)
     assert code == 2 and "did you mean --model?" in err
+
+
+def test_train_and_evaluate_say_what_they_do_in_logs(tiny_model, tmp_path):
+    """Not a terminal (a log): a start line, then a line a second (IMGSENT_PROGRESS_EVERY=1) naming the fit and epoch."""
+    store = tiny_model.parent / "store"
+    env = {"IMGSENT_PROGRESS_EVERY": "0.2", "PYTHONWARNINGS": "ignore"}
+    r = imgsent_cli("train", store, "--labels-from-folders", "--out", tmp_path / "m", "--min-steps", "3000", env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert (
+        lines[0] == "train: started: 40 labelled images, nn head; a 5-fold held-out estimate first, then the final fit"
+    )
+    assert any(line.startswith("train: fit 1 of 6 (fold 1 of 5), epoch ") for line in lines), lines[:5]
+    r = imgsent_cli("evaluate", store, "--labels-from-folders", "--heads", "nn", "--splits", "2", env=env)
+    assert r.returncode == 0 and r.stderr.startswith("evaluate: started: 40 labelled images"), r.stderr
+
+
+def test_ctrl_c_on_a_single_file_output_points_to_a_resumable_directory(tiny_model, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import CLI_ENV, write_images
+
+    write_images(tmp_path / "imgs", 60, size=(200, 150))
+    cmd = [sys.executable, "-m", "imgsent", "score", str(tmp_path / "imgs"), "--out", str(tmp_path / "s.parquet")]
+    cmd += ["--model", str(tiny_model), "-b", "1", "--workers", "1", "-q"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **CLI_ENV}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+
+    def started() -> bool:  # rows are being written (the decoding process is running: not mid-fork)
+        return any(p.name.startswith(".tmp-s.parquet") and p.stat().st_size > 0 for p in tmp_path.iterdir())
+
+    while not started() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    want = f"imgsent: interrupted: {tmp_path / 's.parquet'} was not written (a single file appears only when the run completes); --out {tmp_path / 's'}/ writes shards that a rerun resumes"
+    assert err.strip().splitlines()[-1] == want, err
+    assert not (tmp_path / "s.parquet").exists()

@@ -178,6 +178,33 @@ def test_a_download_behind_a_silent_proxy_gives_up_with_one_line(spec, silent_pr
     assert "--weights FILE or" not in r.stderr  # extract has no --weights
 
 
+def test_a_hub_client_that_retries_a_silent_proxy_is_given_up_once_nothing_arrives(silent_proxy, tmp_path):
+    """timm's weights come through Hugging Face's client, which retries its metadata request five
+    times with pauses: 150 s behind a silent proxy at the 30 s default. imgsent gives the whole
+    attempt up once nothing has arrived for the limit (issue 35)."""
+    env = {
+        **{k: silent_proxy for k in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")},
+        "no_proxy": "",
+        "NO_PROXY": "",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_OFFLINE": "0",
+        "TORCH_HOME": str(tmp_path / "torch-home"),
+        "IMGSENT_DOWNLOAD_TIMEOUT": "3",
+    }
+    write_images(tmp_path / "imgs", 1)
+    start = time.monotonic()
+    r = imgsent_cli(
+        "extract", tmp_path / "imgs", "-o", tmp_path / "S", "-B", "timm:resnet18", "-q", env=env, timeout=120
+    )
+    took = time.monotonic() - start
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("imgsent: error: cannot get pretrained weights for timm:resnet18 (no answer within 3 s"), (
+        last
+    )
+    assert took < 25, f"{took:.0f} s"  # the client's own retries would take about 40 s
+
+
 def test_what_a_hub_prints_while_downloading_goes_to_stderr(small, capsys, monkeypatch):
     model = small["model"]
     import imgsent.backbones as bbs
@@ -215,10 +242,8 @@ def test_torch_cpp_warnings_stay_off_stderr(tmp_path):
     r = imgsent_cli("extract", tmp_path / "imgs", "-o", tmp_path / "S", "-B", f"torchscript:{tmp_path / 'q.pt'}", "-q")
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
-    debug = imgsent_cli(
-        "extract", tmp_path / "imgs", "-o", tmp_path / "S2", "-B", f"torchscript:{tmp_path / 'q.pt'}", "-q",
-        env={"IMGSENT_DEBUG": "1"},
-    )  # fmt: skip
+    args = ("extract", tmp_path / "imgs", "-o", tmp_path / "S2", "-B", f"torchscript:{tmp_path / 'q.pt'}", "-q")
+    debug = imgsent_cli(*args, env={"IMGSENT_DEBUG": "1"})
     assert "Quantizer.cpp" in debug.stderr  # the switch is what hides it (and IMGSENT_DEBUG shows it)
 
 

@@ -260,7 +260,5 @@ def test_a_backbone_failing_on_a_worker_stops_the_run_with_its_line(cluster, tmp
     for k in range(8):
         Image.new("RGB", (64, 48), "white").save(tmp_path / "white" / f"{k}.png")
     with pytest.raises(ImgsentError, match=r"failed on each of the first 8 images.*cannot take bright images"):
-        imgsent.extract(
-            [str(tmp_path / "white")], str(tmp_path / "s"), engine="ray", backbones=[f"torchscript:{path}"],
-            batch_size=4, rows_per_shard=8,
-        )  # fmt: skip
+        opts = dict(engine="ray", backbones=[f"torchscript:{path}"], batch_size=4, rows_per_shard=8)
+        imgsent.extract([str(tmp_path / "white")], str(tmp_path / "s"), **opts)

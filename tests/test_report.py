@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import polars as pl
 import pytest
-from conftest import write_images
+from conftest import CHROMIUM_ARGS, write_images
 
 import imgsent
 from imgsent.errors import ImgsentError
@@ -99,13 +99,7 @@ def test_report_renders_in_headless_chromium(scored, tmp_path):
         [
             browser,
             "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *CHROMIUM_ARGS,
             f"--user-data-dir={tmp_path / 'profile'}",
             "--window-size=1200,2000",
             f"--screenshot={shot}",
