@@ -44,7 +44,14 @@ from .options import RunOptions
 from .shards import Chunk, ShardTarget
 from .specs import map_files
 
-_FORWARDED_ENV = ("IMGSENT_WEIGHTS", "IMGSENT_HOME", "HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME")
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME")  # and every IMGSENT_* variable
+
+
+def forwarded_env() -> dict[str, str]:
+    """The settings a Ray worker must see as the driver does: every ``IMGSENT_*`` variable (weights,
+    cache, URL timeouts and limits, download timeout, device decoder...) and the hubs' caches. They
+    go with every actor and task (``runtime_env``), so they arrive whether or not imgsent started Ray."""
+    return {k: v for k, v in os.environ.items() if k.startswith("IMGSENT_") or k in _FORWARDED_ENV}
 
 
 def require_ray():
@@ -141,10 +148,11 @@ class _ShardWorker:
         except Exception as exc:
             self.failure = exc
 
-    def ready(self) -> None:
-        """Returns once the worker is built; raises what building it raised."""
+    def ready(self) -> int:
+        """Once the worker is built, its decoding processes; raises what building it raised."""
         if self.failure is not None:
             raise self.failure
+        return self.engine.workers
 
     def write(self, refs: list[ImageRef], chunk: Chunk, which: list[int]) -> dict:
         """The shard of ``chunk`` (rows ``refs``) in each output ``which`` names: finished files
@@ -232,7 +240,7 @@ class RayEngine:
         if not opts.progress:  # quiet: Ray's and Ray Data's own logs too (Python and the C++ core)
             _quiet_ray()
         if not ray.is_initialized():
-            env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+            env = forwarded_env()
             quiet = contextlib.nullcontext() if opts.progress else _stderr_silenced()
             with quiet:  # Ray's C++ core announces its log level on stderr before any setting applies
                 ray.init(
@@ -301,6 +309,7 @@ class RayEngine:
             _decode_batch,
             batch_size=bs,
             batch_format="numpy",
+            runtime_env={"env_vars": forwarded_env()},  # the decode tasks download URLs
             fn_kwargs={
                 "preprocesses": [bb.preprocess.to_dict() for bb in self.backbones],
                 "tta": self.options.tta,
@@ -314,6 +323,7 @@ class RayEngine:
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=self.options.ray_workers or 1),
             num_gpus=self.options.gpus_per_worker or None,
+            runtime_env={"env_vars": forwarded_env()},
             fn_constructor_kwargs={"specs": self.specs, "options": self.actor_options, "head_path": self.head_path},
         )
         for batch in ds.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2):
@@ -379,8 +389,17 @@ class _ShardPool:
         ray = engine.ray
         self.ray = ray
         self.resources = engine.worker_resources()
-        self.actor_class = ray.remote(concurrency_groups={"report": 1}, max_restarts=0, **self.resources)(_ShardWorker)
-        self.args = (engine.specs, engine.actor_options, ray.put(outputs))
+        self.actor_class = ray.remote(
+            concurrency_groups={"report": 1},
+            max_restarts=0,
+            runtime_env={"env_vars": forwarded_env()},
+            **self.resources,
+        )(_ShardWorker)
+        # A writing worker decodes in processes of its own, as the local engine does: the run's
+        # --workers, or what its share of the CPUs gives (the streaming actors get 0: Ray decodes for them).
+        options = dataclasses.replace(engine.actor_options, workers=engine.options.workers)
+        self.args = (engine.specs, options, ray.put(outputs))
+        self.decoders: list[int] = []  # decoding processes of each worker started
         self.wanted = engine.options.ray_workers or 1
         self.starting: dict = {}  # ready() future -> actor
         self.live: dict = {}  # actor -> chunks queued on it, oldest (the one being written) first
@@ -468,6 +487,9 @@ class _ShardPool:
             for actor in [*self.live, *self.starting.values()]:
                 ray.kill(actor, no_restart=True)
         details = {"ray workers": f"{len(self.live) + self.lost} x {self._resources_text()}"}
+        if self.decoders:
+            counts = sorted(set(self.decoders))
+            details["ray workers"] += f", {'/'.join(map(str, counts))} decoding process(es) each"
         if self.starting:
             details["ray workers"] += f" ({len(self.starting)} more found no room on the cluster)"
         if self.lost:
@@ -477,7 +499,7 @@ class _ShardPool:
     def _started(self, f) -> None:
         actor = self.starting.pop(f)
         try:
-            self.ray.get(f)
+            self.decoders.append(self.ray.get(f))
         except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as exc:
             self._lost(actor, exc)
             return

@@ -262,3 +262,43 @@ def test_a_backbone_failing_on_a_worker_stops_the_run_with_its_line(cluster, tmp
     with pytest.raises(ImgsentError, match=r"failed on each of the first 8 images.*cannot take bright images"):
         opts = dict(engine="ray", backbones=[f"torchscript:{path}"], batch_size=4, rows_per_shard=8)
         imgsent.extract([str(tmp_path / "white")], str(tmp_path / "s"), **opts)
+
+
+def test_writing_workers_start_the_decoding_processes_asked_for(cluster, images, tmp_path):
+    """Issue 33: the shard-writing workers used to get the streaming actors' workers=0, so --workers
+    never reached them and they decoded in their own process."""
+    s = imgsent.extract([str(images)], str(tmp_path / "w1"), engine="ray", workers=1, **KW)
+    assert s.details["ray workers"].endswith(", 1 decoding process(es) each"), s.details
+    s = imgsent.extract([str(images)], str(tmp_path / "w0"), engine="ray", workers=0, **KW)
+    assert s.details["ray workers"].endswith(", 0 decoding process(es) each"), s.details
+
+
+def test_url_settings_reach_ray_workers_that_imgsent_did_not_start(cluster, images, tiny_model, tmp_path, monkeypatch):
+    """Issue 33: IMGSENT_URL_* set after Ray started (here: after the cluster fixture's ray.init)
+    reach the actors and decode tasks that download the URLs, on both Ray paths."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        name = sorted(p.name for p in images.iterdir() if p.suffix == ".jpg" and p.name != "broken.jpg")[0]
+        (tmp_path / "urls.txt").write_text(f"http://127.0.0.1:{httpd.server_address[1]}/{name}\n")
+        monkeypatch.setenv("IMGSENT_URL_MAX_BYTES", "100")  # smaller than the image
+        for out in (tmp_path / "dir", tmp_path / "one.parquet"):  # workers write / Ray Data streams
+            if out.suffix:
+                imgsent.score(
+                    [f"@{tmp_path / 'urls.txt'}"], str(out), model=str(tiny_model), engine="ray", batch_size=4
+                )
+                rows = pl.read_parquet(out)
+            else:
+                imgsent.extract([f"@{tmp_path / 'urls.txt'}"], str(out), engine="ray", **KW)
+                rows = pl.read_parquet(f"{out}/part-*.parquet")
+            assert rows["status"].to_list() == ["error"], (out, rows)
+            assert "limit" in rows["error"][0], rows["error"][0]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
