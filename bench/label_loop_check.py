@@ -8,6 +8,8 @@ Two collections, each with a starting model that has not seen it:
   the default model's backbones; the collection is the other 70 % (888 images: 666 served, 222 test).
 - ``default``: the packaged default model, on the 387 Twitter I images outside its training set
   (5-agree), the hard, ambiguous ones (291 served, 96 test).
+- ``shifted``: the same images with positives left out at random until 30 % are positive (the
+  default calls far more of them positive: the kind of shift other collections show).
 For each strategy (random, active, mix) the annotator labels through `GET /api/next?wait=` and
 `POST /api/label`; at each checkpoint the server is stopped with SIGTERM (it writes `--model-out`)
 and restarted on the same labels file. The written model is scored on the images not yet labelled
@@ -16,9 +18,9 @@ collection that is never served (the same images for every strategy: the unlabel
 active run is easier than a random run's); the page's accuracy estimate and its 95 % interval are
 read from `/api/status` and checked against the truth on the unlabelled rest.
 
-Then the learner, offline on random labels (3 draws): the starting model's logits as a prior with
-a linear correction (imgsent's), fine-tuning the starting head, and a linear model on the labels
-alone. Results: bench/results/label_loop_check.json.
+Then the learner, offline on random labels (8 draws): the starting model's logits as a prior with
+a linear correction (imgsent's; with and without its accuracy check), fine-tuning the starting
+head, and a linear model on the labels alone. Results: bench/results/label_loop_check.json.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def run_loop(name, store, full, test, start_model, gt, strategy, checkpoints, wo
     return rows
 
 
-def learners(store, start_model, gt, checkpoints, draws=3) -> list[dict]:
+def learners(store, start_model, gt, checkpoints, draws=8) -> list[dict]:
     m = load_model(start_model) if os.path.isdir(start_model) else resolve_model(start_model)
     fs = load(store, backbones=[k for k, _ in m.blocks])
     y = np.asarray([m.classes.index(gt[os.path.basename(i)]) for i in fs.ids])
@@ -157,7 +159,7 @@ def learners(store, start_model, gt, checkpoints, draws=3) -> list[dict]:
     for n in checkpoints:
         if n >= len(y) - 50:
             continue
-        res: dict[str, list] = {k: [] for k in ("start", "prior", "finetune", "labels_alone")}
+        res: dict[str, list] = {k: [] for k in ("start", "prior", "prior_unguarded", "finetune", "labels_alone")}
         for d in range(draws):
             perm = np.random.default_rng(d).permutation(len(y))
             tr, te = perm[:n], perm[n:]
@@ -169,6 +171,10 @@ def learners(store, start_model, gt, checkpoints, draws=3) -> list[dict]:
             res["start"].append(score(m.predict_proba(fs.X[te])))
             c = adapting.fit_correction(U[tr], S[tr], y[tr], 2, seed=d)
             res["prior"].append(score(adapting.predict(prior, c, fs.X[te])))
+            lam = adapting.select_penalty(U[tr], S[tr], y[tr], 2, seed=d, guard=False)
+            res["prior_unguarded"].append(
+                score(adapting.predict(prior, adapting.fit_penalised(U[tr], S[tr], y[tr], 2, lam), fs.X[te]))
+            )
             res["finetune"].append(score(adapting.finetune(prior, fs.X[tr], y[tr], seed=d).predict_proba(fs.X[te])))
             c2 = adapting.fit_correction(U[tr], None, y[tr], 2, seed=d)
             res["labels_alone"].append(score(adapting.predict(alone, c2, fs.X[te])))
@@ -186,6 +192,7 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=int, nargs="+", default=[20, 50, 100, 200, 400])
     ap.add_argument("--strategies", nargs="+", default=["random", "active", "mix"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--collections", nargs="+", default=["held-out", "default", "shifted"])
     ap.add_argument("--work", default=str(ROOT / "bench" / "out" / "label_loop"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "label_loop_check.json"))
     args = ap.parse_args()
@@ -197,10 +204,15 @@ def main() -> None:
     names = sorted(gt)
     rng = np.random.default_rng(args.seed)
     start_part = set(rng.choice(names, size=int(0.3 * len(names)), replace=False).tolist())
+    hard = [n for n in names if n not in five]
+    neg = [n for n in hard if gt[n] == "negative"]
+    pos = sorted(rng.choice([n for n in hard if gt[n] == "positive"], size=int(len(neg) * 0.3 / 0.7), replace=False))
     collections = {
         "held-out": [n for n in names if n not in start_part],
-        "default": [n for n in names if n not in five],
+        "default": hard,
+        "shifted": sorted(neg + list(pos)),  # the hard images with 30 % positive: the model says positive too often
     }
+    collections = {k: v for k, v in collections.items() if k in args.collections}
     tests = {}
     for name, files in collections.items():  # a fixed quarter of each collection is never served
         rng_t = np.random.default_rng(args.seed + 1)
@@ -212,7 +224,7 @@ def main() -> None:
     if not os.path.isdir(started):
         (work / "start.txt").write_text("".join(f"{n} {gt[n]}\n" for n in sorted(start_part)))
         imgsent.train(full, labels=str(work / "start.txt"), head="nn", out=started, seed=args.seed)
-    starts = {"held-out": started, "default": "default"}
+    starts = {"held-out": started, "default": "default", "shifted": "default"}
     result = {"seed": args.seed, "loops": [], "learners": {}}
     for name, files in collections.items():
         listing = work / f"{name}.txt"

@@ -41,8 +41,10 @@ MODEL_FILE = "model.json"
 
 HEAD_NAMES = ("nn", "moe", "moe1", "moe2")
 # torch threads while a head trains: one. Its steps are small matrix products (batch 8 x 2,560 x
-# 200 for nn) that gain nothing from a pool and lose much when the cores are shared: OpenMP's
-# barrier waits for a core another process holds (bench/train_threads.py; README's figures).
+# 200 for nn) that gain little from a pool and lose much when the cores are shared: OpenMP's
+# barrier waits for a core another process holds. bench/train_threads.py, 882 Twitter I images,
+# 2 cores, seconds with 2 threads / 1: idle nn 7.0 / 7.6, moe1 3.3 / 4.7; beside 4 busy processes
+# nn 31.2 / 14.8, moe1 19.8 / 9.6 (one thread: busy costs 2.0x idle; two threads: 4.5-5.9x).
 FIT_THREADS = 1  # moe = moe1 unless a schedule is given
 
 # The paper's settings, one row per head (and MoE schedule). Flags override single fields.

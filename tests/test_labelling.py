@@ -253,3 +253,33 @@ def test_bad_command_lines_get_one_line_and_exit_2(store, tmp_path):
     (tmp_path / "other.csv").write_text("file,label\na.jpg,positive\n")
     r = imgsent_cli("label", "--features", store, "--out", tmp_path / "other.csv", "--no-browser", "--model", "x/")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_label_extracts_the_models_backbones_first_when_given_images(tiny_dataset, tiny_model, tmp_path):
+    import httpx
+
+    proc, url = _start([tiny_dataset / "positive", "--out", tmp_path / "l.csv", "--model", tiny_model], tmp_path)
+    try:
+        with httpx.Client(base_url=url, headers={"Authorization": "Bearer t"}, timeout=60) as c:
+            assert c.get("/api/status").json()["images"] == 20
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 0, err
+    assert len(imgsent.features.load(str(tmp_path / "l.features"))) == 20  # beside the labels file, by default
+
+
+def test_other_classes_than_the_models_learn_from_the_labels_alone(store, tiny_model, tmp_path):
+    session = open_session(store, str(tmp_path / "l.csv"), model=str(tiny_model), classes=["cat", "dog"])
+    try:
+        assert session.status()["classes"] == ["cat", "dog"] and not session.status()["model"]["prior"]
+        for k in range(12):
+            o = session.next()
+            session.label(o.id, "cat" if k % 2 else "dog")
+        with pytest.raises(ValueError, match="not one of cat, dog"):
+            session.label(session.next().id, "positive")
+        assert session.wait_fitted(120)
+        model = session.current_model()
+        assert model.classes == ["cat", "dog"] and model.config.hidden == 4
+    finally:
+        session.close()
