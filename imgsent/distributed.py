@@ -49,8 +49,9 @@ _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME")  
 
 def forwarded_env() -> dict[str, str]:
     """The settings a Ray worker must see as the driver does: every ``IMGSENT_*`` variable (weights,
-    cache, URL timeouts and limits, download timeout, device decoder...) and the hubs' caches. They
-    go with every actor and task (``runtime_env``), so they arrive whether or not imgsent started Ray."""
+    cache, URL timeouts and limits, download timeout, device decoder...) and the hubs' caches. Every
+    actor and decode task is handed them and sets them in its process first, so they arrive whether
+    or not imgsent started Ray (a per-actor ``runtime_env`` would cost each actor a fresh process)."""
     return {k: v for k, v in os.environ.items() if k.startswith("IMGSENT_") or k in _FORWARDED_ENV}
 
 
@@ -64,9 +65,15 @@ def require_ray():
 
 
 def _decode_batch(
-    batch: dict, preprocesses: list[dict], tta: str, max_pixels: int, keep_images: str | None = None
+    batch: dict,
+    preprocesses: list[dict],
+    tta: str,
+    max_pixels: int,
+    keep_images: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """Ray task: decode a batch of paths into uint8 views (zeros on error rows)."""
+    os.environ.update(env or {})  # the driver's settings (forwarded_env): this task downloads URLs
     pps = [Preprocess.from_dict(p) for p in preprocesses]
     refs = [ImageRef(i, p, s, m) for i, p, s, m in zip(batch["id"], batch["path"], batch["source"], batch["meta"])]
     items = decode_refs(refs, pps, tta, max_pixels, keep_images)
@@ -126,7 +133,10 @@ class _ShardWorker:
     A failure to build is kept and raised by :meth:`ready` (a task error the driver can read,
     rather than a dead actor)."""
 
-    def __init__(self, specs: list[tuple[str, bool, dict]], options: RunOptions, outputs: list[Output]):
+    def __init__(
+        self, specs: list[tuple[str, bool, dict]], options: RunOptions, outputs: list[Output], env: dict[str, str]
+    ):
+        os.environ.update(env)  # the driver's settings (forwarded_env), before the decoding processes start
         self.outputs = outputs
         self.rows: tuple[int, int] = (-1, 0)  # (chunk index, rows of it embedded so far), read by progress()
         self.failure: BaseException | None = None
@@ -179,7 +189,14 @@ class _ShardWorker:
 class _EmbedActor:
     """Ray actor: builds the backbones once, then embeds decoded batches."""
 
-    def __init__(self, specs: list[tuple[str, bool, dict]], options: RunOptions, head_path: str | None = None):
+    def __init__(
+        self,
+        specs: list[tuple[str, bool, dict]],
+        options: RunOptions,
+        head_path: str | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        os.environ.update(env or {})  # the driver's settings (forwarded_env)
         backbones = _worker_backbones(specs, options)
         self.engine = FeatureEngine(backbones, options, workers=0)
         self.keys = list(dict.fromkeys(bb.preprocess.view_key for bb in backbones))
@@ -309,12 +326,12 @@ class RayEngine:
             _decode_batch,
             batch_size=bs,
             batch_format="numpy",
-            runtime_env={"env_vars": forwarded_env()},  # the decode tasks download URLs
             fn_kwargs={
                 "preprocesses": [bb.preprocess.to_dict() for bb in self.backbones],
                 "tta": self.options.tta,
                 "max_pixels": self.options.max_pixels,
                 "keep_images": self.options.keep_images,
+                "env": forwarded_env(),
             },
         )
         ds = ds.map_batches(
@@ -323,8 +340,12 @@ class RayEngine:
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=self.options.ray_workers or 1),
             num_gpus=self.options.gpus_per_worker or None,
-            runtime_env={"env_vars": forwarded_env()},
-            fn_constructor_kwargs={"specs": self.specs, "options": self.actor_options, "head_path": self.head_path},
+            fn_constructor_kwargs={
+                "specs": self.specs,
+                "options": self.actor_options,
+                "head_path": self.head_path,
+                "env": forwarded_env(),
+            },
         )
         for batch in ds.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2):
             rows = FeatureBatch(
@@ -389,16 +410,11 @@ class _ShardPool:
         ray = engine.ray
         self.ray = ray
         self.resources = engine.worker_resources()
-        self.actor_class = ray.remote(
-            concurrency_groups={"report": 1},
-            max_restarts=0,
-            runtime_env={"env_vars": forwarded_env()},
-            **self.resources,
-        )(_ShardWorker)
+        self.actor_class = ray.remote(concurrency_groups={"report": 1}, max_restarts=0, **self.resources)(_ShardWorker)
         # A writing worker decodes in processes of its own, as the local engine does: the run's
         # --workers, or what its share of the CPUs gives (the streaming actors get 0: Ray decodes for them).
         options = dataclasses.replace(engine.actor_options, workers=engine.options.workers)
-        self.args = (engine.specs, options, ray.put(outputs))
+        self.args = (engine.specs, options, ray.put(outputs), forwarded_env())
         self.decoders: list[int] = []  # decoding processes of each worker started
         self.wanted = engine.options.ray_workers or 1
         self.starting: dict = {}  # ready() future -> actor
@@ -491,7 +507,9 @@ class _ShardPool:
             counts = sorted(set(self.decoders))
             details["ray workers"] += f", {'/'.join(map(str, counts))} decoding process(es) each"
         if self.starting:
-            details["ray workers"] += f" ({len(self.starting)} more found no room on the cluster)"
+            details["ray workers"] += (
+                f" ({len(self.starting)} more had not started by the end: no room on the cluster, or still starting)"
+            )
         if self.lost:
             details["ray workers lost"] = f"{self.lost} (their {self.redone} unfinished shard(s) redone by others)"
         return details

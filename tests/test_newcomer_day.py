@@ -111,3 +111,39 @@ def test_ctrl_c_on_a_single_file_output_points_to_a_resumable_directory(tiny_mod
     want = f"imgsent: interrupted: {tmp_path / 's.parquet'} was not written (a single file appears only when the run completes); --out {tmp_path / 's'}/ writes shards that a rerun resumes"
     assert err.strip().splitlines()[-1] == want, err
     assert not (tmp_path / "s.parquet").exists()
+
+
+def test_prevalence_orders_classes_alike_and_says_a_small_sample_is_wide(tmp_path):
+    from test_collection import synthetic_scores, write_sample
+
+    import imgsent
+
+    y = synthetic_scores(tmp_path / "s.parquet", 2000, 0.3, seed=3)
+    plain = imgsent.prevalence(str(tmp_path / "s.parquet"))
+    write_sample(tmp_path / "small.txt", y, 24, 3)
+    sampled = imgsent.prevalence(str(tmp_path / "s.parquet"), labels=str(tmp_path / "small.txt"), bootstrap=200)
+    order = lambda r, m: [e.cls for e in r.estimates if e.method == m]  # noqa: E731
+    assert order(plain, "classify_and_count") == order(sampled, "adjusted_count") == ["negative", "positive"]
+    assert any("only 24 images: its intervals are wide" in w for w in sampled.warnings), sampled.warnings
+    write_sample(tmp_path / "big.txt", y, 200, 3)
+    big = imgsent.prevalence(str(tmp_path / "s.parquet"), labels=str(tmp_path / "big.txt"), bootstrap=200)
+    assert not any("intervals are wide" in w for w in big.warnings)
+
+
+def test_a_model_card_names_its_labels_file(tiny_model, tmp_path):
+    import hashlib
+    import warnings
+
+    import imgsent
+    from imgsent.errors import UselessModelWarning
+
+    store = str(tiny_model.parent / "store")
+    labels = tmp_path / "mine.csv"
+    labels.write_text(
+        "id,label\n" + "".join(f"{c}/{c[:3]}{k:02d}.jpg,{c}\n" for c in ("positive", "negative") for k in (1, 2, 4, 5))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UselessModelWarning)
+        model = imgsent.train(store, labels=str(labels), epochs=1, cv=0)
+    card = model.training["labels_file"]
+    assert card["name"] == "mine.csv" and card["sha256"] == hashlib.sha256(labels.read_bytes()).hexdigest()
