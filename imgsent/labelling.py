@@ -539,16 +539,22 @@ def open_session(
     keys = [k for k, _ in m.blocks]
     fs = load(features, backbones=keys, only_ok=False)
     m.check_recipe(fs.header, what=f"store {features}")
+    created = not os.path.exists(out)
     log = LabelLog(out)
-    return LabelSession(
-        fs,
-        log,
-        model=m,
-        classes=classes,
-        strategy=strategy,
-        seed=seed,
-        annotator=annotator or os.environ.get("USER") or "annotator",
-    )
+    try:
+        return LabelSession(
+            fs,
+            log,
+            model=m,
+            classes=classes,
+            strategy=strategy,
+            seed=seed,
+            annotator=annotator or os.environ.get("USER") or "annotator",
+        )
+    except BaseException:
+        if created and not log.rows:  # a run that never started leaves no empty labels file behind
+            os.remove(out)
+        raise
 
 
 def label(
@@ -582,45 +588,47 @@ def label(
 
     if model_out is not None:
         check_model_output(model_out, overwrite=False)
-    if inputs:
-        from .scoring import extract_model_features
-
-        if features is None:
-            features = os.path.splitext(out)[0] + ".features"
-            echo(f"imgsent label: features of the images go to {features} (resumable; pass --features to choose)")
-        summary = extract_model_features(list(inputs), features, model=model, models=models, options=options)
-        if options is None or options.progress:
-            summary.print("imgsent label (extract)")
-    elif features is None:
+    if features is None and not inputs:
         raise ImgsentError("give images to label (INPUT...) or a feature store (--features STORE)")
-    session = open_session(
-        features, out, model=model, classes=classes, strategy=strategy, seed=seed, annotator=annotator
-    )
     if host not in ("127.0.0.1", "localhost", "::1"):
         warnings.warn(
             f"serving on {host}: anyone who can reach this machine and has the token can label",
             ImgsentWarning,
             stacklevel=2,
         )
-    token = token or secrets.token_urlsafe(16)
-    sock = bind(host, port)
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{sock.getsockname()[1]}/?token={token}"
-    echo(f"imgsent label: {session.labelled()} labelled, {len(session.ids)} images; open {url}")
-    echo("imgsent label: Ctrl-C stops (labels are saved as they are given)")
-    if browser and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt" or _is_mac()):
-        import webbrowser
-
-        webbrowser.open(url)
+    sock = bind(host, port)  # first: a taken port is said before any extraction or file
     try:
-        serve(session, token, sock)
+        if inputs:
+            from .scoring import extract_model_features
+
+            if features is None:
+                features = os.path.splitext(out)[0] + ".features"
+                echo(f"imgsent label: features of the images go to {features} (resumable; pass --features to choose)")
+            summary = extract_model_features(list(inputs), features, model=model, models=models, options=options)
+            if options is None or options.progress:
+                summary.print("imgsent label (extract)")
+        session = open_session(
+            features, out, model=model, classes=classes, strategy=strategy, seed=seed, annotator=annotator
+        )
+        token = token or secrets.token_urlsafe(16)
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{sock.getsockname()[1]}/?token={token}"
+        echo(f"imgsent label: {session.labelled()} labelled, {len(session.ids)} images; open {url}")
+        echo("imgsent label: Ctrl-C stops (labels are saved as they are given)")
+        if browser and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt" or _is_mac()):
+            import webbrowser
+
+            webbrowser.open(url)
+        try:
+            serve(session, token, sock)
+        finally:
+            if model_out is not None:
+                session.wait_fitted()
+                session.current_model(out).save(model_out)
+                echo(f"imgsent label: wrote {model_out} (learnt from {session.labelled()} labels)")
+            session.close()
     finally:
         sock.close()
-        if model_out is not None:
-            session.wait_fitted()
-            session.current_model(out).save(model_out)
-            echo(f"imgsent label: wrote {model_out} (learnt from {session.labelled()} labels)")
-        session.close()
     return session
 
 

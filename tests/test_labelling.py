@@ -283,3 +283,23 @@ def test_other_classes_than_the_models_learn_from_the_labels_alone(store, tiny_m
         assert model.classes == ["cat", "dog"] and model.config.hidden == 4
     finally:
         session.close()
+
+
+def test_a_run_that_cannot_start_leaves_no_labels_file(store, tiny_model, tmp_path):
+    import socket
+
+    from conftest import imgsent_cli
+
+    common = ("--features", store, "--model", tiny_model, "--no-browser")
+    r = imgsent_cli("label", *common, "--out", tmp_path / "a.csv", "--classes", "x")
+    assert r.returncode == 2 and "--classes needs at least two" in r.stderr and not (tmp_path / "a.csv").exists()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        port = str(taken.getsockname()[1])
+        r = imgsent_cli("label", *common, "--out", tmp_path / "b.csv", "--port", port)
+    finally:
+        taken.close()
+    assert r.returncode == 2 and "choose another --port" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "b.csv").exists()
