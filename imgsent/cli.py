@@ -909,6 +909,9 @@ CPP_LOG_ENV = "TORCH_CPP_LOG_LEVEL"
 
 def _one_dash_long_option(argv: list[str]) -> str | None:
     """A long option typed with one dash (``-out``, which the parser reads as ``-o ut``)."""
+    suspects = [a for a in argv if a.startswith("-") and not a.startswith("--") and len(a) > 2]
+    if not suspects:
+        return None  # the usual command line: no second build of the app's commands at start-up
     command = typer.main.get_command(app)
     longs = {
         name

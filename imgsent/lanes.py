@@ -22,19 +22,14 @@ def in_lanes(fn: Callable, items: Iterable, lanes: int) -> Iterator:
     if lanes <= 1:
         yield from map(fn, items)
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(lanes, thread_name_prefix="imgsent-lane") as pool:
-            pending: deque = deque()
-            for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) >= lanes:
-                    yield pending.popleft().result()
-            while pending:
+    with torch_threads(1), ThreadPoolExecutor(lanes, thread_name_prefix="imgsent-lane") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= lanes:
                 yield pending.popleft().result()
-    finally:
-        torch.set_num_threads(before)
+        while pending:
+            yield pending.popleft().result()
 
 
 @contextlib.contextmanager

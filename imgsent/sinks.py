@@ -69,9 +69,7 @@ def made_by(out: str, fmt: str) -> dict | None:
                 reader = csv.reader(fh, delimiter="\t" if fmt == "tsv" else ",")
                 header, first = next(reader, []), next(reader, [])
                 row = dict(zip(header, first))
-    except (OSError, ValueError, KeyError, UnicodeDecodeError, StopIteration):
-        return None
-    except Exception:  # pyarrow's own errors for a file that is not Parquet
+    except Exception:  # unreadable, not UTF-8, not JSON, or (pyarrow's own errors) not Parquet
         return None
     if not isinstance(row, dict) or "model" not in row:
         return None

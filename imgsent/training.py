@@ -39,13 +39,13 @@ MODEL_FORMAT_VERSION = 1
 HEAD_FILE = "head.safetensors"
 MODEL_FILE = "model.json"
 
-HEAD_NAMES = ("nn", "moe", "moe1", "moe2")
+HEAD_NAMES = ("nn", "moe", "moe1", "moe2")  # moe = moe1 unless a schedule is given
 # torch threads while a head trains: one. Its steps are small matrix products (batch 8 x 2,560 x
 # 200 for nn) that gain little from a pool and lose much when the cores are shared: OpenMP's
 # barrier waits for a core another process holds. bench/train_threads.py, 882 Twitter I images,
 # 2 cores, seconds with 2 threads / 1: idle nn 7.0 / 7.6, moe1 3.3 / 4.7; beside 4 busy processes
 # nn 31.2 / 14.8, moe1 19.8 / 9.6 (one thread: busy costs 2.0x idle; two threads: 4.5-5.9x).
-FIT_THREADS = 1  # moe = moe1 unless a schedule is given
+FIT_THREADS = 1
 
 # The paper's settings, one row per head (and MoE schedule). Flags override single fields.
 # Not from the paper (it leaves them unsaid): the MoE dropout rate 0.5, and the NN's weight decay 0.
@@ -575,6 +575,8 @@ def held_out_estimate(data: LabelledFeatures, config: TrainConfig, folds: int, p
     counts = np.bincount(data.y, minlength=len(data.classes))
     baseline = float(counts.max() / counts.sum())
     k = min(folds, int(counts[counts > 0].min()))
+    if isinstance(progress, FitProgress):
+        progress.fits = (k if k >= 2 else 0) + 1  # the folds this set allows, then the final fit
     if k < 2:
         return {"skipped": f"a class has fewer than 2 images, too few for {folds}-fold cross-validation"}
     from .protocols import metrics
