@@ -166,8 +166,11 @@ def test_workers_write_the_shards_and_the_driver_only_lists_them(cluster, images
     (Ray Data's stream is not used) nor writes a row."""
     from imgsent.distributed import RayEngine
 
+    # One image a shard (10 shards, not 3): with 3 tiny shards the first worker could finish them all
+    # before the second had started, and the run then rightly reported one worker.
+    kw = {**KW, "rows_per_shard": 1}
     local = tmp_path / "local"
-    imgsent.extract([str(images)], str(local), workers=0, **KW)
+    imgsent.extract([str(images)], str(local), workers=0, **kw)
 
     def no_stream(*a, **k):
         raise AssertionError("features streamed to the driver")
@@ -177,7 +180,7 @@ def test_workers_write_the_shards_and_the_driver_only_lists_them(cluster, images
 
     monkeypatch.setattr(RayEngine, "run", no_stream)
     monkeypatch.setattr(imgsent.shards.ShardFile, "append", no_rows)  # the driver's copy; workers have their own
-    s = imgsent.extract([str(images)], str(tmp_path / "ray"), engine="ray", ray_workers=2, **KW)
+    s = imgsent.extract([str(images)], str(tmp_path / "ray"), engine="ray", ray_workers=2, **kw)
     assert (s.total, s.errors) == (10, 1) and s.details["ray workers"].startswith("2 x 1 CPU")
     fa, fb = (
         imgsent.features.load(str(local), only_ok=False),
