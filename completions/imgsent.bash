@@ -48,6 +48,7 @@ _imgsent() {
         extract:--batch-size|extract:-b) COMPREPLY=(); return ;;
         extract:--workers) COMPREPLY=(); return ;;
         extract:--decode) COMPREPLY=( $(compgen -W "workers device" -- "$cur") ); return ;;
+        extract:--runtime) COMPREPLY=( $(compgen -W "auto torch onnx" -- "$cur") ); return ;;
         extract:--shard) COMPREPLY=(); return ;;
         extract:--rows-per-shard) COMPREPLY=(); return ;;
         extract:--max-pixels) COMPREPLY=(); return ;;
@@ -104,6 +105,7 @@ _imgsent() {
         score:--batch-size|score:-b) COMPREPLY=(); return ;;
         score:--workers) COMPREPLY=(); return ;;
         score:--decode) COMPREPLY=( $(compgen -W "workers device" -- "$cur") ); return ;;
+        score:--runtime) COMPREPLY=( $(compgen -W "auto torch onnx" -- "$cur") ); return ;;
         score:--shard) COMPREPLY=(); return ;;
         score:--rows-per-shard) COMPREPLY=(); return ;;
         score:--max-pixels) COMPREPLY=(); return ;;
@@ -137,12 +139,12 @@ _imgsent() {
         backbones) opts="--help" ;;
         calibrate) opts="--labels -l --out -o --features --scores --method --map --id-column --label-column --overwrite --no-overwrite --help" ;;
         evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --plots --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --seed --id-column --label-column --quiet -q --help" ;;
-        extract) opts="--out -o --backbones -B --random-weights --no-random-weights --tta --dtype --device --precision --batch-size -b --workers --decode --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
+        extract) opts="--out -o --backbones -B --random-weights --no-random-weights --tta --dtype --device --precision --batch-size -b --workers --decode --runtime --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
         label) opts="--out -o --features --model -m --model-out --classes --strategy --host --port --token --annotator --no-browser --seed --models --device --workers --quiet -q --help" ;;
         models) opts="--models --help" ;;
         prevalence) opts="--labels -l --by --meta --json --level --bootstrap --seed --map --id-column --label-column --plot --help" ;;
         report) opts="--out -o --by --meta --labels -l --per-class --seed --map --quiet -q --help" ;;
-        score) opts="--out -o --model -m --models --features --weights --format --threshold --keep-columns --keep-features --device --precision --batch-size -b --workers --decode --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
+        score) opts="--out -o --model -m --models --features --weights --format --threshold --keep-columns --keep-features --device --precision --batch-size -b --workers --decode --runtime --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
         train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --blocks --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --cv --seed --id-column --label-column --overwrite --no-overwrite --quiet -q --help" ;;
         version) opts="--help" ;;
         *) opts="" ;;

@@ -10,6 +10,7 @@ Spec grammar (``SOURCE:NAME[.TAG][:probs|:head][@WEIGHTS]``):
   (N,D). Preprocessing comes from an optional ``/path/model.pt.json`` (fields of
   :class:`~imgsent.decode.Preprocess`), else 224 crop of a 256 resize with ImageNet mean/std.
   TorchScript files are code: load only files you trust.
+* ``imgsent:face_expression``: a network shipped inside imgsent (see :mod:`imgsent.faces`).
 * ``objects:DETECTOR`` / ``regions:DETECTOR+SPEC[+k=K][+min=S]``: an object detector's findings
   as a fixed vector, or SPEC's features of the detected object crops (see :mod:`imgsent.objects`).
 * ``:probs`` asks for the softmax class probabilities instead of pooled features (class scores of
@@ -318,6 +319,11 @@ def weights_location(spec: BackboneSpec) -> str:
             "cache); offline: "
             f"--weights FILE or ${WEIGHTS_ENV}=FILE (float weights, .safetensors or .pth), or copy that file there"
         )
+    from . import faces
+
+    shipped = faces.shipped_in(spec.text or spec.key)
+    if shipped:
+        return "; ".join(faces.describe(n) for n in shipped)
     return "its files (above)"
 
 
@@ -390,6 +396,18 @@ def _load_torchscript(spec: BackboneSpec, random_weights: bool) -> Loaded:
     cpu_only = any(t.is_quantized for t in module.state_dict().values() if isinstance(t, torch.Tensor))
     cpu_only = cpu_only or any("quantized" in str(n.kind()) for n in module.inlined_graph.nodes())
     return module, pp, cpu_only, path
+
+
+@register_source("imgsent")
+def _load_shipped(spec: BackboneSpec, random_weights: bool) -> Loaded:
+    from . import faces
+
+    if spec.name in faces.DETECTORS:
+        raise ImgsentError(f"imgsent:{spec.name} is a detector: use objects:imgsent:{spec.name} or regions:imgsent:...")
+    if spec.output != "features" or spec.weights:
+        raise ImgsentError(f"{spec.key}: a shipped network takes no :{spec.output} or @weights")
+    module, source = faces.load(spec.name, random_weights)
+    return module, faces.NETS[spec.name].preprocess, False, source
 
 
 @register_source("objects")

@@ -117,6 +117,7 @@ class Engine(Protocol):
     ``keys``: the feature columns it produces (one per backbone, in order). ``numerics``: what it
     computes them in (fp32, tf32, bf16, fp16; see :mod:`imgsent.precision`). ``decoder``: the JPEG
     decoder of ``decode="device"`` (:data:`imgsent.devicedecode.BACKENDS`), else None.
+    ``runtime_record()``: the backbones it runs on ONNX Runtime (``{key: "onnx"}``, for store headers).
     ``run(refs, groups)``: yields batches covering ``refs`` exactly once, in order; no batch
     straddles two consecutive ``groups`` (output shards), so a resumed run computes the same
     numbers. Bad images are rows with ``status="error"``, never exceptions. Batches are
@@ -130,5 +131,7 @@ class Engine(Protocol):
 
     numerics: str
     decoder: str | None
+
+    def runtime_record(self) -> dict[str, str]: ...
 
     def run(self, refs: Sequence[ImageRef], groups: Sequence[int] | None = None) -> Iterator[FeatureBatch]: ...

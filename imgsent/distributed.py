@@ -297,15 +297,49 @@ class RayEngine:
             opts.precision, opts.precision
         )
         self.batch_size = opts.batch_size or (256 if on_gpu else 64)
+        # The same rule as a local engine's (FeatureEngine._plan_runtimes), decided here so that the
+        # store's header can say it: the actors then run "onnx", where an export that fails stops
+        # the run instead of leaving one actor on torch.
+        self.onnx_keys = self._onnx_keys(opts, on_gpu or device.startswith("mps"))
         self.actor_options = dataclasses.replace(
             opts,
             device=device,
             precision=self.numerics,
+            runtime="onnx" if self.onnx_keys else "torch",
             batch_size=self.batch_size,
             workers=0,
             engine="local",
             progress=False,
         )
+
+    def _onnx_keys(self, opts: RunOptions, off_cpu: bool) -> list[str]:
+        from . import onnxrunner
+
+        if opts.runtime == "onnx" and (off_cpu or opts.compile or self.numerics != "fp32"):
+            raise ImgsentError(
+                "--runtime onnx runs float32 networks on the CPU: use it without --gpus-per-worker, --compile or "
+                "another --precision (or --runtime auto)"
+            )
+        if opts.runtime == "torch" or off_cpu or opts.compile or self.numerics != "fp32":
+            return []
+        if not onnxrunner.available():
+            if opts.runtime == "onnx":
+                raise ImgsentError("--runtime onnx needs the onnxruntime package: pip install onnxruntime")
+            return []
+        return [bb.key for bb in self.backbones if onnxrunner.runs_there(bb)]
+
+    def runtime_record(self) -> dict[str, str]:
+        return {key: "onnx" for key in self.onnx_keys}
+
+    def adopt_runtimes(self, record: dict[str, str]) -> None:
+        """As :meth:`imgsent.engine.FeatureEngine.adopt_runtimes`: resume a store as it was begun."""
+        from .onnxrunner import runs_there
+
+        keys = [bb.key for bb in self.backbones if record.get(bb.key) == "onnx"]
+        if any(not runs_there(bb) for bb in self.backbones if bb.key in keys):
+            raise ImgsentError("this store ran a backbone on ONNX Runtime that cannot run there now")
+        self.onnx_keys = keys
+        self.actor_options = dataclasses.replace(self.actor_options, runtime="onnx" if keys else "torch")
 
     @property
     def keys(self) -> list[str]:

@@ -297,6 +297,75 @@ class FeatureEngine:
             mean = torch.tensor(bb.preprocess.mean, device=dev).view(1, 3, 1, 1) * 255.0
             std = torch.tensor(bb.preprocess.std, device=dev).view(1, 3, 1, 1) * 255.0
             self._norms.append((mean, std))
+        # what runs each network: "torch", or "onnx" (decided now, so that a store's header can say)
+        self.runtimes = ["torch"] * len(self.backbones)
+        self._plan_runtimes(opts.runtime)
+
+    def _plan_runtimes(self, runtime: str) -> None:
+        """ONNX Runtime runners (:mod:`imgsent.onnxrunner`) for the backbones that can have one:
+        ``auto`` on a CPU in float32 without ``compile``, each backbone whose network exports and
+        checks out (the others, and any that does not, stay on torch); ``onnx`` the same, but one
+        that should export and does not stops the run with one line."""
+        from . import onnxrunner
+
+        if runtime == "torch":
+            return
+        where = {d.type for d in self._devices}
+        if runtime == "onnx" and (where != {"cpu"} or self._compile or self.numerics != "fp32"):
+            raise ImgsentError(
+                "--runtime onnx runs float32 networks on the CPU: use it with --device cpu and without "
+                "--compile or another --precision (or --runtime auto)"
+            )
+        if self._compile or self.numerics != "fp32" or self._optimize == "none":
+            return
+        if not onnxrunner.available():
+            if runtime == "onnx":
+                raise ImgsentError("--runtime onnx needs the onnxruntime package: pip install onnxruntime")
+            return
+        for i, bb in enumerate(self.backbones):
+            if self._devices[i].type != "cpu" or bb.int8:
+                continue
+            view = bb.spec.source in ("objects", "regions")
+            if not view and onnxrunner.not_exportable(bb):
+                continue
+            try:
+                module = onnxrunner.prepare_view(bb.module) if view else onnxrunner.prepare(bb, self.model_batch)
+            except ImgsentError as exc:
+                if runtime == "onnx":
+                    raise
+                import warnings
+
+                from .errors import ImgsentWarning
+
+                warnings.warn(f"{exc}; it runs on torch", ImgsentWarning, stacklevel=3)
+                continue
+            if module is None:  # a view with no part that exports
+                continue
+            self._modules[i], self.runtimes[i] = module, "onnx"
+            self._fixed_shape[i] = not view  # a view loops over its images itself
+
+    def runtime_record(self) -> dict[str, str]:
+        """The backbones that run on ONNX Runtime, for a store's header: ``{key: "onnx"}``."""
+        return {bb.key: "onnx" for bb, r in zip(self.backbones, self.runtimes) if r == "onnx"}
+
+    def adopt_runtimes(self, record: dict[str, str]) -> None:
+        """Run each backbone on what ``record`` (a store's header) says, so that ``--runtime auto``
+        resumes a store with the runtime it was begun with (a store never mixes two)."""
+        from . import onnxrunner
+
+        for i, bb in enumerate(self.backbones):
+            want = record.get(bb.key, "torch")
+            if want == self.runtimes[i]:
+                continue
+            if want == "torch":
+                self._modules[i], self._fixed_shape[i] = bb.module, False
+            elif bb.spec.source in ("objects", "regions"):
+                self._modules[i] = onnxrunner.prepare_view(bb.module)
+                if self._modules[i] is None:
+                    raise ImgsentError(f"{bb.key}: this store ran it on ONNX Runtime, which it cannot use here")
+            else:
+                self._modules[i], self._fixed_shape[i] = onnxrunner.prepare(bb, self.model_batch), True
+            self.runtimes[i] = want
 
     def prepare(self) -> None:
         """Move the backbones to their device and optimise them (trace, freeze, fuse on CPU; or
@@ -308,6 +377,8 @@ class FeatureEngine:
             for i, bb in enumerate(self.backbones):
                 dev = self._devices[i]
                 module = bb.module
+                if self.runtimes[i] == "onnx":  # its runner was made with the engine
+                    continue
                 if not bb.optimizable:  # detectors: as they are, on their device
                     self._modules[i] = self._prepare_view(i, module, dev)
                     continue
@@ -337,7 +408,9 @@ class FeatureEngine:
                     self._fixed_shape[i] = True
                 self._modules[i] = module
             # cached graphs: checked and warmed up side by side, one lane each (as batches run)
-            frozen = [i for i, bb in enumerate(self.backbones) if bb.frozen_batch is not None]
+            frozen = [
+                i for i, bb in enumerate(self.backbones) if bb.frozen_batch is not None and self.runtimes[i] == "torch"
+            ]
             for _ in in_lanes(self._warm_frozen, frozen, min(self.lanes, len(frozen))):
                 pass
             for dev in dict.fromkeys(d for d in self._devices if d.type == "cuda"):
@@ -377,11 +450,9 @@ class FeatureEngine:
         inner = getattr(module, "inner_backbone", None)
         if inner is None or self._compile or not self._traces(dev):
             return module
-        from .objects import CROP_BATCH
-
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         own = copy.deepcopy(module.inner).to(memory_format=fmt)
-        frozen, ok = _freeze(inner, own, dev, self.channels_last, CROP_BATCH)
+        frozen, ok = _freeze(inner, own, dev, self.channels_last, module.crop_batch)
         if not ok:
             return module
         return module.with_inner(frozen, fmt, functools.partial(_fusion, dev.type == "cpu"))
@@ -391,14 +462,25 @@ class FeatureEngine:
         return [bb.key for bb in self.backbones]
 
     def run_details(self) -> dict[str, str]:
-        """Lines for the run summary about how this engine ran (device decoding: which decoder)."""
+        """Lines for the run summary about how this engine ran (which backbones ONNX Runtime ran;
+        device decoding: which decoder)."""
+        details = {}
+        onnx = [bb.key for bb, r in zip(self.backbones, self.runtimes) if r == "onnx"]
+        if onnx:
+            from .onnxrunner import version
+
+            details["runtime"] = (
+                f"{version()}: {', '.join(onnx)}; torch: the others"
+                if len(onnx) < len(self.backbones)
+                else f"{version()}: every backbone"
+            )
         if self.decode != "device":
-            return {}
+            return details
         from .devicedecode import describe
 
         on, refused = self.device_decoded
         what = describe(self.decoder, self.device)
-        return {"device decoding": f"{what}: {on} JPEGs; {refused} refused and left to Pillow"}
+        return {**details, "device decoding": f"{what}: {on} JPEGs; {refused} refused and left to Pillow"}
 
     def dataset(self, refs: Sequence[ImageRef]) -> ImageDataset:
         """The decode step for ``refs`` with this engine's preprocessings, TTA and pixel limit."""
@@ -442,7 +524,7 @@ class FeatureEngine:
         """On a CPU: oneDNN fusion for the graphs this engine froze; every other module (detectors,
         a user's TorchScript) runs unoptimised, out of reach of that process-wide switch, which
         another lane may hold on meanwhile (:func:`~imgsent.compiled.unfused`)."""
-        if dev.type != "cpu":
+        if dev.type != "cpu" or self.runtimes[index] == "onnx":
             return contextlib.nullcontext()
         return _fusion(True) if self._fixed_shape[index] else unfused()
 
@@ -454,7 +536,8 @@ class FeatureEngine:
         share its pass."""
         bb, module, step = self.backbones[index], self._modules[index], self.model_batch
         mean, std = self._norms[index]
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        onnx = self.runtimes[index] == "onnx"  # ONNX Runtime takes NCHW arrays: no channels_last copy
+        fmt = torch.channels_last if self.channels_last and not onnx else torch.contiguous_format
         outs = []
         for s in range(0, len(x), step):
             part = x[s : s + step]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -235,6 +236,18 @@ def extract(
     return run_sharded(engine, refs, [output], opts, "extract", out)
 
 
+def _begun_runtimes(out: str) -> dict[str, str] | None:
+    """What runs which backbone in the store ``out`` was begun with (its header), or None (no store)."""
+    from .shards import manifest_paths, read_manifest
+
+    for path in manifest_paths(out) if os.path.isdir(out) else []:
+        try:
+            return dict(read_manifest(path)["header"].get("runtimes", {}))
+        except Exception:
+            continue
+    return None
+
+
 def store_writer(
     out: str, models: Sequence[Backbone], dtype: str, options: RunOptions, engine: Engine
 ) -> tuple[ShardedWriter, Callable[[FeatureBatch], pa.Table]]:
@@ -242,7 +255,13 @@ def store_writer(
     ``run_sharded`` takes it; used by ``extract`` and by ``score --keep-features``. What ``engine``
     computes in and which JPEG decoder it uses are recorded: a store never mixes two."""
     recipes = [b.recipe() for b in models]
-    header = store_header(recipes, dtype, options.tta, engine.numerics, options.decode, engine.decoder)
+    if options.runtime == "auto":
+        begun = _begun_runtimes(out)
+        if begun is not None and begun != engine.runtime_record():
+            engine.adopt_runtimes(begun)
+    header = store_header(
+        recipes, dtype, options.tta, engine.numerics, options.decode, engine.decoder, engine.runtime_record()
+    )
     writer = ShardedWriter(
         out,
         kind=KIND,

@@ -36,11 +36,12 @@ def store_header(
     numerics: str = "fp32",
     decode: str = "workers",
     decoder: str | None = None,
+    runtimes: dict[str, str] | None = None,
 ) -> dict:
     """What a store's features are: backbone recipes, stored dtype, TTA, the numerics they were
-    computed in, where JPEGs were decoded and by which decoder (each recorded only when not the
-    default, fp32, workers and torchvision (the one decoder before imgsent 0.7), so older stores
-    keep their header)."""
+    computed in, where JPEGs were decoded and by which decoder, and the backbones that ran on ONNX
+    Runtime (each recorded only when not the default, fp32, workers, torchvision (the one decoder
+    before imgsent 0.7) and torch, so older stores keep their header)."""
     if dtype not in DTYPES:
         raise ImgsentError(f"dtype must be float32 or float16, got {dtype!r}")
     header = {"backbones": recipes, "dtype": dtype, "tta": tta}
@@ -50,6 +51,8 @@ def store_header(
         header["decode"] = decode
     if decode == "device" and decoder not in (None, "torchvision"):
         header["decoder"] = decoder
+    if runtimes:
+        header["runtimes"] = dict(runtimes)
     return header
 
 
@@ -68,9 +71,19 @@ def describe_header_difference(old: dict, new: dict) -> str:
         ("numerics", "fp32"),
         ("decode", "workers"),
         ("decoder", "torchvision"),
+        ("runtimes", {}),
     ):
+        if field == "runtimes" and old.get(field, default) != new.get(field, default):
+            was, now = old.get(field, {}), new.get(field, {})
+
+            def on(record: dict) -> str:
+                return f"ONNX Runtime for {', '.join(record)}" if record else "torch for every backbone"
+
+            return f"it was made with {on(was)}, this run uses {on(now)} (choose with --runtime)"
         if old.get(field, default) != new.get(field, default):
-            how = " (choose with IMGSENT_DEVICE_DECODER)" if field == "decoder" else ""
+            how = {"decoder": " (choose with IMGSENT_DEVICE_DECODER)", "runtimes": " (choose with --runtime)"}.get(
+                field, ""
+            )
             return f"it has {field}={old.get(field, default)!r}, this run computes {new.get(field, default)!r}{how}"
     return "settings differ"
 

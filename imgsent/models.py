@@ -1,4 +1,4 @@
-"""Models to score with: the packaged models (``default``, ``mobilenet``), bundle directories, and
+"""Models to score with: the packaged models (``default``, ``lite``, ``mobilenet``), bundle directories, and
 the backbones a model's recipe names, with the files they read found by name and hash and their
 weights checked against the recipe."""
 
@@ -22,7 +22,11 @@ DEFAULT_MODEL = "default"
 # name -> (folder inside the package, what it is). ``--model NAME`` picks one; a local folder of
 # the same name is ./NAME.
 PACKAGED_MODELS = {
-    "default": ("default_model", "the default polarity model (EfficientNet-Lite1 + Lite2 features)"),
+    "default": (
+        "default_model",
+        "the default polarity model (EfficientNet-Lite1 + Lite2 features, faces and their expressions)",
+    ),
+    "lite": ("lite_model", "the previous default (v2: EfficientNet-Lite1 + Lite2 features, no faces)"),
     "mobilenet": ("mobilenet_model", "a faster, less accurate polarity model (MobileNetV2 features)"),
 }
 

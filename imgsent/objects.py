@@ -1,7 +1,8 @@
 """Detector views (the paper's G, from public detectors): what a COCO object detector finds in an
 image, as a fixed-length vector.
 
-Detectors: ``torchscript:PATH`` (a detector taking a list of float RGB (3, H, W) tensors in [0, 1]
+Detectors: ``imgsent:faces_rfb320`` / ``imgsent:faces_rfb640`` (the face detectors shipped inside
+imgsent, see :mod:`imgsent.faces`; each sees the image at its own input size), ``torchscript:PATH`` (a detector taking a list of float RGB (3, H, W) tensors in [0, 1]
 and returning boxes / labels / scores, as D2Go's exported models do; it sees the image at 320 x 320)
 or ``torchvision:NAME`` (torchvision's detection models: ``fasterrcnn_mobilenet_v3_large_320_fpn``,
 ``fasterrcnn_resnet50_fpn_v2``, ``retinanet_resnet50_fpn_v2``...; each sees the image at its own
@@ -25,8 +26,8 @@ whose nodes are detected objects): the ``k`` highest-scoring detections (default
 least ``min`` (default 0.3), each cropped from the decoded view, resized to BACKBONE's input size
 (bilinear or bicubic as BACKBONE's config says, antialiased) and normalised as BACKBONE wants, run
 through BACKBONE (any spec, ``:probs`` included), then averaged with the detection scores as
-weights. Zeros when nothing passes. Crops go through BACKBONE in passes of exactly ``CROP_BATCH``
-(the last one padded), so a crop's features do not depend on the others. Paths must not contain
+weights. Zeros when nothing passes. Crops go through BACKBONE in passes of exactly
+``min(CROP_BATCH, k)`` (the last one padded), so a crop's features do not depend on the others. Paths must not contain
 ``+``. Example: ``regions:torchscript:d2go.pt+torchvision:mobilenet_v2@mnv2.safetensors+k=3``.
 """
 
@@ -52,7 +53,7 @@ from .errors import ImgsentError
 VIEW_MIN = 512  # the shared view's side: crops for the regions view come from it
 TORCHSCRIPT_SIZE = 320  # what exported D2Go detectors expect (they rescale to 320 themselves)
 COCO_CLASSES = 91  # COCO category ids 0 (background) .. 90
-CROP_BATCH = 8  # regions view: crops per backbone pass, fixed
+CROP_BATCH = 8  # regions view: at most this many crops per backbone pass (k when smaller), fixed per view
 MEMO_SIZE = 4096  # detections kept per thread (a few batches; each entry is a few hundred floats)
 
 _memo = threading.local()
@@ -74,11 +75,12 @@ class Detector(nn.Module):
     weights and the image's exact bytes, so the objects and regions views of one detector (or
     copies of it on other lanes) run it once per image."""
 
-    def __init__(self, module: nn.Module, size: int, identity: str):
+    def __init__(self, module: nn.Module, size: int, identity: str, view: int | None = None):
         super().__init__()
         self.module = module
         self.size = size
         self.identity = identity
+        self.view = view or max(VIEW_MIN, size)  # the side of the square view both views decode
 
     def _run(self, image: torch.Tensor) -> Detections:
         with unfused():  # never fused under another lane's switch (see imgsent.compiled.unfused)
@@ -154,12 +156,13 @@ class RegionsView(nn.Module):
         self.detector = detector
         self.inner = inner.module  # registered: moved, fingerprinted and copied with the view
         # the inner spec without its module: its output kind (:probs) and preprocessing; an engine
-        # may swap ``inner`` for a traced copy built for CROP_BATCH crops in ``memory_format``
+        # may swap ``inner`` for a traced copy built for ``crop_batch`` crops in ``memory_format``
         self.inner_backbone = dataclasses.replace(inner, module=None)
         self.memory_format = torch.contiguous_format
         self.inner_context = contextlib.nullcontext
         self.dim = inner.dim
         self.k, self.min_score = k, min_score
+        self.crop_batch = min(CROP_BATCH, k)  # crops per pass: k=3 needs no pass of 8 (5 of them padding)
         pp = inner.preprocess
         self.crop_size = tuple(pp.input_size)
         self.mode = pp.interpolation if pp.interpolation in ("bilinear", "bicubic") else "bilinear"
@@ -188,8 +191,8 @@ class RegionsView(nn.Module):
 
     def _run_inner(self, part: torch.Tensor) -> torch.Tensor:
         m = len(part)
-        if m < CROP_BATCH:
-            part = torch.cat([part, part.new_zeros((CROP_BATCH - m, *part.shape[1:]))])
+        if m < self.crop_batch:
+            part = torch.cat([part, part.new_zeros((self.crop_batch - m, *part.shape[1:]))])
         part = part.contiguous(memory_format=self.memory_format)
         return self.inner_backbone.run(self.inner, part)[:m].float()
 
@@ -208,7 +211,8 @@ class RegionsView(nn.Module):
             return out
         batch = (torch.cat(crops).clamp(0, 1) - self.mean) / self.std
         with self.inner_context():
-            parts = [self._run_inner(batch[s : s + CROP_BATCH]) for s in range(0, len(batch), CROP_BATCH)]
+            step = self.crop_batch
+            parts = [self._run_inner(batch[s : s + step]) for s in range(0, len(batch), step)]
         feats = torch.cat(parts)
         w = torch.tensor(weights, dtype=torch.float32, device=feats.device)
         idx = torch.tensor(owners, dtype=torch.long, device=feats.device)
@@ -218,8 +222,9 @@ class RegionsView(nn.Module):
 
 
 def view_preprocess(detector: Detector) -> Preprocess:
-    """The whole image squashed to a square of ``max(VIEW_MIN, detector size)``, pixels / 255."""
-    side = max(VIEW_MIN, detector.size)
+    """The whole image squashed to a square of ``detector.view`` (``max(VIEW_MIN, detector size)``
+    unless the detector says otherwise), pixels / 255."""
+    side = detector.view
     return Preprocess(input_size=(side, side), resize_size=(side, side), mean=(0.0,) * 3, std=(1.0,) * 3)
 
 
@@ -236,8 +241,18 @@ def load_detector(name: str, random_weights: bool) -> tuple[Detector, list[str] 
     from .weights import state_dict_sha256
 
     kind, sep, rest = name.partition(":")
-    if not sep or kind not in ("torchscript", "torchvision") or not rest:
-        raise ImgsentError(f"detector {name!r}: give torchscript:PATH or torchvision:NAME")
+    if not sep or kind not in ("imgsent", "torchscript", "torchvision") or not rest:
+        raise ImgsentError(f"detector {name!r}: give imgsent:NAME, torchscript:PATH or torchvision:NAME")
+    if kind == "imgsent":
+        from . import faces
+
+        if rest not in faces.DETECTORS:
+            raise ImgsentError(f"detector {name!r}: imgsent ships the detectors {', '.join(faces.DETECTORS)}")
+        module, source = faces.load(rest, random_weights)
+        # the view at the detector's own width: no second resize before it, and faces big enough to
+        # score >= 0.9 are big enough in it for a 112 x 112 crop (bench/results/default_model_v3.json)
+        detector = Detector(module, module.width, state_dict_sha256(module), view=module.width)
+        return detector, list(faces.CLASS_NAMES), source, False
     if kind == "torchscript":
         import torchvision  # noqa: F401  (registers torchvision::nms, which exported detectors call)
 

@@ -17,6 +17,7 @@ from .errors import ImgsentError
 PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16", "int8")
 NUMERICS = ("fp32", "tf32", "bf16", "fp16")  # what a run's features were computed in ("auto" resolved)
 ENGINES = ("local", "ray")
+RUNTIMES = ("auto", "torch", "onnx")  # what runs the backbones' networks (imgsent.onnxrunner)
 DECODES = ("workers", "device")  # JPEGs decoded by Pillow in the decoding processes, or on the run's device
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_ROWS_PER_SHARD = 10_000
@@ -58,7 +59,9 @@ class RunOptions:
     turns TF32 off, ``tf32`` allows it), ``batch_size`` (None: 64, or 256 on CUDA), ``workers``
     (decoding processes; None = cores - 1), ``decode`` (``workers``: Pillow in those processes;
     ``device``: JPEGs decoded on the run's device, nvJPEG on CUDA, see :mod:`imgsent.devicedecode`),
-    ``compile``, ``tta``,
+    ``compile``, ``runtime`` (``auto``: ONNX Runtime on a CPU for every backbone whose network
+    exports and checks out, torch otherwise; ``torch``; ``onnx``: ONNX Runtime wherever a network
+    exports, failing with one line where one that should does not; see :mod:`imgsent.onnxrunner`), ``tta``,
     ``max_pixels``; ``engine`` (local or ray) with ``ray_address``, ``ray_workers``,
     ``gpus_per_worker``. Outputs: ``overwrite``, ``rows_per_shard``. ``progress``: progress and
     summaries on stderr.
@@ -70,6 +73,7 @@ class RunOptions:
     workers: int | None = None
     decode: str = "workers"
     compile: bool = False
+    runtime: str = "auto"
     tta: str = "none"
     max_pixels: int = DEFAULT_MAX_PIXELS
     engine: str = "local"
@@ -103,6 +107,7 @@ class RunOptions:
         check_choice("tta", self.tta, TTA_MODES)
         check_choice("engine", self.engine, ENGINES)
         check_choice("decode", self.decode, DECODES)
+        check_choice("runtime", self.runtime, RUNTIMES)
         if self.decode == "device" and self.engine == "ray":
             raise ImgsentError("decode=device runs with the local engine only (Ray decodes in its own tasks)")
         for name, low in (("batch_size", 1), ("max_pixels", 1), ("rows_per_shard", 1)):

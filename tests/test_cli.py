@@ -31,7 +31,7 @@ def imgs(tmp_path):
         (["extract", "IMGS", "--out", "OUT", "-B", "torchvision:mobilenet_v2@/no/such.safetensors"], "not found"),
         (["train", "OUT", "--labels", "x.txt", "--out", "M"], "not a directory"),
         (["score", "IMGS", "--model", "/no/such/model"], "not a model directory"),
-        (["score", "IMGS", "--model", "mobilnet"], "not a packaged model (default, mobilenet)"),
+        (["score", "IMGS", "--model", "mobilnet"], "not a packaged model (default, lite, mobilenet)"),
         (["score", "IMGS", "--models", "/no/such/dir", "--out", "OUT.csv"], "does not exist"),
         (["score", "--out", "-"], "give either images"),
         (["evaluate", "OUT", "--labels-from-folders", "--protocol", "loo"], "--protocol"),

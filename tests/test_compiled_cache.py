@@ -19,7 +19,7 @@ from imgsent.errors import ImgsentError
 # the models these tests train (a few epochs on generated images) are throwaway: what they learn is not the point
 pytestmark = pytest.mark.filterwarnings("ignore::imgsent.errors.UselessModelWarning")
 
-KW = dict(random_weights=True, workers=0, batch_size=8)
+KW = dict(runtime="torch", random_weights=True, workers=0, batch_size=8)
 
 
 def _graphs() -> list[str]:
@@ -40,17 +40,17 @@ def test_a_second_run_loads_the_cached_graphs_and_builds_no_network(trained, tmp
     images, store, model = trained
     assert len(_graphs()) == 2  # the extraction traced and cached both backbones
     shutil.rmtree(os.path.join(os.environ["IMGSENT_HOME"], "compiled"))
-    first = imgsent.score([str(images)], str(tmp_path / "a.csv"), model=model, workers=0)
+    first = imgsent.score([str(images)], str(tmp_path / "a.csv"), model=model, workers=0, runtime="torch")
 
     def no_build(*a, **k):
         raise AssertionError("a network was built although its graph is cached")
 
     monkeypatch.setattr(imgsent.models, "create_backbone", no_build)
-    second = imgsent.score([str(images)], str(tmp_path / "b.csv"), model=model, workers=0)
+    second = imgsent.score([str(images)], str(tmp_path / "b.csv"), model=model, workers=0, runtime="torch")
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
     assert "compiled graph" in second.details["weights"] and "compiled graph" not in first.details["weights"]
     # the store's own features (traced in the extraction) and the cached graphs' agree exactly
-    s = imgsent.score(out=str(tmp_path / "c.csv"), model=model, features=store)
+    s = imgsent.score(out=str(tmp_path / "c.csv"), model=model, features=store, runtime="torch")
     assert s.errors == 0 and (tmp_path / "c.csv").read_text() == (tmp_path / "a.csv").read_text()
 
 
@@ -89,13 +89,13 @@ def test_a_cached_graph_that_gives_other_features_is_removed(trained, tmp_path):
     images, store, model = trained
     before = (
         tmp_path / "before.csv",
-        imgsent.score([str(images)], str(tmp_path / "before.csv"), model=model, workers=0),
+        imgsent.score([str(images)], str(tmp_path / "before.csv"), model=model, workers=0, runtime="torch"),
     )
     folder = os.path.join(os.environ["IMGSENT_HOME"], "compiled")
     for name in _graphs():  # same keys, other numbers: the check against the recipe's probe fails
         torch.jit.save(torch.jit.script(_Other(96)), os.path.join(folder, name))
     with pytest.raises(ImgsentError, match="does not give its recipe's features; it was removed"):
-        imgsent.score([str(images)], str(tmp_path / "x.csv"), model=model, workers=0)
+        imgsent.score([str(images)], str(tmp_path / "x.csv"), model=model, workers=0, runtime="torch")
     assert _graphs() == []  # both were checked (side by side, one lane each) and removed
     for name in _graphs():
         os.remove(os.path.join(folder, name))
@@ -107,16 +107,16 @@ def test_a_cached_graph_that_gives_other_features_is_removed(trained, tmp_path):
             torch.jit.save(torch.jit.script(_Other(96)), os.path.join(folder, graph))
     a, b = imgsent.features.load(str(tmp_path / "a")), imgsent.features.load(str(tmp_path / "b"))
     np.testing.assert_array_equal(a.X, b.X)
-    after = imgsent.score([str(images)], str(tmp_path / "after.csv"), model=model, workers=0)
+    after = imgsent.score([str(images)], str(tmp_path / "after.csv"), model=model, workers=0, runtime="torch")
     assert after.errors == before[1].errors == 0
     assert (tmp_path / "after.csv").read_text() == before[0].read_text()
 
 
 def test_other_engine_settings_build_the_network_as_before(trained, tmp_path, monkeypatch):
     images, store, model = trained
-    imgsent.score([str(images)], str(tmp_path / "a.csv"), model=model, workers=0)
+    imgsent.score([str(images)], str(tmp_path / "a.csv"), model=model, workers=0, runtime="torch")
     built = []
     real = imgsent.models.create_backbone
     monkeypatch.setattr(imgsent.models, "create_backbone", lambda *a, **k: built.append(a) or real(*a, **k))
-    imgsent.score([str(images)], str(tmp_path / "b.csv"), model=model, workers=0, precision="int8")
+    imgsent.score([str(images)], str(tmp_path / "b.csv"), model=model, workers=0, runtime="torch", precision="int8")
     assert len(built) == 2  # int8 backbones are other networks: built, not read from the float graphs

