@@ -33,6 +33,9 @@ class FeatureBatch:
     height: list[int | None]
     features: dict[str, np.ndarray] = field(default_factory=dict)
     meta: list[str] = field(default_factory=list)
+    # how to read each image when ``path`` is not the file (:attr:`~imgsent.inputs.ImageRef.source`:
+    # a tar member, a Parquet cell, a URL), or empty when no image of the batch has one
+    sources: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -46,6 +49,7 @@ class FeatureBatch:
         cut = {name: getattr(self, name)[start:stop] for name in ("ids", "paths", "status", "error", "width", "height")}
         cut["features"] = {k: v[start:stop] for k, v in self.features.items()}
         cut["meta"] = self.meta[start:stop]
+        cut["sources"] = self.sources[start:stop]
         extra = {name: getattr(self, name)[start:stop] for name in self._row_arrays()}
         return replace(self, **cut, **extra)
 

@@ -34,7 +34,7 @@ from .labels import map_labels, read_labels
 ALL = "all"  # the group of every row
 
 
-SCORE_COLUMNS = ("id", "path", "status", "error", "label", "model", "model_version")
+SCORE_COLUMNS = ("id", "path", "source", "status", "error", "label", "model", "model_version")
 
 
 def read_scores(source: str, stdin=None, extra: tuple[str, ...] = ()):

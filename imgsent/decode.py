@@ -150,10 +150,18 @@ def _check_regular_file(path: str) -> None:
         raise DecodeError(f"is {kind}, not a regular file")
 
 
-def preview_jpeg(path: str, size: int, quality: int = 85) -> bytes:
-    """A JPEG of the image at ``path``, oriented as its EXIF says, its longer side at most ``size``
-    (the report's thumbnails, the labelling page's images); raises :class:`DecodeError`."""
-    img, _ = decode_image(path, min_short_side=size // 2)
+def preview_jpeg(path: str, size: int, quality: int = 85, source: str = "") -> bytes:
+    """A JPEG of the image at ``path`` (or read from ``source``, an
+    :attr:`~imgsent.inputs.ImageRef.source`: a tar member, a Parquet cell, a URL), oriented as its
+    EXIF says, its longer side at most ``size`` (the report's thumbnails, the labelling page's
+    images); raises :class:`DecodeError`."""
+    data = None
+    if source:
+        try:
+            data = read_source(source)
+        except (SourceError, OSError) as exc:
+            raise DecodeError(f"cannot read {path}: {exc}") from None
+    img, _ = decode_image(path, min_short_side=size // 2, data=data)
     img.thumbnail((size, size))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)

@@ -37,14 +37,31 @@ import numpy as np
 from .backbones import Backbone, create_backbone, fingerprints_match
 from .batches import FeatureBatch, ScoredBatch
 from .decode import Preprocess, crop_count, decode_refs
-from .engine import FeatureEngine, default_workers, flag_nonfinite, mark_failed, select_device
+from .engine import CUDA_BATCH_SIZE, FeatureEngine, default_workers, flag_nonfinite, mark_failed, select_device
 from .errors import ImgsentError, ImgsentWarning
 from .inputs import ImageRef
-from .options import RunOptions
+from .options import DEFAULT_BATCH_SIZE, RunOptions
 from .shards import Chunk, ShardTarget
 from .specs import map_files
 
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME")  # and every IMGSENT_* variable
+
+
+def resolve_actor_numerics(precision: str, on_gpu: bool, ask_card: Callable[[], str]) -> str:
+    """What ``precision`` means for Ray actors: as :func:`imgsent.precision.resolve_numerics` says
+    on their device; ``auto`` on GPUs is what ``ask_card()`` (a card of the cluster) says."""
+    if not on_gpu:
+        return "fp32" if precision in ("auto", "tf32") else precision
+    return ask_card() if precision == "auto" else precision
+
+
+def _card_numerics(precision: str) -> str:
+    """Run on a GPU of the cluster: what ``precision`` means on its card."""
+    import torch
+
+    from .precision import resolve_numerics
+
+    return resolve_numerics(torch.device("cuda"), precision)
 
 
 def forwarded_env() -> dict[str, str]:
@@ -83,6 +100,7 @@ def _decode_batch(
         "id": np.asarray([it.ref.id for it in items], dtype=object),
         "path": np.asarray([it.ref.path for it in items], dtype=object),
         "meta": np.asarray([it.ref.meta for it in items], dtype=object),
+        "source": np.asarray([it.ref.source for it in items], dtype=object),
         "status": np.asarray([it.status for it in items], dtype=object),
         "error": np.asarray([it.error or "" for it in items], dtype=object),  # "" = none: blocks keep one type
         "width": np.asarray([it.width or -1 for it in items], dtype=np.int64),
@@ -219,7 +237,7 @@ class _EmbedActor:
         status, error = [str(s) for s in batch["status"]], [str(e) if e else None for e in batch["error"]]
         checked = flag_nonfinite(mark_failed(FeatureBatch([], [], status, error, [], [], feats), failed))
         ok_pos = [k for k, s in enumerate(checked.status) if s == "ok"]
-        out = {k: batch[k] for k in ("id", "path", "meta", "width", "height")}
+        out = {k: batch[k] for k in ("id", "path", "meta", "source", "width", "height")}
         out["status"] = np.asarray(checked.status, dtype=object)
         out["error"] = np.asarray([e or "" for e in checked.error], dtype=object)
         for j, key in enumerate(self.engine.keys):
@@ -289,14 +307,13 @@ class RayEngine:
         device = "cuda" if opts.gpus_per_worker > 0 and opts.device == "auto" else opts.device
         if opts.gpus_per_worker == 0 and opts.device == "auto":
             device = "cpu"  # an actor with no GPU asked for must not grab one it happens to see
-        # Resolved here, so that every actor computes the numerics the store records: on GPUs,
-        # auto is bf16 (the driver cannot ask the actors' cards whether they have bf16 cores).
+        # Resolved here, so that every actor computes the numerics the store records, as a local run
+        # on the same card would (precision.resolve_numerics): auto is asked of a card like the
+        # actors' (a task with their GPU share), bf16 where it has bf16 cores, else fp16.
         on_gpu = device.startswith("cuda")
         self.decoder = None  # decode="device" runs with the local engine only
-        self.numerics = {"auto": "bf16" if on_gpu else "fp32", "tf32": "tf32" if on_gpu else "fp32"}.get(
-            opts.precision, opts.precision
-        )
-        self.batch_size = opts.batch_size or (256 if on_gpu else 64)
+        self.numerics = resolve_actor_numerics(opts.precision, on_gpu, lambda: self._card_numerics(opts))
+        self.batch_size = opts.batch_size or (CUDA_BATCH_SIZE if on_gpu else DEFAULT_BATCH_SIZE)
         # The same rule as a local engine's (FeatureEngine._plan_runtimes), decided here so that the
         # store's header can say it: the actors then run "onnx", where an export that fails stops
         # the run instead of leaving one actor on torch.
@@ -311,6 +328,11 @@ class RayEngine:
             engine="local",
             progress=False,
         )
+
+    def _card_numerics(self, opts: RunOptions) -> str:
+        """What ``auto`` means on a card of the cluster like the actors' (one short task there)."""
+        probe = self.ray.remote(num_gpus=opts.gpus_per_worker or 1)(_card_numerics)
+        return self.ray.get(probe.remote(opts.precision))
 
     def _onnx_keys(self, opts: RunOptions, off_cpu: bool) -> list[str]:
         from . import onnxrunner
@@ -391,6 +413,7 @@ class RayEngine:
                 height=[None if h < 0 else int(h) for h in batch["height"]],
                 features={key: np.asarray(batch[f"feat{j}"], dtype=np.float32) for j, key in enumerate(self.keys)},
                 meta=[str(m) for m in batch["meta"]] if any(batch["meta"]) else [],
+                sources=[str(s) for s in batch["source"]] if any(batch["source"]) else [],
             )
             if "proba" in batch:
                 rows = ScoredBatch(**vars(rows), proba=np.asarray(batch["proba"], dtype=np.float32))

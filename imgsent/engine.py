@@ -739,6 +739,7 @@ class FeatureEngine:
             height=[it.height for it in items],
             features=feats,
             meta=[it.ref.meta for it in items] if any(it.ref.meta for it in items) else [],
+            sources=[it.ref.source for it in items] if any(it.ref.source for it in items) else [],
         )
         return flag_nonfinite(mark_failed(out, failed))
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from .backbones import Backbone, create_backbone, expand_presets
 from .batches import Engine, FeatureBatch
-from .features import DTYPES, KIND, describe_header_difference, feature_table, store_header
+from .features import DTYPES, KIND, SOURCE_COLUMN, describe_header_difference, feature_table, store_header
 from .inputs import ImageRef, find_images, select_shard
 from .options import RunOptions, check_choice
 from .report import RunProgress, RunSummary
@@ -232,24 +232,45 @@ def extract(
     refs = resolve_inputs(inputs, opts, stdin=stdin)
     models = load_backbones(backbones, random_weights=random_weights, int8=opts.precision == "int8")
     engine = build_engine(models, opts)
-    output = store_writer(out, models, dtype, opts, engine)
+    output = store_writer(out, models, dtype, opts, engine, refs)
     return run_sharded(engine, refs, [output], opts, "extract", out)
 
 
-def _begun_runtimes(out: str) -> dict[str, str] | None:
-    """What runs which backbone in the store ``out`` was begun with (its header), or None (no store)."""
+def _begun(out: str | None) -> dict | None:
+    """The manifest of the sharded output begun at ``out`` (its header, shards' schema), or None."""
     from .shards import manifest_paths, read_manifest
 
-    for path in manifest_paths(out) if os.path.isdir(out) else []:
+    for path in manifest_paths(out) if out and os.path.isdir(out) else []:
         try:
-            return dict(read_manifest(path)["header"].get("runtimes", {}))
+            return read_manifest(path)
         except Exception:
             continue
     return None
 
 
+def _begun_runtimes(out: str) -> dict[str, str] | None:
+    """What runs which backbone in the store ``out`` was begun with (its header), or None (no store)."""
+    begun = _begun(out)
+    return None if begun is None else dict(begun["header"].get("runtimes", {}))
+
+
+def with_sources(out: str | None, refs: Sequence[ImageRef]) -> bool:
+    """Whether rows written to ``out`` carry a ``source`` column (how to read an image that is no
+    file: a tar member, a Parquet cell, a URL): as the output begun there has it (a store never
+    changes its columns), else when any of ``refs`` has a source."""
+    begun = _begun(out)
+    if begun is not None and begun["shards"] and begun.get("schema") is not None:
+        return SOURCE_COLUMN in begun["schema"].names
+    return any(r.source for r in refs)
+
+
 def store_writer(
-    out: str, models: Sequence[Backbone], dtype: str, options: RunOptions, engine: Engine
+    out: str,
+    models: Sequence[Backbone],
+    dtype: str,
+    options: RunOptions,
+    engine: Engine,
+    refs: Sequence[ImageRef] = (),
 ) -> tuple[ShardedWriter, Callable[[FeatureBatch], pa.Table]]:
     """The writer of a feature store for ``models`` (and how a batch becomes its rows), as
     ``run_sharded`` takes it; used by ``extract`` and by ``score --keep-features``. What ``engine``
@@ -271,4 +292,5 @@ def store_writer(
         rows_per_shard=options.rows_per_shard,
         describe_difference=describe_header_difference,
     )
-    return writer, lambda b: feature_table(b, dtype)
+    with_source = with_sources(out, refs)
+    return writer, lambda b: feature_table(b, dtype, with_source)

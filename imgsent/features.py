@@ -27,6 +27,7 @@ from .specs import normalize_key, normalized_recipe
 KIND = "features"
 DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 BASE_COLUMNS = ("id", "path", "status", "error", "width", "height")
+SOURCE_COLUMN = "source"  # stores and score outputs of runs with tar, Parquet or URL inputs
 
 
 def store_header(
@@ -88,6 +89,11 @@ def describe_header_difference(old: dict, new: dict) -> str:
     return "settings differ"
 
 
+def source_array(sources: list[str], n: int) -> pa.Array:
+    """The ``source`` column of ``n`` rows: each image's source, null where it has none."""
+    return pa.array([s or None for s in sources] if sources else [None] * n, pa.string())
+
+
 def base_arrays(ids, paths, status, error, width, height) -> list[pa.Array]:
     return [
         pa.array(ids, pa.string()),
@@ -105,8 +111,9 @@ def feature_type(dtype: str, dim: int) -> pa.DataType:
     return pa.list_(pa.field("item", DTYPES[dtype], nullable=False), dim)
 
 
-def feature_table(batch: FeatureBatch, dtype: str = "float32") -> pa.Table:
-    """Arrow table for a :class:`FeatureBatch` (null feature lists on error rows)."""
+def feature_table(batch: FeatureBatch, dtype: str = "float32", with_source: bool = False) -> pa.Table:
+    """Arrow table for a :class:`FeatureBatch` (null feature lists on error rows); ``with_source``:
+    a ``source`` column after the base ones (null where ``path`` is the file itself)."""
     arrays = base_arrays(
         batch.ids,
         [display_path(p) for p in batch.paths],
@@ -116,6 +123,9 @@ def feature_table(batch: FeatureBatch, dtype: str = "float32") -> pa.Table:
         batch.height,
     )
     names = list(BASE_COLUMNS)
+    if with_source:
+        arrays.append(source_array(batch.sources, len(batch)))
+        names.append(SOURCE_COLUMN)
     mask = pa.array(~batch.ok_mask)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     for key, mat in batch.features.items():
@@ -134,6 +144,7 @@ class FeatureSet:
 
     ids: list[str]
     paths: list[str]
+    sources: list[str]  # how to read each image when ``path`` is not the file ("": it is)
     status: list[str]
     error: list[str | None]
     X: np.ndarray
@@ -185,6 +196,11 @@ def _select(store: str, backbones: Sequence[str] | None):
     return listing, keys, recipes, [(k, int(by_key[k]["dim"])) for k in keys], columns
 
 
+def has_source_column(files: Sequence[str]) -> bool:
+    """Whether a store's shards hold a ``source`` column (they all do, or none does)."""
+    return bool(files) and SOURCE_COLUMN in pq.read_schema(files[0]).names
+
+
 def block_matrix(col: pa.Array, dim: int) -> np.ndarray:
     """A fixed-size-list column as an (n, dim) float32 matrix: a read-only view of Arrow's buffer
     for float32 stores (rows of null lists hold placeholder values), a copy for float16."""
@@ -217,16 +233,18 @@ class StoreReader:
         self.listing, self.keys, self.recipes, self.blocks, self.columns = _select(store, backbones)
         self.parts = [(f, g) for f in self.listing.files for g in range(pq.ParquetFile(f).num_row_groups)]
         self.in_id_order = self.listing.jobs <= 1  # a job array's shards interleave
+        self.with_source = has_source_column(self.listing.files)
 
     def read(self, part: tuple[str, int]) -> FeatureChunk:
         f, group = part
-        columns = list(BASE_COLUMNS[:4]) + self.columns
+        base = list(BASE_COLUMNS[:4]) + ([SOURCE_COLUMN] if self.with_source else [])
+        columns = base + self.columns
         t = pq.ParquetFile(f, memory_map=True).read_row_group(group, columns=columns, use_threads=False)
         t = t.combine_chunks()  # one chunk per column already: no copy
         mats = [block_matrix(t.column(c).chunk(0), d) for c, (_, d) in zip(self.columns, self.blocks)]
         X = mats[0] if len(mats) == 1 else np.concatenate(mats, axis=1)
         ok = np.asarray(pc.equal(t.column("status"), "ok").to_numpy(), dtype=bool)
-        return FeatureChunk({c: t.column(c).chunk(0) for c in BASE_COLUMNS[:4]}, X, ok)
+        return FeatureChunk({c: t.column(c).chunk(0) for c in base}, X, ok)
 
 
 def load(store: str, backbones: Sequence[str] | None = None, *, only_ok: bool = True) -> FeatureSet:
@@ -240,7 +258,9 @@ def load(store: str, backbones: Sequence[str] | None = None, *, only_ok: bool = 
     listing, keys, recipes, blocks, stored = _select(store, backbones)
     columns = Blocks.of(blocks).slices()
 
-    tables = [pq.read_table(f, columns=list(BASE_COLUMNS[:4]) + stored) for f in listing.files]
+    with_source = has_source_column(listing.files)
+    base = list(BASE_COLUMNS[:4]) + ([SOURCE_COLUMN] if with_source else [])
+    tables = [pq.read_table(f, columns=base + stored) for f in listing.files]
     ids = [i for t in tables for i in t.column("id").to_pylist()]
     status = [s for t in tables for s in t.column("status").to_pylist()]
     keep = np.asarray([s == "ok" for s in status], dtype=bool) if only_ok else np.ones(len(ids), dtype=bool)
@@ -281,6 +301,7 @@ def load(store: str, backbones: Sequence[str] | None = None, *, only_ok: bool = 
     return FeatureSet(
         ids=kept_ids if in_order else [kept_ids[i] for i in order],
         paths=pick("path"),
+        sources=[s or "" for s in pick(SOURCE_COLUMN)] if with_source else [""] * len(kept_ids),
         status=pick("status"),
         error=pick("error"),
         X=X,

@@ -65,12 +65,13 @@ def svg(fig) -> str:
     return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", text, count=0)
 
 
-def _thumbnail(path: str) -> str | None:
-    """A data URI of a small JPEG of the image, or None when it cannot be read any more."""
+def _thumbnail(path: str, source: str | None = None) -> str | None:
+    """A data URI of a small JPEG of the image (read from its ``source`` when it is no file: a tar
+    member, a Parquet cell, a URL), or None when it cannot be read any more."""
     from .decode import DecodeError, preview_jpeg
 
     try:
-        data = preview_jpeg(path, THUMB, quality=80)
+        data = preview_jpeg(path, THUMB, quality=80, source=source or "")
     except DecodeError:
         return None
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
@@ -78,8 +79,8 @@ def _thumbnail(path: str) -> str | None:
 
 def _card(items: list[tuple[str, float]], title: str) -> str:
     cells = []
-    for (ident, path), score in items:
-        uri = _thumbnail(path) if path else None
+    for (ident, path, source), score in items:
+        uri = _thumbnail(path, source) if path or source else None
         pic = f'<img src="{uri}" alt="">' if uri else '<div class="missing">image no longer readable</div>'
         cells.append(f"<figure>{pic}<figcaption>{html.escape(ident)}<br>{score:.3f}</figcaption></figure>")
     return f"<h4>{html.escape(title)}</h4><div class=sheet>{''.join(cells) or '<p>none</p>'}</div>"
@@ -251,8 +252,10 @@ def build_report(
     sheets = []
     for title, part in groups:
         p = part[score_col].to_numpy()
-        ids, paths = part["id"].to_list(), part["path"].to_list() if "path" in part.columns else [None] * part.height
-        keyed = list(zip(ids, paths))
+        ids = part["id"].to_list()
+        paths = part["path"].to_list() if "path" in part.columns else [None] * part.height
+        sources = part["source"].to_list() if "source" in part.columns else [None] * part.height
+        keyed = list(zip(ids, paths, sources))
         order = np.argsort(-p, kind="mergesort")
         unsure = np.argsort(np.abs(p - 0.5), kind="mergesort")
         sheets.append(

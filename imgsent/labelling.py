@@ -149,6 +149,7 @@ class LabelSession:
             raise ImgsentError("the store has no image that decoded: nothing to label")
         self.ids = [i for i, good in zip(fs.ids, ok) if good]
         self.paths = [p for p, good in zip(fs.paths, ok) if good]
+        self.sources = [s for s, good in zip(fs.sources, ok) if good]  # tar members, Parquet cells, URLs
         self.index = {rid: k for k, rid in enumerate(self.ids)}
         self.X = np.ascontiguousarray(fs.X[ok], dtype=np.float32)
         self.blocks, self.recipes, self.header = fs.blocks, fs.recipes, fs.header

@@ -134,7 +134,7 @@ def create_app(session: LabelSession, token: str):
         from .decode import DecodeError, preview_jpeg
 
         try:
-            data = await anyio.to_thread.run_sync(preview_jpeg, path, PREVIEW)
+            data = await anyio.to_thread.run_sync(preview_jpeg, path, PREVIEW, 85, session.sources[k])
         except DecodeError as exc:
             return error(404, f"image {rid!r} cannot be shown from {path}: {exc}")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

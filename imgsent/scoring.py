@@ -22,8 +22,8 @@ from . import __version__
 from .batches import FeatureBatch, ScoredBatch
 from .engine import frozen_cpu_batch
 from .errors import ImgsentError, ImgsentWarning
-from .extraction import build_engine, resolve_inputs, run_sharded, store_writer
-from .features import StoreReader, open_store
+from .extraction import build_engine, resolve_inputs, run_sharded, store_writer, with_sources
+from .features import SOURCE_COLUMN, StoreReader, open_store, source_array
 from .inputs import display_path
 from .lanes import in_lanes
 from .models import model_backbones, model_identity, model_path, packaged_name, resolve_model
@@ -58,6 +58,7 @@ class ScoreTableBuilder:
         self.pos = model.classes.index(model.positive_class) if model.positive_class else None
         self.device = None  # where the head runs (None: the CPU)
         self.kept_names: list[str] = []  # fields carried into the rows (keep_columns)
+        self.with_source = False  # a source column: how to read each image that is no file (tar, Parquet, URL)
 
     def keep(self, refs) -> None:
         """Carry the fields the references hold (``ImageRef.meta``) into every score row, as text
@@ -96,10 +97,14 @@ class ScoreTableBuilder:
             ],
         }
 
-    def table(self, ids, paths, status, error, X: np.ndarray | None, ok: np.ndarray, proba=None, meta=()) -> pa.Table:
+    def table(
+        self, ids, paths, status, error, X: np.ndarray | None, ok: np.ndarray, proba=None, meta=(), sources=None
+    ) -> pa.Table:
         """Score rows. ``ids``...``error``: lists or Arrow string arrays; ``X``: features of every row
         (whatever sits in rows that are not ``ok`` is ignored), or ``proba`` (n, C) when the head
-        already ran (Ray actors); ``meta``: each row's kept fields (JSON text), if any."""
+        already ran (Ray actors); ``meta``: each row's kept fields (JSON text), if any; ``sources``:
+        each row's source (a list, "" for none, or an Arrow string array), written as a ``source``
+        column after ``model_version`` when the builder keeps one (``with_source``)."""
         n, classes = len(ok), self.model.classes
         if proba is None and ok.any():
             proba = self.model.predict_proba(X, self.precision, device=self.device)
@@ -125,6 +130,9 @@ class ScoreTableBuilder:
             names.append(f"p_{name}")
         arrays += [pa.repeat(pa.scalar(self.name, pa.string()), n), pa.repeat(pa.scalar(self.version, pa.string()), n)]
         names += ["model", "model_version"]
+        if self.with_source:
+            arrays.append(sources if isinstance(sources, pa.Array) else source_array(list(sources or []), n))
+            names.append(SOURCE_COLUMN)
         if self.kept_names:
             more, more_names = self._kept_columns(meta, n, names)
             arrays, names = arrays + more, names + more_names
@@ -137,7 +145,9 @@ class ScoreTableBuilder:
         if proba is None and ok.any():
             X = np.concatenate([batch.features[k] for k, _ in self.model.blocks], axis=1)
         paths = [display_path(p) for p in batch.paths]
-        return self.table(batch.ids, paths, batch.status, batch.error, X, ok, proba=proba, meta=batch.meta)
+        return self.table(
+            batch.ids, paths, batch.status, batch.error, X, ok, proba=proba, meta=batch.meta, sources=batch.sources
+        )
 
 
 def _model_engine(sentiment, model: str | None, weights, models, opts: RunOptions, *, head: bool):
@@ -174,7 +184,8 @@ def extract_model_features(
     sentiment = resolve_model(model)
     refs = resolve_inputs(inputs, opts, stdin=stdin)
     opts, backbones, engine = _model_engine(sentiment, model, weights, models, opts, head=False)
-    return run_sharded(engine, refs, [store_writer(out, backbones, "float32", opts, engine)], opts, "extract", out)
+    output = store_writer(out, backbones, "float32", opts, engine, refs)
+    return run_sharded(engine, refs, [output], opts, "extract", out)
 
 
 def score(
@@ -235,7 +246,8 @@ def score(
         )
     opts, backbones, engine = _model_engine(sentiment, model, weights, models, opts, head=True)
     builder.device = getattr(engine, "device", None)  # the local engine's card runs the head too
-    outputs = [store_writer(keep_features, backbones, "float32", opts, engine)] if keep_features else []
+    outputs = [store_writer(keep_features, backbones, "float32", opts, engine, refs)] if keep_features else []
+    builder.with_source = with_sources(out.rstrip("/") if dir_out else None, refs)
     summary_model = {"model": f"{builder.name} {builder.version}", "weights": _weights_summary(backbones)}
 
     if dir_out:
@@ -311,6 +323,7 @@ def _score_store(
     header = open_store(store).header
     model.check_recipe(header, what=f"store {store}", accept_numerics=accept)  # before any block is looked up
     reader = StoreReader(store, [k for k, _ in model.blocks])
+    builder.with_source = reader.with_source
     summary = RunSummary(output=out)
     summary.details["model"] = f"{builder.name} {builder.version}"
     recipes = [r for r in header.get("backbones", []) if r.get("key") in dict(model.blocks)]
@@ -320,7 +333,10 @@ def _score_store(
     def score_part(part) -> tuple[pa.Table, int]:
         chunk = reader.read(part)
         c = chunk.columns
-        return builder.table(c["id"], c["path"], c["status"], c["error"], chunk.X, chunk.ok), int((~chunk.ok).sum())
+        table = builder.table(
+            c["id"], c["path"], c["status"], c["error"], chunk.X, chunk.ok, sources=c.get(SOURCE_COLUMN)
+        )
+        return table, int((~chunk.ok).sum())
 
     try:
         for table, errors in in_lanes(score_part, reader.parts, torch.get_num_threads()):

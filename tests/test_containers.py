@@ -326,3 +326,44 @@ def test_members_named_dot_slash_as_tar_c_dir_dot_writes_get_plain_ids(tmp_path)
     assert [json.loads(r.meta) for r in tar_members(str(tmp_path / "t.tar"), "t", ("url",))] == [
         {"url": "https://x.org/a.jpg"}
     ]
+
+
+def test_reports_and_the_label_page_show_images_read_from_tar_shards(tmp_path):
+    """Issue 33, bug 1: rows keep each image's source (a tar member here), so a report embeds a
+    thumbnail of every image it shows and the labelling page serves them; a folder run's rows keep
+    their columns as before."""
+    from starlette.testclient import TestClient
+
+    from imgsent.htmlreport import build_report
+    from imgsent.labelling import open_session
+    from imgsent.labelserver import create_app
+
+    images = webdataset_shards(tmp_path / "shards", shards=2, per_shard=4)
+    labels = tmp_path / "l.txt"
+    labels.write_text("".join(f"{rid} {k % 2}\n" for k, rid in enumerate(sorted(images))))
+    imgsent.extract([str(tmp_path / "shards")], str(tmp_path / "S"), **KW)
+    fs = imgsent.features.load(str(tmp_path / "S"))
+    assert all(json.loads(s)[0] == "tar" for s in fs.sources)
+    write_images(tmp_path / "folder", 3)
+    imgsent.extract([str(tmp_path / "folder")], str(tmp_path / "F"), **KW)
+    assert imgsent.features.load(str(tmp_path / "F")).sources == [""] * 3
+    assert "source" not in pq.read_table(next((tmp_path / "F").glob("part-*.parquet"))).column_names
+    with pytest.warns(ImgsentWarning):  # a throwaway model: it may learn nothing
+        imgsent.train(str(tmp_path / "S"), labels=str(labels), epochs=1, cv=0, out=str(tmp_path / "M"))
+    scores = tmp_path / "scores.parquet"
+    imgsent.score([str(tmp_path / "shards")], str(scores), model=str(tmp_path / "M"), workers=0)
+    table = pq.read_table(scores).to_pydict()
+    assert all(json.loads(s)[0] == "tar" for s in table["source"])
+    build_report(str(scores), str(tmp_path / "r.html"), per_class=3)
+    page = (tmp_path / "r.html").read_text()
+    assert page.count('<img src="data:image/jpeg') == 9 and "no longer readable" not in page  # 3 sheets x 3
+    from_store = tmp_path / "from_store.parquet"  # scoring the store keeps the sources too
+    imgsent.score(out=str(from_store), model=str(tmp_path / "M"), features=str(tmp_path / "S"))
+    assert pq.read_table(from_store).column("source").to_pylist() == fs.sources
+    session = open_session(str(tmp_path / "S"), str(tmp_path / "labels.csv"), model=str(tmp_path / "M"))
+    try:
+        client = TestClient(create_app(session, "tok"), headers={"Authorization": "Bearer tok"})
+        img = client.get(client.get("/api/next").json()["image"])
+        assert img.status_code == 200 and img.content[:2] == b"\xff\xd8"
+    finally:
+        session.close()

@@ -305,3 +305,24 @@ def test_url_settings_reach_ray_workers_that_imgsent_did_not_start(cluster, imag
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_auto_numerics_on_ray_are_what_the_actors_cards_compute_locally(monkeypatch):
+    """Issue 33, bug 3: ``auto`` was bf16 on every GPU actor, fp16 locally on pre-Ampere cards."""
+    import torch
+
+    import imgsent.precision
+    from imgsent.distributed import _card_numerics, resolve_actor_numerics
+    from imgsent.precision import resolve_numerics
+
+    for native, want in ((False, "fp16"), (True, "bf16")):  # a T4 / V100, then an A100 / H100
+        monkeypatch.setattr(imgsent.precision, "bf16_native", lambda device, native=native: native)
+        assert _card_numerics("auto") == want == resolve_numerics(torch.device("cuda"), "auto")
+        assert resolve_actor_numerics("auto", True, lambda: _card_numerics("auto")) == want
+    asked = []
+    for p in ("auto", "fp32", "tf32", "bf16", "fp16", "int8"):  # CPU actors: as a local CPU run, no card asked
+        assert resolve_actor_numerics(p, False, lambda p=p: asked.append(p) or "bf16") == resolve_numerics(
+            torch.device("cpu"), p
+        )
+        assert resolve_actor_numerics(p, True, lambda: "fp16") == ("fp16" if p == "auto" else p)
+    assert asked == []
