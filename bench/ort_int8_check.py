@@ -14,7 +14,7 @@ and held-out accuracy within 0.5 point).
 3. The NN head on Lite1 + Lite2 (the ``lite`` model's recipe), 5-agree, 5 random 80/20 splits with
    seed 1, on float32 and on int8 features.
 4. Speed: ``imgsent.extract`` of the first ``--images`` images, float32 then int8, twice each in turns.
-Results: bench/results/ort_int8_check.json.
+Results: bench/results/ort_int8_check_{synthetic,twitter}.json (--out).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--calibration", choices=["synthetic", "twitter"], default="synthetic")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ort_int8_check.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/ort_int8_check_CALIBRATION.json")
     args = ap.parse_args()
     shared = Path(args.shared)
     images = str(shared / "data" / "twitter_i" / "images")
@@ -153,7 +153,8 @@ def main() -> None:
     cos_ok = all(v["cosine_mean"] >= 0.99 for v in result["backbones"].values())
     acc_ok = result["accuracy_int8"][0] >= result["accuracy_float32"][0] - 0.5
     result["adopt"] = bool(cos_ok and acc_ok)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    out = args.out or str(ROOT / "bench" / "results" / f"ort_int8_check_{args.calibration}.json")
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 
