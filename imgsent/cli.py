@@ -16,9 +16,9 @@ import typer
 from typer.core import TyperArgument
 
 from . import __version__
-from .decode import DEFAULT_MAX_PIXELS
+from .decode import DEFAULT_MAX_PIXELS, TTA_MODES
 from .errors import ImgsentError, OutputClosed
-from .options import DEFAULT_ROWS_PER_SHARD, RunOptions
+from .options import DECODES, DEFAULT_ROWS_PER_SHARD, ENGINES, PRECISIONS, RUNTIMES, RunOptions
 
 
 def _plain_argument_help(self, ctx):  # "INPUT..." rather than "INPUT... <list[str]>"
@@ -135,31 +135,31 @@ Device = Annotated[
     ),
 ]
 Precision = Annotated[
-    Literal["auto", "fp32", "tf32", "bf16", "fp16", "int8"],
+    Literal[PRECISIONS],
     typer.Option(
         help="auto: fp32 on CPU, bf16 (fp16 on pre-Ampere cards) on CUDA; fp32 on CUDA has TF32 off; "
         "int8: torchvision's official quantized weights on the CPU (others stay fp32)."
     ),
 ]
 ScorePrecision = Annotated[
-    Literal["auto", "fp32", "tf32", "bf16", "fp16", "int8"],
+    Literal[PRECISIONS],
     typer.Option(help="auto: what the model's training features used (fp32 for the default); bf16: the head too."),
 ]
 BatchSize = Annotated[
     int | None, typer.Option("--batch-size", "-b", metavar="N", min=1, help="Images per batch (64; 256 on CUDA).")
 ]
 Decode = Annotated[
-    Literal["workers", "device"],
+    Literal[DECODES],
     typer.Option(
         help="workers: Pillow in the decoding processes; device: JPEGs decoded on the run's device (nvJPEG on "
         "CUDA, many times Pillow's rate; pixels within a grey level or two, so features close, not equal).",
     ),
 ]
 Runtime = Annotated[
-    Literal["auto", "torch", "onnx"],
+    Literal[RUNTIMES],
     typer.Option(
         help="What runs the networks. auto: ONNX Runtime on a CPU for every network that exports and checks out "
-        "(about 1.4x torch's rate; features within ~1e-5), torch otherwise; torch; onnx: ONNX Runtime or a "
+        "(1.3x torch's rate for the default model; features within ~1e-5), torch otherwise; torch; onnx: ONNX Runtime or a "
         "one-line error.",
     ),
 ]
@@ -193,7 +193,7 @@ Compile = Annotated[
     ),
 ]
 Engine = Annotated[
-    Literal["local", "ray"], typer.Option(help="local (this machine) or ray (Ray Data; pip install 'imgsent[ray]').")
+    Literal[ENGINES], typer.Option(help="local (this machine) or ray (Ray Data; pip install 'imgsent[ray]').")
 ]
 RayAddress = Annotated[
     str | None, typer.Option("--ray-address", metavar="ADDRESS", help="Ray cluster to join (default: start one).")
@@ -220,9 +220,7 @@ def extract(
         typer.Option("--backbones", "-B", metavar="SPEC", help="Backbone specs or presets (repeat or comma-separate)."),
     ] = ["default"],  # noqa: B006 (typer reads the default, never mutates it)
     random_weights: Annotated[bool, typer.Option(help="Random (seeded) weights, for testing only.")] = False,
-    tta: Annotated[
-        Literal["none", "flip", "crops", "flip+crops"], typer.Option(help="Test-time augmentation.")
-    ] = "none",
+    tta: Annotated[Literal[TTA_MODES], typer.Option(help="Test-time augmentation.")] = "none",
     dtype: Annotated[Literal["float32", "float16"], typer.Option(help="Stored feature type.")] = "float32",
     device: Device = "auto",
     precision: Precision = "auto",
