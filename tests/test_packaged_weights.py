@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -130,3 +131,22 @@ def test_the_previous_default_stays_packaged_as_lite(capsys, monkeypatch):
     assert [k for k, _ in default.blocks][:2] == [k for k, _ in m.blocks] and len(default.blocks) == 4
     code, out, _ = run_cli(["models", "lite"], capsys, monkeypatch)
     assert code in (0, None) and "imgsent-lite" in out and "held_out_accuracy" in out
+
+
+def test_the_default_head_is_stored_in_float16_and_runs_in_float32(tmp_path):
+    from safetensors import safe_open
+
+    path = imgsent.models.default_model_path()
+    with safe_open(f"{path}/head.safetensors", framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    m = imgsent.load_model(path)
+    assert {p.dtype for p in m.head.parameters()} == {torch.float32}
+    m.save(str(tmp_path / "m32"))
+    m.save(str(tmp_path / "m16"), weights_dtype="float16")
+    assert (tmp_path / "m16" / "head.safetensors").stat().st_size < 0.6 * (
+        tmp_path / "m32" / "head.safetensors"
+    ).stat().st_size
+    X = np.random.default_rng(0).normal(size=(16, sum(d for _, d in m.blocks))).astype(np.float32)
+    np.testing.assert_array_equal(imgsent.load_model(str(tmp_path / "m16")).predict_proba(X), m.predict_proba(X))
+    with pytest.raises(ImgsentError, match="weights_dtype"):
+        m.save(str(tmp_path / "x"), weights_dtype="int8")
