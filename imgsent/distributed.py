@@ -337,16 +337,7 @@ class RayEngine:
     def _onnx_keys(self, opts: RunOptions, off_cpu: bool) -> list[str]:
         from . import onnxrunner
 
-        if opts.runtime == "onnx" and (off_cpu or opts.compile or self.numerics != "fp32"):
-            raise ImgsentError(
-                "--runtime onnx runs float32 networks on the CPU: use it without --gpus-per-worker, --compile or "
-                "another --precision (or --runtime auto)"
-            )
-        if opts.runtime == "torch" or off_cpu or opts.compile or self.numerics != "fp32":
-            return []
-        if not onnxrunner.available():
-            if opts.runtime == "onnx":
-                raise ImgsentError("--runtime onnx needs the onnxruntime package: pip install onnxruntime")
+        if not onnxrunner.applies(opts.runtime, not off_cpu, opts.compile, self.numerics):
             return []
         return [bb.key for bb in self.backbones if onnxrunner.runs_there(bb)]
 

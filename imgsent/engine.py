@@ -308,28 +308,14 @@ class FeatureEngine:
         that should export and does not stops the run with one line."""
         from . import onnxrunner
 
-        if runtime == "torch":
-            return
-        where = {d.type for d in self._devices}
-        if runtime == "onnx" and (where != {"cpu"} or self._compile or self.numerics != "fp32"):
-            raise ImgsentError(
-                "--runtime onnx runs float32 networks on the CPU: use it with --device cpu and without "
-                "--compile or another --precision (or --runtime auto)"
-            )
-        if self._compile or self.numerics != "fp32" or self._optimize == "none":
-            return
-        if not onnxrunner.available():
-            if runtime == "onnx":
-                raise ImgsentError("--runtime onnx needs the onnxruntime package: pip install onnxruntime")
+        on_cpu = {d.type for d in self._devices} == {"cpu"}
+        if not onnxrunner.applies(runtime, on_cpu, self._compile, self.numerics) or self._optimize == "none":
             return
         for i, bb in enumerate(self.backbones):
-            if self._devices[i].type != "cpu" or bb.int8:
-                continue
-            view = bb.spec.source in ("objects", "regions")
-            if not view and onnxrunner.not_exportable(bb):
+            if not onnxrunner.runs_there(bb):
                 continue
             try:
-                module = onnxrunner.prepare_view(bb.module) if view else onnxrunner.prepare(bb, self.model_batch)
+                module = onnxrunner.runner_for(bb, self.model_batch)
             except ImgsentError as exc:
                 if runtime == "onnx":
                     raise
@@ -342,7 +328,7 @@ class FeatureEngine:
             if module is None:  # a view with no part that exports
                 continue
             self._modules[i], self.runtimes[i] = module, "onnx"
-            self._fixed_shape[i] = not view  # a view loops over its images itself
+            self._fixed_shape[i] = bb.optimizable  # a detector view loops over its images itself
 
     def runtime_record(self) -> dict[str, str]:
         """The backbones that run on ONNX Runtime, for a store's header: ``{key: "onnx"}``."""
@@ -357,15 +343,11 @@ class FeatureEngine:
             want = record.get(bb.key, "torch")
             if want == self.runtimes[i]:
                 continue
-            if want == "torch":
-                self._modules[i], self._fixed_shape[i] = bb.module, False
-            elif bb.spec.source in ("objects", "regions"):
-                self._modules[i] = onnxrunner.prepare_view(bb.module)
-                if self._modules[i] is None:
-                    raise ImgsentError(f"{bb.key}: this store ran it on ONNX Runtime, which it cannot use here")
-            else:
-                self._modules[i], self._fixed_shape[i] = onnxrunner.prepare(bb, self.model_batch), True
-            self.runtimes[i] = want
+            module = bb.module if want == "torch" else onnxrunner.runner_for(bb, self.model_batch)
+            if module is None:
+                raise ImgsentError(f"{bb.key}: this store ran it on ONNX Runtime, which it cannot use here")
+            self._modules[i], self.runtimes[i] = module, want
+            self._fixed_shape[i] = want == "onnx" and bb.optimizable
 
     def prepare(self) -> None:
         """Move the backbones to their device and optimise them (trace, freeze, fuse on CPU; or

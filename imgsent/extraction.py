@@ -248,17 +248,12 @@ def _begun(out: str | None) -> dict | None:
     return None
 
 
-def _begun_runtimes(out: str) -> dict[str, str] | None:
-    """What runs which backbone in the store ``out`` was begun with (its header), or None (no store)."""
-    begun = _begun(out)
-    return None if begun is None else dict(begun["header"].get("runtimes", {}))
-
-
-def with_sources(out: str | None, refs: Sequence[ImageRef]) -> bool:
+def with_sources(out: str | None, refs: Sequence[ImageRef], begun: dict | None = None) -> bool:
     """Whether rows written to ``out`` carry a ``source`` column (how to read an image that is no
     file: a tar member, a Parquet cell, a URL): as the output begun there has it (a store never
-    changes its columns), else when any of ``refs`` has a source."""
-    begun = _begun(out)
+    changes its columns; ``begun``: its manifest, if already read), else when any of ``refs`` has
+    a source."""
+    begun = begun if begun is not None else _begun(out)
     if begun is not None and begun["shards"] and begun.get("schema") is not None:
         return SOURCE_COLUMN in begun["schema"].names
     return any(r.source for r in refs)
@@ -276,10 +271,11 @@ def store_writer(
     ``run_sharded`` takes it; used by ``extract`` and by ``score --keep-features``. What ``engine``
     computes in and which JPEG decoder it uses are recorded: a store never mixes two."""
     recipes = [b.recipe() for b in models]
-    if options.runtime == "auto":
-        begun = _begun_runtimes(out)
-        if begun is not None and begun != engine.runtime_record():
-            engine.adopt_runtimes(begun)
+    begun = _begun(out)  # a store this run resumes: its runtimes and columns stay as they were begun
+    if options.runtime == "auto" and begun is not None:
+        record = dict(begun["header"].get("runtimes", {}))
+        if record != engine.runtime_record():
+            engine.adopt_runtimes(record)
     header = store_header(
         recipes, dtype, options.tta, engine.numerics, options.decode, engine.decoder, engine.runtime_record()
     )
@@ -292,5 +288,5 @@ def store_writer(
         rows_per_shard=options.rows_per_shard,
         describe_difference=describe_header_difference,
     )
-    with_source = with_sources(out, refs)
+    with_source = with_sources(out, refs, begun)
     return writer, lambda b: feature_table(b, dtype, with_source)

@@ -1,10 +1,10 @@
 """ONNX Runtime: a runner for backbones on the CPU.
 
 A backbone whose network exports to ONNX (timm, torchvision and shipped networks in float32; not
-detector views, a user's TorchScript or int8 modules) can run on ONNX Runtime instead of torch:
-``--runtime onnx``, or ``auto`` (the default) on a CPU. Measured here, the default's networks at
-passes of 8 images on one thread each: 1.4x the images/s of imgsent's frozen TorchScript graphs,
-features within 3e-5 (``bench/runtime_bench.py``).
+a user's TorchScript or int8 modules; of a detector view, its exportable parts: :func:`prepare_view`)
+can run on ONNX Runtime instead of torch: ``--runtime onnx``, or ``auto`` (the default) on a CPU.
+Measured on 2 cores (``bench/runtime_bench.py``): the default model scores 1,000 Twitter I images
+1.31x as fast as on imgsent's frozen TorchScript graphs, probabilities within 2.4e-6.
 
 The graph is exported once from the torch network for passes of exactly ``batch`` images (the
 engine's pass size; the last pass is padded, so an image's features never depend on the others)
@@ -69,6 +69,34 @@ def runs_there(bb) -> bool:
     view = bb.module
     inner = getattr(view, "inner_backbone", None)
     return hasattr(view.detector.module, "exportable") or (inner is not None and not_exportable(inner) is None)
+
+
+def applies(runtime: str, on_cpu: bool, compiled: bool, numerics: str) -> bool:
+    """Whether a run with ``--runtime runtime`` puts anything on ONNX Runtime (the same rule for the
+    local engine and Ray): not ``torch``, on a CPU, float32, without ``--compile``, with onnxruntime
+    installed. ``onnx`` where that cannot hold is a one-line error."""
+    if runtime == "torch":
+        return False
+    if runtime == "onnx" and (not on_cpu or compiled or numerics != "fp32"):
+        raise ImgsentError(
+            "--runtime onnx runs float32 networks on the CPU: use it with --device cpu (no --gpus-per-worker) "
+            "and without --compile or another --precision (or --runtime auto)"
+        )
+    if not on_cpu or compiled or numerics != "fp32":
+        return False
+    if not available():
+        if runtime == "onnx":
+            raise ImgsentError("--runtime onnx needs the onnxruntime package: pip install onnxruntime")
+        return False
+    return True
+
+
+def runner_for(bb, batch: int) -> torch.nn.Module | None:
+    """What runs ``bb`` on ONNX Runtime: its network (:func:`prepare`, passes of ``batch``), or a
+    detector view's copy with its exportable parts there (:func:`prepare_view`; None if none)."""
+    if bb.spec.source in ("objects", "regions"):
+        return prepare_view(bb.module)
+    return prepare(bb, batch)
 
 
 def onnx_key(recipe: dict, batch: int) -> str:
