@@ -14,6 +14,7 @@ import argparse
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from _common import ROOT, WEIGHTS, require_shared
 from PIL import Image, ImageDraw
 
 import imgsent
+
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import CHROMIUM_ARGS  # noqa: E402  (the flags the browser tests give Debian's chromium: one list)
 
 
 def pictures(directory: Path, n: int, seed: int = 0) -> None:
@@ -68,13 +72,7 @@ def main() -> None:
         [
             browser,
             "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *CHROMIUM_ARGS,
             f"--user-data-dir={tmp / 'profile'}",
             "--window-size=1100,2300",
             f"--screenshot={shot}",
