@@ -2,11 +2,16 @@
 
     python bench/runtime_bench.py [--images 1000] [--models default mobilenet] [--repeat 2] [--shared ../shared]
 
-For each model: a warm-up run per runtime (frozen graphs and ONNX graphs cached), then, in turns,
-`imgsent score @LIST --runtime torch|onnx` of the first N Twitter I images (whole process, start-up
-included), `--repeat` times each; a warm one-image `imgsent score ONE.jpg --out -` per runtime (3
-times, median); a cold one with an empty `$IMGSENT_HOME` (nothing cached: the graphs are built).
-Scores of the two runtimes are compared (max |p_positive difference|, labels that differ).
+Three ways to run, for each model:
+- `torch`: `--runtime torch` (imgsent's frozen TorchScript graphs);
+- `onnx_in_torch_engine`: `--runtime onnx` with `IMGSENT_NO_LIGHT=1`: the torch engine, its networks on
+  ONNX Runtime (what every first run of a model does);
+- `onnx`: `--runtime onnx` once the model's plan is written: no torch imported (imgsent/ortengine.py).
+A warm-up run per way (frozen graphs, ONNX graphs and the plan cached), then, in turns,
+`imgsent score @LIST` of the first N Twitter I images (whole process, start-up included), `--repeat`
+times each; a warm one-image `imgsent score ONE.jpg --out -` per way (5 times, median); a cold one
+with an empty `$IMGSENT_HOME` (nothing cached: the graphs are built; the same for both onnx ways).
+Scores are compared with torch's (max |p_positive difference|, labels that differ).
 Results: bench/results/runtime_bench.json. `mobilenet` reads $IMGSENT_WEIGHTS (set here from
 ../shared's MobileNetV2 file).
 """
@@ -26,7 +31,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIMES = ("torch", "onnx")
+WAYS = {  # name -> (--runtime, extra environment)
+    "torch": ("torch", {}),
+    "onnx_in_torch_engine": ("onnx", {"IMGSENT_NO_LIGHT": "1"}),
+    "onnx": ("onnx", {}),
+}
 
 
 def run(args: list[str], env: dict) -> float:
@@ -56,47 +65,36 @@ def main() -> None:
     env = {**os.environ, "IMGSENT_WEIGHTS": str(shared / "models" / "mobilenet_v2_imagenet1k.safetensors")}
     result: dict = {"images": len(images), "cpu_cores": os.cpu_count(), "models": {}}
     for model in args.models:
-        row: dict = {rt: {"seconds": []} for rt in RUNTIMES}
-        for rt in RUNTIMES:
-            run(
-                [
-                    "score",
-                    f"@{warm_list}",
-                    "--model",
-                    model,
-                    "--runtime",
-                    rt,
-                    "--out",
-                    str(tmp / f"w-{model}-{rt}.parquet"),
-                    "-q",
-                ],
-                env,
-            )
+        row: dict = {way: {"seconds": []} for way in WAYS}
+
+        def score(way: str, what: str, out: str, home: str | None = None) -> float:
+            runtime, extra = WAYS[way]
+            run_env = {**env, **extra, **({"IMGSENT_HOME": home} if home else {})}
+            return run(["score", what, "--model", model, "--runtime", runtime, "--out", out, "-q"], run_env)
+
+        for way in WAYS:
+            score(way, f"@{warm_list}", str(tmp / f"w-{model}-{way}.parquet"))
         for k in range(args.repeat):
-            for rt in RUNTIMES:
-                out = tmp / f"{model}-{rt}-{k}.parquet"
-                took = run(["score", f"@{listing}", "--model", model, "--runtime", rt, "--out", str(out), "-q"], env)
-                row[rt]["seconds"].append(round(took, 2))
-                print(model, rt, f"{took:.1f} s", flush=True)
-        for rt in RUNTIMES:
-            starts = [
-                run(["score", str(images[0]), "--model", model, "--runtime", rt, "--out", "-", "-q"], env)
-                for _ in range(3)
-            ]
-            row[rt]["warm_one_image_s"] = round(statistics.median(starts), 2)
-            cold_env = {**env, "IMGSENT_HOME": str(tmp / f"cold-{model}-{rt}")}
-            row[rt]["cold_one_image_s"] = round(
-                run(["score", str(images[0]), "--model", model, "--runtime", rt, "--out", "-", "-q"], cold_env), 2
-            )
-            row[rt]["images_per_s"] = round(len(images) / statistics.mean(row[rt]["seconds"]), 1)
+            for way in WAYS:
+                took = score(way, f"@{listing}", str(tmp / f"{model}-{way}-{k}.parquet"))
+                row[way]["seconds"].append(round(took, 2))
+                print(model, way, f"{took:.1f} s", flush=True)
+        for way in WAYS:
+            starts = [score(way, str(images[0]), "-") for _ in range(5)]
+            row[way]["warm_one_image_s"] = round(statistics.median(starts), 2)
+            row[way]["warm_one_image_all_s"] = [round(s, 2) for s in starts]
+            home = str(tmp / f"cold-{model}-{way}")
+            row[way]["cold_one_image_s"] = round(score(way, str(images[0]), "-", home), 2)
+            row[way]["images_per_s"] = round(len(images) / statistics.mean(row[way]["seconds"]), 1)
         a = pq.read_table(tmp / f"{model}-torch-0.parquet").to_pydict()
-        b = pq.read_table(tmp / f"{model}-onnx-0.parquet").to_pydict()
-        assert a["id"] == b["id"]
-        row["max_p_positive_difference"] = max(abs(x - y) for x, y in zip(a["p_positive"], b["p_positive"]))
-        row["labels_that_differ"] = sum(x != y for x, y in zip(a["label"], b["label"]))
-        row["onnx_speedup"] = round(
-            statistics.mean(row["torch"]["seconds"]) / statistics.mean(row["onnx"]["seconds"]), 3
-        )
+        for way in list(WAYS)[1:]:
+            b = pq.read_table(tmp / f"{model}-{way}-0.parquet").to_pydict()
+            assert a["id"] == b["id"]
+            row[way]["max_p_positive_difference"] = max(abs(x - y) for x, y in zip(a["p_positive"], b["p_positive"]))
+            row[way]["labels_that_differ"] = sum(x != y for x, y in zip(a["label"], b["label"]))
+            row[way]["speedup_over_torch"] = round(
+                statistics.mean(row["torch"]["seconds"]) / statistics.mean(row[way]["seconds"]), 3
+            )
         result["models"][model] = row
         print(model, json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

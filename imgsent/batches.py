@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+FAILING_VIEW = 8  # a backbone that fails on each of the first this many images it gets stops the run
+
 if TYPE_CHECKING:
     from .inputs import ImageRef
 
@@ -139,3 +141,54 @@ class Engine(Protocol):
     def runtime_record(self) -> dict[str, str]: ...
 
     def run(self, refs: Sequence[ImageRef], groups: Sequence[int] | None = None) -> Iterator[FeatureBatch]: ...
+
+
+def group_batches(n: int, groups: Sequence[int] | None, batch_size: int) -> list[list[int]]:
+    """Batches (lists of positions) of at most ``batch_size`` over ``n`` references, none of which
+    straddles two of ``groups`` (sizes of consecutive runs: output shards)."""
+    sizes = list(groups) if groups else [n]
+    if sum(sizes) != n:
+        raise ValueError("groups must add up to the number of references")
+    batches, start = [], 0
+    for size in sizes:
+        for s in range(start, start + size, batch_size):
+            batches.append(list(range(s, min(s + batch_size, start + size))))
+        start += size
+    return batches
+
+
+def mark_failed(batch: FeatureBatch, failed: dict[int, str]) -> FeatureBatch:
+    """Rows ``failed`` names become error rows with their reason, every feature NaN."""
+    for i, reason in failed.items():
+        batch.status[i] = "error"
+        batch.error[i] = reason
+        for m in batch.features.values():
+            m[i] = np.nan
+    return batch
+
+
+def flag_nonfinite(batch: FeatureBatch) -> FeatureBatch:
+    """A good row whose features hold NaN or inf (an fp16 overflow, a broken model) becomes an
+    error row saying so, never silently zeros or 3.4e38 in the store."""
+    for key, mat in batch.features.items():
+        bad = np.flatnonzero(~np.isfinite(mat).all(axis=1) & batch.ok_mask)
+        reason = f"{key} gave non-finite features (NaN/inf); with fp16, try --precision fp32 or bf16"
+        mark_failed(batch, dict.fromkeys(bad.tolist(), reason))
+    return batch
+
+
+def decoded_batch(items, features: dict[str, np.ndarray], failed: dict[int, str]) -> FeatureBatch:
+    """The :class:`FeatureBatch` of decoded ``items`` (:class:`~imgsent.decode.DecodedImage`) and
+    their ``features``; rows a backbone ``failed`` on, and non-finite rows, become error rows."""
+    out = FeatureBatch(
+        ids=[it.ref.id for it in items],
+        paths=[it.ref.path for it in items],
+        status=[it.status for it in items],
+        error=[it.error for it in items],
+        width=[it.width for it in items],
+        height=[it.height for it in items],
+        features=features,
+        meta=[it.ref.meta for it in items] if any(it.ref.meta for it in items) else [],
+        sources=[it.ref.source for it in items] if any(it.ref.source for it in items) else [],
+    )
+    return flag_nonfinite(mark_failed(out, failed))

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
-from .batches import FeatureBatch
+from .batches import FAILING_VIEW, FeatureBatch, decoded_batch, flag_nonfinite, group_batches, mark_failed  # noqa: F401  (flag_nonfinite, mark_failed: imported from here too)
 from .compiled import (
     WARMUP_CALLS,
     drop_graph,
@@ -47,17 +47,16 @@ from .decode import (
     decode_refs,
     read_jpeg,
 )
-from .errors import ImgsentError
+from .decodepool import PREFETCH
+from .errors import ImgsentError, last_line
 from .inputs import ImageRef
 from .lanes import ahead, in_lanes
-from .options import DEFAULT_BATCH_SIZE, RunOptions
+from .options import CPU_MODEL_BATCH, DEFAULT_BATCH_SIZE, RunOptions
 from .precision import AUTOCAST, resolve_numerics
 
 CUDA_BATCH_SIZE = 256  # default batch on CUDA: enough images in flight to keep a modern GPU busy
 
 OPTIMIZE = ("auto", "jit", "none")
-FAILING_VIEW = 8  # a backbone that fails on each of the first this many images it gets stops the run
-PREFETCH = 4  # batches each decoding process works ahead
 DEVICE_PREFETCH = 2  # the same when they only read JPEG files (decode="device"): reading is quick
 JPEG_BYTES = 512 * 1024  # shared memory assumed per JPEG handed over whole (decode="device")
 
@@ -130,54 +129,11 @@ def _collate(items: list[DecodedImage]) -> _CollatedBatch:
     return _CollatedBatch(items, views, jpeg_pos, blob, sizes)
 
 
-def _group_batches(n: int, groups: Sequence[int] | None, batch_size: int) -> list[list[int]]:
-    sizes = list(groups) if groups else [n]
-    if sum(sizes) != n:
-        raise ValueError("groups must add up to the number of references")
-    batches, start = [], 0
-    for size in sizes:
-        for s in range(start, start + size, batch_size):
-            batches.append(list(range(s, min(s + batch_size, start + size))))
-        start += size
-    return batches
-
-
 def _isolated_decode(dataset: ImageDataset, indices: list[int]) -> list[DecodedImage]:
-    """Decode ``indices`` one by one in a forked process; an image during which that process dies
-    is reported as an error and the process restarted for the rest."""
-    import multiprocessing as mp
+    """Decode ``indices`` one by one in a forked process (:func:`imgsent.decodepool.decode_isolated`)."""
+    from .decodepool import decode_isolated
 
-    ctx = mp.get_context("fork")
-    results: list[DecodedImage] = []
-    todo = list(indices)
-    while todo:
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_decode_serially, args=(dataset, todo, send), daemon=True)
-        proc.start()
-        send.close()
-        got = 0
-        try:
-            while got < len(todo):
-                results.append(recv.recv())
-                got += 1
-        except EOFError:
-            proc.join()
-            ref = dataset.refs[todo[got]]
-            reason = f"the decoding process died on this image twice (exit code {proc.exitcode})"
-            results.append(DecodedImage.failed(ref, reason))
-            got += 1
-        finally:
-            recv.close()
-            proc.join(timeout=5)
-        todo = todo[got:]
-    return results
-
-
-def _decode_serially(dataset: ImageDataset, indices: list[int], conn) -> None:
-    torch.set_num_threads(1)
-    for i in indices:
-        conn.send(dataset[i])
-    conn.close()
+    return decode_isolated(dataset.__getitem__, dataset.refs, indices)
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -300,6 +256,7 @@ class FeatureEngine:
         # what runs each network: "torch", or "onnx" (decided now, so that a store's header can say)
         self.runtimes = ["torch"] * len(self.backbones)
         self._plan_runtimes(opts.runtime)
+        self._torch_free = self._torch_free_engine()
 
     def _plan_runtimes(self, runtime: str) -> None:
         """ONNX Runtime runners (:mod:`imgsent.onnxrunner`) for the backbones that can have one:
@@ -330,6 +287,26 @@ class FeatureEngine:
             self._modules[i], self.runtimes[i] = module, "onnx"
             self._fixed_shape[i] = bb.optimizable  # a detector view loops over its images itself
 
+    def _torch_free_engine(self):
+        """When every backbone runs on ONNX Runtime in a form :mod:`imgsent.ortengine` runs (networks,
+        the shipped face detectors' views), that engine over the same checked graphs: :meth:`run`
+        hands it the work, so that the first run of a model and every warm run after it (which never
+        loads torch) compute the same numbers. None otherwise."""
+        if any(r != "onnx" for r in self.runtimes) or self.decode != "workers":
+            return None
+        from . import onnxrunner
+        from .ortengine import OrtEngine
+
+        entries = onnxrunner.plan_entries(self)
+        if entries is None:
+            return None
+        return OrtEngine({"tta": self.tta, "backbones": entries}, self.options, lanes=self.lanes, checked_here=True)
+
+    @property
+    def torch_free(self):
+        """The :class:`~imgsent.ortengine.OrtEngine` that runs this engine's work, or None."""
+        return self._torch_free
+
     def runtime_record(self) -> dict[str, str]:
         """The backbones that run on ONNX Runtime, for a store's header: ``{key: "onnx"}``."""
         return {bb.key: "onnx" for bb, r in zip(self.backbones, self.runtimes) if r == "onnx"}
@@ -348,6 +325,7 @@ class FeatureEngine:
                 raise ImgsentError(f"{bb.key}: this store ran it on ONNX Runtime, which it cannot use here")
             self._modules[i], self.runtimes[i] = module, want
             self._fixed_shape[i] = want == "onnx" and bb.optimizable
+        self._torch_free = self._torch_free_engine()
 
     def prepare(self) -> None:
         """Move the backbones to their device and optimise them (trace, freeze, fuse on CPU; or
@@ -446,6 +424,8 @@ class FeatureEngine:
     def run_details(self) -> dict[str, str]:
         """Lines for the run summary about how this engine ran (which backbones ONNX Runtime ran;
         device decoding: which decoder)."""
+        if self._torch_free is not None:
+            return self._torch_free.run_details()
         details = {}
         onnx = [bb.key for bb, r in zip(self.backbones, self.runtimes) if r == "onnx"]
         if onnx:
@@ -541,8 +521,10 @@ class FeatureEngine:
         """
         if not refs:
             return
-        batches = _group_batches(len(refs), groups, self.batch_size)
+        batches = group_batches(len(refs), groups, self.batch_size)
         self._stop_after = min(FAILING_VIEW, len(refs))
+        if self._torch_free is not None:
+            self._torch_free.begin(len(refs), len(batches))
         dataset = self.dataset(refs)
         check_shared_memory(
             self.workers, self.batch_size, [bb.preprocess for bb in self.backbones], self.tta, self.decode
@@ -633,7 +615,7 @@ class FeatureEngine:
                 except ImgsentError:
                     raise
                 except Exception as exc:
-                    failed[j] = f"{bb.key} failed on this image: {_one_line(exc)}"
+                    failed[j] = f"{bb.key} failed on this image: {last_line(exc)}"
                     rows.append(torch.full((1, bb.dim), float("nan"), device=self._devices[index]))
             out = torch.cat(rows)
         with self._count_lock:
@@ -689,6 +671,8 @@ class FeatureEngine:
         return views, ok_pos
 
     def _features(self, batch: _CollatedBatch) -> FeatureBatch:
+        if self._torch_free is not None:  # every backbone on ONNX Runtime: the same code as a run without torch
+            return self._torch_free.embed_items(batch.items, {k: v.numpy() for k, v in batch.views.items()})
         return self._embed(self._stage(batch))
 
     def _stage(self, batch: _CollatedBatch) -> _Staged:
@@ -712,18 +696,7 @@ class FeatureEngine:
                 if v.device.type == "cuda":
                     v.record_stream(here)
         feats, failed = self.embed_views(views, ok_pos, len(items))
-        out = FeatureBatch(
-            ids=[it.ref.id for it in items],
-            paths=[it.ref.path for it in items],
-            status=[it.status for it in items],
-            error=[it.error for it in items],
-            width=[it.width for it in items],
-            height=[it.height for it in items],
-            features=feats,
-            meta=[it.ref.meta for it in items] if any(it.ref.meta for it in items) else [],
-            sources=[it.ref.source for it in items] if any(it.ref.source for it in items) else [],
-        )
-        return flag_nonfinite(mark_failed(out, failed))
+        return decoded_batch(items, feats, failed)
 
 
 @dataclasses.dataclass
@@ -735,41 +708,6 @@ class _Staged:
     views: dict[tuple, torch.Tensor]
     ok_pos: list[int]
     ready: torch.cuda.Event | None
-
-
-def mark_failed(batch: FeatureBatch, failed: dict[int, str]) -> FeatureBatch:
-    """Rows ``failed`` names become error rows with their reason, every feature NaN."""
-    for i, reason in failed.items():
-        batch.status[i] = "error"
-        batch.error[i] = reason
-        for m in batch.features.values():
-            m[i] = np.nan
-    return batch
-
-
-def flag_nonfinite(batch: FeatureBatch) -> FeatureBatch:
-    """A good row whose features hold NaN or inf (an fp16 overflow, a broken model) becomes an
-    error row saying so, never silently zeros or 3.4e38 in the store."""
-    for key, mat in batch.features.items():
-        bad = np.flatnonzero(~np.isfinite(mat).all(axis=1) & batch.ok_mask)
-        reason = f"{key} gave non-finite features (NaN/inf); with fp16, try --precision fp32 or bf16"
-        mark_failed(batch, dict.fromkeys(bad.tolist(), reason))
-    return batch
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception as one line: its type and the last line of its message (a TorchScript error's
-    message is the interpreter's traceback; the last line is what went wrong), at most 200 chars."""
-    import re
-
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[-1] if lines else ""
-    named = re.match(r"(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception)): ", text)  # "builtins.RuntimeError: ..."
-    if named:
-        text = text[named.start(1) :]
-    else:
-        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text[:200]
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -832,9 +770,6 @@ def warm_frozen(bb: Backbone, module: torch.jit.ScriptModule, batch: int, channe
         )
 
 
-CPU_MODEL_BATCH = 8  # images per forward pass on a CPU: small passes keep activations in cache
-
-
 def frozen_cpu_batch(options: RunOptions) -> int | None:
     """The pass size a local engine with ``options`` freezes CPU graphs for (channels_last, fp32),
     or None when it would not freeze them (another device, numerics, engine or ``compile``)."""
@@ -847,16 +782,10 @@ def frozen_cpu_batch(options: RunOptions) -> int | None:
 
 
 def default_workers(device: torch.device | None = None, cores: int | None = None) -> int:
-    """Decoding processes: one per core beyond the first (the main process runs the models); on a
-    CPU at most 8 (the models need the cores too), on a GPU host every core but one (decoding is
-    what feeds the card). ``cores``: the cores this engine may use (default: this process's)."""
-    if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
-    cap = 64 if device is not None and device.type == "cuda" else 8
-    return max(1, min(cap, cores - 1)) if cores > 1 else 0
+    """Decoding processes for an engine on ``device`` (:func:`imgsent.decodepool.default_workers`)."""
+    from .decodepool import default_workers as workers_for
+
+    return workers_for(device is not None and device.type == "cuda", cores)
 
 
 def prefetch_for(decode: str) -> int:

@@ -26,3 +26,19 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
     """An exception as one line of at most ``limit`` characters: its type when its text is empty."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def last_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception raised by a model, as one line: its type and the last line of its message (a
+    TorchScript error's message is the interpreter's traceback; the last line is what went
+    wrong), at most ``limit`` characters."""
+    import re
+
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    named = re.match(r"(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception)): ", text)  # "builtins.RuntimeError: ..."
+    if named:
+        text = text[named.start(1) :]
+    else:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:limit]

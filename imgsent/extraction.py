@@ -7,10 +7,10 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from .backbones import Backbone, create_backbone, expand_presets
 from .batches import Engine, FeatureBatch
 from .features import DTYPES, KIND, SOURCE_COLUMN, describe_header_difference, feature_table, store_header
 from .inputs import ImageRef, find_images, select_shard
@@ -18,10 +18,15 @@ from .options import RunOptions, check_choice
 from .report import RunProgress, RunSummary
 from .shards import Chunk, ShardedWriter, plan_chunks
 
+if TYPE_CHECKING:
+    from .backbones import Backbone
+
 
 def load_backbones(specs: Sequence[str], *, random_weights: bool = False, int8: bool = False) -> list[Backbone]:
     """Create every backbone named by ``specs`` (spec strings or preset names); ``int8``: quantized
     where it can be (see :mod:`imgsent.quantized`)."""
+    from .backbones import create_backbone, expand_presets
+
     return [create_backbone(s, random_weights=random_weights, int8=int8) for s in expand_presets(list(specs))]
 
 

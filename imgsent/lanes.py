@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sys
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-
-import torch
 
 
 def in_lanes(fn: Callable, items: Iterable, lanes: int) -> Iterator:
@@ -34,13 +33,44 @@ def in_lanes(fn: Callable, items: Iterable, lanes: int) -> Iterator:
 
 @contextlib.contextmanager
 def torch_threads(n: int):
-    """torch's intra-op thread count set to ``n`` for the block, then restored."""
+    """torch's intra-op thread count set to ``n`` for the block, then restored (nothing when
+    this process has not imported torch: a run on ONNX Runtime alone never loads it)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+_memos = threading.local()
+
+
+def remembered(name: str, key, compute: Callable, size: int):
+    """``compute()``, remembered under ``key`` in this thread's memo ``name`` of at most ``size``
+    entries (least recently used first out): what a detector does per image, once for all the
+    views that read it on one lane."""
+    memo = getattr(_memos, name, None)
+    if memo is None:
+        memo = OrderedDict()
+        setattr(_memos, name, memo)
+    found = memo.get(key)
+    if found is None:
+        found = memo[key] = compute()
+        if len(memo) > size:
+            memo.popitem(last=False)
+    else:
+        memo.move_to_end(key)
+    return found
+
+
+def forget(name: str) -> None:
+    """Empty this thread's memo ``name`` (see :func:`remembered`)."""
+    setattr(_memos, name, None)
 
 
 _END = object()

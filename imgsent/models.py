@@ -4,38 +4,25 @@ weights checked against the recipe."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 
 from .backbones import Backbone, BackboneSpec, create_backbone, fingerprints_match, weights_location
+from .bundles import (  # noqa: F401  (re-exported: models is where users look)
+    DEFAULT_MODEL,
+    PACKAGED_MODELS,
+    check_model_exists,
+    head_version,
+    model_name,
+    model_path,
+    packaged_name,
+)
 from .compiled import graph_key, graph_path, load_graph
 from .decode import Preprocess
 from .errors import ImgsentError
 from .specs import MODELS_ENV, file_key, file_sha256, map_files, spec_files
 from .training import SentimentModel, load_model
-
-DEFAULT_MODEL = "default"
-# name -> (folder inside the package, what it is). ``--model NAME`` picks one; a local folder of
-# the same name is ./NAME.
-PACKAGED_MODELS = {
-    "default": (
-        "default_model",
-        "the default polarity model (EfficientNet-Lite1 + Lite2 features, faces and their expressions)",
-    ),
-    "lite": ("lite_model", "the previous default (v2: EfficientNet-Lite1 + Lite2 features, no faces)"),
-    "mobilenet": ("mobilenet_model", "a faster, less accurate polarity model (MobileNetV2 features)"),
-}
-
-
-def packaged_name(model: str | None) -> str | None:
-    """The packaged model ``model`` names (``None`` is the default), or None for a bundle directory."""
-    if model is None:
-        return DEFAULT_MODEL
-    return model if model in PACKAGED_MODELS else None
 
 
 def default_model_path() -> str:
@@ -43,34 +30,16 @@ def default_model_path() -> str:
     return model_path(None)
 
 
-def model_path(model: str | None) -> str:
-    """The bundle directory of ``model``: a packaged model's name (``None`` = default), else a path."""
-    name = packaged_name(model)
-    return str(resources.files("imgsent") / PACKAGED_MODELS[name][0]) if name else str(model)
-
-
 def resolve_model(model: str | None) -> SentimentModel:
     """``None`` or a packaged model's name: that model; else a bundle directory."""
-    path = model_path(model)
-    if not os.path.exists(path):
-        raise ImgsentError(
-            f"no model {model!r}: not a packaged model ({', '.join(PACKAGED_MODELS)}), and not a model directory"
-        )
-    return load_model(path)
+    return load_model(check_model_exists(model))
 
 
 def model_identity(model: SentimentModel, path: str | None) -> tuple[str, str]:
-    """(name, version) of a model as score rows record it: ``imgsent-NAME`` for a packaged model,
-    else the bundle's directory name, and the first 12 hex digits of a hash of the head's weights."""
-    packaged = packaged_name(path)
-    name = f"imgsent-{packaged}" if packaged else os.path.basename(os.path.normpath(path))
-    h = hashlib.sha256()
-    for k, v in sorted(model.head.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().contiguous().numpy().tobytes())
-    if model.calibration is not None:  # a recalibrated model scores differently: another version
-        h.update(json.dumps(model.calibration.to_json(), sort_keys=True).encode())
-    return name, h.hexdigest()[:12]
+    """(name, version) of a model as score rows record it (:func:`imgsent.bundles.model_name`,
+    :func:`imgsent.bundles.head_version`)."""
+    arrays = {k: v.detach().contiguous().numpy() for k, v in model.head.state_dict().items()}
+    return model_name(path), head_version(arrays, model.calibration)
 
 
 def packaged_model_named(identity: str) -> SentimentModel | None:

@@ -36,11 +36,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import math
 import os
-import threading
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +48,13 @@ from torch import nn
 from .compiled import unfused
 from .decode import Preprocess
 from .errors import ImgsentError
+from .lanes import remembered
 
 VIEW_MIN = 512  # the shared view's side: crops for the regions view come from it
 TORCHSCRIPT_SIZE = 320  # what exported D2Go detectors expect (they rescale to 320 themselves)
 COCO_CLASSES = 91  # COCO category ids 0 (background) .. 90
 CROP_BATCH = 8  # regions view: at most this many crops per backbone pass (k when smaller), fixed per view
 MEMO_SIZE = 4096  # detections kept per thread (a few batches; each entry is a few hundred floats)
-
-_memo = threading.local()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +89,6 @@ class Detector(nn.Module):
         return Detections(det["boxes"].float().cpu(), det["labels"].long().cpu(), det["scores"].float().cpu())
 
     def detect(self, x: torch.Tensor) -> list[Detections]:
-        memo: OrderedDict | None = getattr(_memo, "entries", None)
-        if memo is None:
-            memo = _memo.entries = OrderedDict()
         side = x.shape[-1]
         small = x.float()
         if side != self.size:
@@ -103,17 +98,12 @@ class Detector(nn.Module):
         for i in range(len(x)):
             image = small[i].contiguous()
             key = (self.identity, side, hashlib.blake2b(image.cpu().numpy().tobytes(), digest_size=16).digest())
-            found = memo.get(key)
-            if found is None:
-                det = self._run(image)
-                found = Detections(det.boxes * scale, det.labels, det.scores)
-                memo[key] = found
-                if len(memo) > MEMO_SIZE:
-                    memo.popitem(last=False)
-            else:
-                memo.move_to_end(key)
-            out.append(found)
+            out.append(remembered("detections", key, functools.partial(self._scaled, image, scale), MEMO_SIZE))
         return out
+
+    def _scaled(self, image: torch.Tensor, scale: float) -> Detections:
+        det = self._run(image)
+        return Detections(det.boxes * scale, det.labels, det.scores)
 
 
 class ObjectsView(nn.Module):

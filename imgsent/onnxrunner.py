@@ -35,6 +35,7 @@ from .weights import cache_dir
 OPSET = 17
 COSINE_MIN = 0.9999
 MAX_DIFF = 1e-4  # of the largest absolute feature value
+GRAPH = 2  # what a backbone's graph holds (2: its network's output, flattened; 1 had ``:probs``'s softmax inside)
 
 
 def available() -> bool:
@@ -54,6 +55,8 @@ def not_exportable(bb) -> str | None:
         return "a TorchScript file (exported as it was given)"
     if bb.int8:
         return "int8"
+    if not bb.batchable:
+        return "traced for one image at a time"
     if not bb.fingerprint.get("sha256"):
         return "no weights hash to key its graph by"
     return None
@@ -109,6 +112,7 @@ def onnx_key(recipe: dict, batch: int) -> str:
         "preprocess": recipe.get("preprocess"),
         "batch": batch,
         "opset": OPSET,
+        "graph": GRAPH,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "imgsent": __version__,
@@ -142,33 +146,31 @@ class OrtRunner(torch.nn.Module):
 
 
 def _session(path: str):
-    import onnxruntime as ort
+    from .ortengine import session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1  # one lane, one thread (imgsent.lanes): no pool waits on a busy machine
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return session(path)
 
 
 class _Output(torch.nn.Module):
-    """What the engine takes from a backbone: ``Backbone.run`` of its module, as one graph."""
+    """A backbone's network as one graph: its module's (first) output, flattened. What
+    ``Backbone.run`` does after that (a ``:probs`` softmax) stays outside the graph, so that
+    ``bb.run(runner, x)`` computes what ``bb.run(module, x)`` does, once."""
 
-    def __init__(self, bb, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module):
         super().__init__()
         self.module = module
-        self._run = bb.run
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(self.module, x)
+        out = self.module(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.flatten(1)
 
 
 def _export(bb, module: torch.nn.Module, batch: int, path: str) -> None:
     from .compiled import probe_batch
 
-    _export_module(_Output(bb, module), probe_batch(bb.preprocess, batch, channels_last=False), path)
+    _export_module(_Output(module), probe_batch(bb.preprocess, batch, channels_last=False), path)
 
 
 def _agrees(got: np.ndarray, want: np.ndarray) -> tuple[bool, str]:
@@ -209,7 +211,7 @@ def prepare(bb, batch: int) -> OrtRunner:
     if os.path.isfile(path):
         try:
             runner = OrtRunner(_session(path), batch, path)
-            got = runner(x).float()[0]
+            got = bb.run(runner, x).float()[0]
             here = {"probe": [float(v) for v in got[:PROBE_VALUES]], "probe_norm": float(got.norm())}
             if fingerprints_match(bb.fingerprint, here, rtol=MAX_DIFF * 10):
                 return runner
@@ -225,7 +227,7 @@ def prepare(bb, batch: int) -> OrtRunner:
         runner = OrtRunner(_session(path), batch, path)
         with torch.inference_mode():
             want = bb.run(module, x).float().numpy()
-        got = runner(x).numpy()
+        got = bb.run(runner, x).numpy()
     except ImgsentError:
         raise
     except Exception as exc:
@@ -331,3 +333,65 @@ def version() -> str:
     import onnxruntime
 
     return f"onnxruntime {onnxruntime.__version__}"
+
+
+def plan_entries(engine) -> list[dict] | None:
+    """What :mod:`imgsent.ortengine` needs to run ``engine``'s backbones (a
+    :class:`~imgsent.engine.FeatureEngine` whose runners are made) without torch, or None when
+    one of them needs torch: a network not on ONNX Runtime, a detector other than the shipped
+    face detectors, or a detector view with a part left on torch."""
+    from .faces import RFBFaceDetector
+
+    entries = []
+    for bb, module, runtime in zip(engine.backbones, engine._modules, engine.runtimes):
+        if runtime != "onnx":
+            return None
+        entry = {
+            "key": bb.key,
+            "dim": int(bb.dim),
+            "preprocess": bb.preprocess.to_dict(),
+            "weights_source": bb.weights_source,
+        }
+        if bb.spec.source not in ("objects", "regions"):
+            if not isinstance(module, OrtRunner):
+                return None
+            output = "probs" if bb.spec.output == "probs" else "features"
+            entries.append({**entry, "kind": "network", "output": output, "graph": _graph(module)})
+            continue
+        det, net = module.detector, module.detector.module
+        if not isinstance(net, RFBFaceDetector) or not isinstance(net.network, OrtRunner):
+            return None
+        detector = {
+            "graph": _graph(net.network),
+            "size": det.size,
+            "width": net.width,
+            "height": net.height,
+            "threshold": net.threshold,
+            "iou": net.iou,
+            "top": net.top,
+        }
+        if bb.spec.source == "objects":
+            entries.append({**entry, "kind": "objects", "classes": module.classes, "detector": detector})
+            continue
+        if not isinstance(module.inner, OrtRunner):
+            return None
+        inner_output = "probs" if module.inner_backbone.spec.output == "probs" else "features"
+        entries.append(
+            {
+                **entry,
+                "kind": "regions",
+                "detector": detector,
+                "k": module.k,
+                "min": module.min_score,
+                "crop_size": list(module.crop_size),
+                "mode": module.mode,
+                "mean": module.mean.flatten().tolist(),
+                "std": module.std.flatten().tolist(),
+                "inner": {"graph": _graph(module.inner), "output": inner_output},
+            }
+        )
+    return entries
+
+
+def _graph(runner: OrtRunner) -> dict:
+    return {"file": os.path.abspath(runner.path), "batch": runner.batch}

@@ -20,6 +20,7 @@ ENGINES = ("local", "ray")
 RUNTIMES = ("auto", "torch", "onnx")  # what runs the backbones' networks (imgsent.onnxrunner)
 DECODES = ("workers", "device")  # JPEGs decoded by Pillow in the decoding processes, or on the run's device
 DEFAULT_BATCH_SIZE = 64
+CPU_MODEL_BATCH = 8  # images per forward pass on a CPU: small passes keep activations in cache
 DEFAULT_ROWS_PER_SHARD = 10_000
 
 
@@ -129,3 +130,9 @@ class RunOptions:
         if shard == self.shard and keep == self.keep_columns:
             return self
         return dataclasses.replace(self, shard=shard, keep_columns=keep)
+
+
+def head_precision(precision: str) -> str:
+    """The head's precision for a run's ``precision``: bf16 when asked for, float32 otherwise
+    (the head is tiny next to the backbones; fp16 autocast has no fast CPU kernels)."""
+    return "bf16" if check_choice("precision", precision, PRECISIONS) == "bf16" else "fp32"

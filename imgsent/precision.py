@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .options import PRECISIONS, check_choice
+from .options import PRECISIONS, check_choice, head_precision  # noqa: F401  (head_precision: imported from here too)
 
 HEAD_PRECISIONS = ("fp32", "bf16")
 
@@ -44,9 +44,3 @@ AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.fl
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype of a run: None (float32) unless asked for, or ``auto`` on CUDA."""
     return AUTOCAST[resolve_numerics(device, precision)]
-
-
-def head_precision(precision: str) -> str:
-    """The head's precision for a run's ``precision``: bf16 when asked for, float32 otherwise
-    (the head is tiny next to the backbones; fp16 autocast has no fast CPU kernels)."""
-    return "bf16" if check_precision(precision) == "bf16" else "fp32"

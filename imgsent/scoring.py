@@ -12,27 +12,26 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from . import __version__
 from .batches import FeatureBatch, ScoredBatch
-from .engine import frozen_cpu_batch
 from .errors import ImgsentError, ImgsentWarning
 from .extraction import build_engine, resolve_inputs, run_sharded, store_writer, with_sources
 from .features import SOURCE_COLUMN, StoreReader, open_store, source_array
 from .inputs import display_path
 from .lanes import in_lanes
-from .models import model_backbones, model_identity, model_path, packaged_name, resolve_model
-from .options import RunOptions
-from .precision import head_precision
+from .options import RunOptions, head_precision
 from .report import RunSummary
 from .shards import ShardedWriter
 from .sinks import SCORES_KIND, FileSink, check_replace, format_of, is_dir_output
-from .training import SentimentModel
+
+if TYPE_CHECKING:  # torch-free at import: a warm score on ONNX Runtime never loads torch (imgsent.ortengine)
+    from .training import SentimentModel
 
 
 class ScoreTableBuilder:
@@ -59,6 +58,10 @@ class ScoreTableBuilder:
         self.device = None  # where the head runs (None: the CPU)
         self.kept_names: list[str] = []  # fields carried into the rows (keep_columns)
         self.with_source = False  # a source column: how to read each image that is no file (tar, Parquet, URL)
+        # the head in numpy (imgsent.bundles.NumpyModel): what scores in float32 on the CPU, whichever
+        # engine made the features (torch, ONNX Runtime, no torch at all) and for stores, so that the
+        # same features always give the same probabilities; the torch head serves bf16 and GPUs
+        self.numpy = model if not hasattr(model, "head") else None
 
     def keep(self, refs) -> None:
         """Carry the fields the references hold (``ImageRef.meta``) into every score row, as text
@@ -107,7 +110,9 @@ class ScoreTableBuilder:
         column after ``model_version`` when the builder keeps one (``with_source``)."""
         n, classes = len(ok), self.model.classes
         if proba is None and ok.any():
-            proba = self.model.predict_proba(X, self.precision, device=self.device)
+            on_cpu = self.device is None or getattr(self.device, "type", "cpu") == "cpu"
+            head = self.numpy if self.numpy is not None and self.precision == "fp32" and on_cpu else self.model
+            proba = head.predict_proba(X, self.precision, device=self.device)
             proba[~ok] = np.nan
         elif proba is None:
             proba = np.full((n, len(classes)), np.nan, dtype=np.float32)
@@ -153,6 +158,9 @@ class ScoreTableBuilder:
 def _model_engine(sentiment, model: str | None, weights, models, opts: RunOptions, *, head: bool):
     """(options, backbones, engine) that compute ``sentiment``'s features as its recipe says: its
     TTA, and (unless the user asks otherwise) the numerics its training features had."""
+    from .engine import frozen_cpu_batch
+    from .models import model_backbones, model_path, packaged_name
+
     precision = sentiment.numerics if opts.precision == "auto" else opts.precision
     opts = RunOptions.build(opts, tta=sentiment.feature_header.get("tta", "none"), precision=precision)
     bundle = None if packaged_name(model) else model_path(model)
@@ -180,6 +188,8 @@ def extract_model_features(
 ) -> RunSummary:
     """A feature store ``out`` (resumable) of exactly the backbones ``model`` needs, computed as
     ``score`` computes them: what ``imgsent label INPUT...`` serves from."""
+    from .models import resolve_model
+
     opts = RunOptions.build(options, **overrides)
     sentiment = resolve_model(model)
     refs = resolve_inputs(inputs, opts, stdin=stdin)
@@ -227,8 +237,24 @@ def score(
             f"job would overwrite; give a directory (ending in /) that all jobs share, e.g. {out.rsplit('.', 1)[0]}/"
         )
     fmt = None if dir_out else format_of(out, fmt)
-    sentiment = resolve_model(model)
-    builder = ScoreTableBuilder(sentiment, *model_identity(sentiment, model), threshold, head_precision(opts.precision))
+    from .ortengine import light_engine
+
+    light = None if features or keep_features or weights else light_engine(model, opts)
+    if light is not None:  # every backbone on cached ONNX Runtime graphs: torch is never imported
+        sentiment, light_run = light
+        from .bundles import model_name
+
+        identity = (model_name(model), sentiment.version())
+    else:
+        from .models import model_identity, resolve_model
+
+        sentiment = resolve_model(model)
+        identity = model_identity(sentiment, model)
+    builder = ScoreTableBuilder(sentiment, *identity, threshold, head_precision(opts.precision))
+    if builder.numpy is None:
+        from .bundles import numpy_model
+
+        builder.numpy = numpy_model(model)
     if not dir_out:
         made = {"model": builder.name, "model_version": builder.version, "threshold": threshold}
         check_replace(out, fmt, made, opts.overwrite)
@@ -244,11 +270,18 @@ def score(
             ImgsentWarning,
             stacklevel=2,
         )
-    opts, backbones, engine = _model_engine(sentiment, model, weights, models, opts, head=True)
+    if light is not None:
+        engine, recipes = light_run, sentiment.recipes
+        weights_summary = "; ".join(f"{e['key']}: {e.get('weights_source', '?')}" for e in engine.entries)
+    else:
+        opts, backbones, engine = _model_engine(sentiment, model, weights, models, opts, head=True)
+        _record_plan(engine, sentiment, builder, model)
+        recipes = [b.recipe() for b in backbones]
+        weights_summary = _weights_summary(backbones)
     builder.device = getattr(engine, "device", None)  # the local engine's card runs the head too
     outputs = [store_writer(keep_features, backbones, "float32", opts, engine, refs)] if keep_features else []
     builder.with_source = with_sources(out.rstrip("/") if dir_out else None, refs)
-    summary_model = {"model": f"{builder.name} {builder.version}", "weights": _weights_summary(backbones)}
+    summary_model = {"model": f"{builder.name} {builder.version}", "weights": weights_summary}
 
     if dir_out:
         header = {
@@ -271,7 +304,7 @@ def score(
         return summary
 
     # One file or stdout: rows stream out batch by batch; the file appears (renamed) when complete.
-    sink = FileSink(out, fmt, metadata=builder.provenance([b.recipe() for b in backbones]))
+    sink = FileSink(out, fmt, metadata=builder.provenance(recipes))
     labels: dict[str, int] = {}
 
     def emit(batch: FeatureBatch) -> None:
@@ -288,6 +321,27 @@ def score(
     summary.labels = labels
     summary.details.update(summary_model)
     return summary
+
+
+def _record_plan(engine, sentiment, builder: ScoreTableBuilder, model: str | None) -> None:
+    """When every backbone of this CPU run is on ONNX Runtime, the plan that lets the next score of
+    this model run without torch (:mod:`imgsent.ortengine`); nothing otherwise."""
+    from .engine import FeatureEngine
+    from .options import CPU_MODEL_BATCH
+
+    if not isinstance(engine, FeatureEngine) or engine.numerics != "fp32" or engine.model_batch != CPU_MODEL_BATCH:
+        return
+    if engine.device.type != "cpu" or any(r != "onnx" for r in engine.runtimes):
+        return
+    from . import onnxrunner, ortengine
+
+    tta = sentiment.feature_header.get("tta", "none")
+    key = ortengine.plan_key(builder.name, builder.version, sentiment.blocks, sentiment.recipes, tta, CPU_MODEL_BATCH)
+    if ortengine.read_plan(key) is not None:
+        return
+    entries = onnxrunner.plan_entries(engine)
+    if entries is not None and [e["key"] for e in entries] == [r["key"] for r in sentiment.recipes]:
+        ortengine.write_plan(key, entries, tta, CPU_MODEL_BATCH)
 
 
 def _weights_summary(backbones) -> str:
@@ -339,6 +393,8 @@ def _score_store(
         return table, int((~chunk.ok).sum())
 
     try:
+        import torch
+
         for table, errors in in_lanes(score_part, reader.parts, torch.get_num_threads()):
             summary.total += table.num_rows
             summary.errors += errors

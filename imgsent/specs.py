@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import ImgsentError
 
@@ -31,6 +32,16 @@ OUTPUTS = ("features", "probs", "head")  # pooled features; softmax of the head;
 REGIONS_DEFAULTS = {"k": 5, "min": 0.3}
 MODELS_ENV = "IMGSENT_MODELS"  # the folder a preset's {models} names (and where models look for files)
 MODELS = "{models}"
+HOME_ENV = "IMGSENT_HOME"
+
+
+def cache_dir() -> Path:
+    """imgsent's own cache: ``$IMGSENT_HOME``, else ``$XDG_CACHE_HOME/imgsent``, else ``~/.cache/imgsent``."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imgsent"
+
 
 # name -> (specs, description). The first entry is the paper's in-domain pair.
 PRESETS: dict[str, tuple[tuple[str, ...], str]] = {

@@ -8,7 +8,6 @@ Loading reads JSON and safetensors only: nothing is unpickled.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -22,6 +21,7 @@ import torch
 from . import __version__
 from .atomicio import write_json_atomic
 from .backbones import fingerprints_match
+from .bundles import HEAD_FILE, HEAD_ROWS, MODEL_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, read_bundle, read_head_arrays
 from .calibration import Calibration
 from .errors import ImgsentError, UselessModelWarning
 from .features import FeatureSet, load
@@ -30,14 +30,8 @@ from .labels import LabelJoin, join_labels, labels_from_folders, map_labels, rea
 from .lanes import torch_threads
 from .precision import HEAD_PRECISIONS
 from .report import FitProgress
-from .specs import file_record, normalize_key, normalized_recipe
+from .specs import file_record
 from .weights import atomic_save_safetensors
-
-MODEL_FORMAT = "imgsent-model"
-HEAD_ROWS = 1024  # the head always sees blocks of exactly this many rows (see SentimentModel.predict_proba)
-MODEL_FORMAT_VERSION = 1
-HEAD_FILE = "head.safetensors"
-MODEL_FILE = "model.json"
 
 HEAD_NAMES = ("nn", "moe", "moe1", "moe2")  # moe = moe1 unless a schedule is given
 # torch threads while a head trains: one. Its steps are small matrix products (batch 8 x 2,560 x
@@ -356,71 +350,29 @@ class SentimentModel:
         write_json_atomic(os.path.join(path, MODEL_FILE), self.to_json())
 
 
-def _bad(path: str, why: str) -> ImgsentError:
-    return ImgsentError(f"model {path}: {why}")
-
-
 def load_model(path: str) -> SentimentModel:
     """Load a bundle directory written by :meth:`SentimentModel.save` (JSON + safetensors only).
 
-    A missing, malformed or hand-edited bundle raises :class:`ImgsentError` naming what is wrong.
+    A missing, malformed or hand-edited bundle raises :class:`ImgsentError` naming what is wrong
+    (``model.json`` is checked by :func:`imgsent.bundles.read_bundle`).
     """
-    json_path = os.path.join(path, MODEL_FILE)
-    if not os.path.isdir(path) or not os.path.isfile(json_path):
-        raise _bad(path, f"not a model directory (no {MODEL_FILE})")
-    try:
-        with open(json_path) as fh:
-            meta = json.load(fh)
-    except ValueError as exc:
-        raise _bad(path, f"{MODEL_FILE} is not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise _bad(path, f"cannot read {MODEL_FILE}: {exc.strerror}") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise _bad(path, f"{MODEL_FILE} is not an imgsent model")
-    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > MODEL_FORMAT_VERSION:
-        raise _bad(path, f"format version {meta.get('format_version')!r} is not one this imgsent reads")
-    try:
-        head_meta, feats = meta["head"], meta["features"]
-        classes = meta["classes"]
-        params = dict(head_meta["params"])
-        blocks = [(normalize_key(b["key"]), b["dim"]) for b in feats["blocks"]]
-        recipes = feats["backbones"]
-    except (KeyError, TypeError) as exc:
-        raise _bad(path, f"{MODEL_FILE} lacks field {exc}") from None
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
-        raise _bad(path, "'classes' must be a list of at least two names")
-    if not all(isinstance(k, str) and isinstance(d, int) and 0 < d <= 1_000_000 for k, d in blocks) or not blocks:
-        raise _bad(path, "'features.blocks' must list {key, dim} with 0 < dim <= 1000000")
-    if not isinstance(recipes, list) or not all(isinstance(r, dict) and "key" in r for r in recipes):
-        raise _bad(path, "'features.backbones' must be a list of backbone recipes")
-    recipes = [normalized_recipe(r) for r in recipes]  # models before 0.5 keyed files by their whole path
+    b = read_bundle(path)
     known = {f for f in TrainConfig.__dataclass_fields__}
     try:
-        config = TrainConfig(**{k: v for k, v in params.items() if k in known}).resolved()
+        config = TrainConfig(**{k: v for k, v in b.params.items() if k in known}).resolved()
         if config.hidden > 100_000 or config.experts > 1000:
             raise ValueError("hidden/experts too large")
-        head = create_head(config.head, sum(d for _, d in blocks), len(classes), asdict(config))
+        head = create_head(config.head, sum(d for _, d in b.blocks), len(b.classes), asdict(config))
     except (TypeError, ValueError, ImgsentError) as exc:
-        raise _bad(path, f"bad head parameters ({exc})") from None
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(os.path.join(path, HEAD_FILE))
-    except (OSError, SafetensorError) as exc:
-        raise _bad(path, f"cannot read {HEAD_FILE} ({exc})") from None
+        raise ImgsentError(f"model {path}: bad head parameters ({exc})") from None
+    state = {k: torch.from_numpy(v) for k, v in read_head_arrays(path).items()}
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise _bad(path, f"{HEAD_FILE} does not match model.json ({str(exc).splitlines()[0]})") from None
-    header = {"tta": feats.get("tta", "none"), "numerics": feats.get("numerics", "fp32")}
-    calibration = None
-    if meta.get("calibration"):
-        try:
-            calibration = Calibration.from_json(meta["calibration"])
-        except (TypeError, KeyError, ImgsentError) as exc:
-            raise _bad(path, f"bad calibration ({exc})") from None
-    return SentimentModel(head, config, classes, blocks, recipes, header, meta.get("training", {}), calibration)
+        raise ImgsentError(
+            f"model {path}: {HEAD_FILE} does not match model.json ({str(exc).splitlines()[0]})"
+        ) from None
+    return SentimentModel(head, config, b.classes, b.blocks, b.recipes, b.header, b.training, b.calibration)
 
 
 @dataclass

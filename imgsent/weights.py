@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from .errors import ImgsentError
-from .specs import file_sha256
+from .specs import HOME_ENV, cache_dir, file_sha256  # noqa: F401  (cache_dir: imported from here too)
 
 WEIGHTS_ENV = "IMGSENT_WEIGHTS"
-HOME_ENV = "IMGSENT_HOME"
 TIMEOUT_ENV = "IMGSENT_DOWNLOAD_TIMEOUT"
 DOWNLOAD_TIMEOUT = 30.0  # seconds a weights download may wait to connect, or for its next bytes
 
@@ -137,14 +136,6 @@ def describe_failure(exc: BaseException) -> str:
             f"{TIMEOUT_ENV}"
         )
     return f"{type(exc).__name__}: {text}"
-
-
-def cache_dir() -> Path:
-    """imgsent's own cache: ``$IMGSENT_HOME``, else ``$XDG_CACHE_HOME/imgsent``, else ``~/.cache/imgsent``."""
-    if os.environ.get(HOME_ENV):
-        return Path(os.environ[HOME_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "imgsent"
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -121,7 +121,7 @@ def test_objects_and_regions_of_one_detector_run_it_once_per_image_whatever_the_
     specs = [f"objects:{det}", f"regions:{det}+{inner}"]
     stores = []
     for batch in (5, 2):
-        objects._memo.entries = None  # a fresh process
+        imgsent.lanes.forget("detections")  # a fresh process
         calls.clear()
         out = str(tmp_path / f"b{batch}")
         imgsent.extract([str(scripted / "imgs")], out, backbones=specs, workers=0, batch_size=batch)

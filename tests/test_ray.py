@@ -91,7 +91,7 @@ def test_missing_ray_extra_is_one_clear_line(monkeypatch, images, tmp_path):
 
 def test_heads_run_in_the_ray_actors(cluster, images, tmp_path):
     from imgsent.distributed import RayEngine
-    from imgsent.scoring import model_backbones
+    from imgsent.models import model_backbones
 
     store = str(tmp_path / "store")
     imgsent.extract([str(images)], store, workers=0, **KW)
