@@ -67,7 +67,7 @@ def main() -> None:
     for model in args.models:
         row: dict = {way: {"seconds": []} for way in WAYS}
 
-        def score(way: str, what: str, out: str, home: str | None = None) -> float:
+        def score(way: str, what: str, out: str, home: str | None = None, model: str = model) -> float:
             runtime, extra = WAYS[way]
             run_env = {**env, **extra, **({"IMGSENT_HOME": home} if home else {})}
             return run(["score", what, "--model", model, "--runtime", runtime, "--out", out, "-q"], run_env)

@@ -33,12 +33,12 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from .decode import Preprocess
 from .errors import ImgsentError
+from .fingerprints import PROBE_VALUES, fingerprints_match, probe_image  # noqa: F401  (re-exported)
 from .specs import (  # noqa: F401  (the spec grammar and presets, re-exported: imgsent.backbones is their door)
     MODELS,
     MODELS_ENV,
@@ -61,12 +61,11 @@ from .weights import (
     download_quantized_mobilenet_v2,
     downloading,
     load_state_dict_file,
+    load_torchscript_file,
     packaged_weights_file,
     stall_guarded,
     state_dict_sha256,
 )
-
-PROBE_VALUES = 16  # how many feature values of the probe image a fingerprint keeps
 
 
 @dataclass
@@ -368,19 +367,6 @@ def _load_torchvision(spec: BackboneSpec, random_weights: bool) -> Loaded:
     return model, pp, False, source
 
 
-def load_torchscript_file(path: str, what: str = "TorchScript file") -> torch.jit.ScriptModule:
-    """A TorchScript file on the CPU, or one line saying why not (TorchScript files are code: load
-    only files you trust)."""
-    if not os.path.isfile(path):
-        raise ImgsentError(f"{what} not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
-            return torch.jit.load(path, map_location="cpu")
-    except Exception as exc:
-        raise ImgsentError(f"cannot load {what} {path}: {' '.join(str(exc).split())[:160]}") from None
-
-
 @register_source("torchscript")
 def _load_torchscript(spec: BackboneSpec, random_weights: bool) -> Loaded:
     path = spec.name
@@ -433,16 +419,6 @@ def _load_regions(spec: BackboneSpec, random_weights: bool) -> Loaded:
     return view, view_preprocess(detector), cpu_only or inner.cpu_only, f"{source} + {inner.weights_source}"
 
 
-def probe_image(pp: Preprocess) -> torch.Tensor:
-    """A fixed synthetic image (smooth colour gradients), normalised as ``pp`` says: (1,3,H,W)."""
-    h, w = pp.input_size
-    yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
-    img = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6 * xx + 4 * yy)]).astype(np.float32)
-    mean = np.asarray(pp.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(pp.std, dtype=np.float32)[:, None, None]
-    return torch.from_numpy((img - mean) / std)[None]
-
-
 @contextlib.contextmanager
 def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
@@ -464,7 +440,6 @@ def _load_int8(spec: BackboneSpec, random_weights: bool) -> tuple[Loaded, dict] 
 def _post_training_int8(spec: BackboneSpec, module: nn.Module, pp: Preprocess) -> tuple[nn.Module, dict | None]:
     """``module`` quantized after training (see :mod:`imgsent.quantized`) and its recipe entry, or
     ``module`` as it is (float32) with a one-line warning saying why."""
-    import warnings
 
     from .errors import ImgsentWarning
     from .quantized import CALIBRATION, not_quantizable, post_training_int8
@@ -531,16 +506,3 @@ def _accepts_batches(backbone: Backbone, pp: Preprocess) -> bool:
         return False
 
 
-def fingerprints_match(expected: dict, actual: dict, rtol: float = 2e-3) -> bool:
-    """Same weights up to harmless float rounding: equal hashes, or probe features within ``rtol``."""
-    if expected.get("sha256") and expected.get("sha256") == actual.get("sha256"):
-        return True
-    try:
-        e = np.asarray(expected["probe"] + [expected["probe_norm"]], dtype=np.float64)
-        a = np.asarray(actual["probe"] + [actual["probe_norm"]], dtype=np.float64)
-    except (KeyError, TypeError):
-        return False
-    if e.shape != a.shape or not (e.any() or a.any()):
-        return False  # an all-zero probe (a detector view that found nothing) says nothing: hashes decide
-    scale = max(float(np.abs(e).max()), 1e-6)
-    return bool(np.abs(e - a).max() <= rtol * scale)

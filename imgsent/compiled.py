@@ -26,7 +26,7 @@ import warnings
 import torch
 
 from . import __version__
-from .decode import Preprocess
+from .fingerprints import probe_batch  # noqa: F401  (imported from here too)
 from .weights import cache_dir
 
 # The profiling executor profiles a frozen graph on its first call and optimises (and fuses) it on
@@ -104,15 +104,6 @@ def drop_graph(key: str) -> None:
         os.remove(graph_path(key))
     except OSError:
         pass
-
-
-def probe_batch(pp: Preprocess, batch: int, channels_last: bool, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The fingerprint's probe image and its mirror, repeated to exactly ``batch`` images."""
-    from .backbones import probe_image
-
-    probe = probe_image(pp)
-    x = torch.cat([probe, torch.flip(probe, dims=[3])]).repeat((batch + 1) // 2, 1, 1, 1)[:batch].to(device)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def first_output(out) -> torch.Tensor:

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from .inputs import ImageRef
-from .sources import SourceError, keep_copy, not_found, read_source, read_sources
+from .inputs import IMAGE_EXTENSIONS, ImageRef
+from .sources import SourceError, not_found, read_source, read_sources
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold (about 0.25 GB of RGBA)
 
@@ -443,3 +443,19 @@ def decode_ref(
         return DecodedImage.failed(ref, str(exc))
     except Exception as exc:  # never let one image stop a worker
         return DecodedImage.failed(ref, f"{type(exc).__name__}: {exc}"[:300])
+
+
+def keep_copy(directory: str, url: str, data: bytes) -> str:
+    """Save a downloaded image under ``directory`` (``--keep-images``), named by the URL's sha256
+    (and its extension when it has an image one), atomically; returns the file's path. Saving it
+    again (a rerun) rewrites the same name."""
+    import hashlib
+
+    from .atomicio import atomic_open
+
+    ext = os.path.splitext(url.split("?", 1)[0].split("#", 1)[0])[1].lower()
+    name = hashlib.sha256(url.encode("utf-8", errors="surrogateescape")).hexdigest()[:32]
+    path = os.path.join(directory, name + (ext if ext in IMAGE_EXTENSIONS else ".img"))
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+    return path

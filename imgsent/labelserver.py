@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import hmac
 from importlib import resources
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from .labelling import LabelSession
-
 PREVIEW = 1024  # the longer side of the images the page shows, in pixels
+
+
+if TYPE_CHECKING:  # labelling starts the server (imgsent.labelling.label): no import back
+    from .labelling import LabelSession
 
 
 def create_app(session: LabelSession, token: str):

@@ -246,7 +246,7 @@ def load_detector(name: str, random_weights: bool) -> tuple[Detector, list[str] 
     if kind == "torchscript":
         import torchvision  # noqa: F401  (registers torchvision::nms, which exported detectors call)
 
-        from .backbones import load_torchscript_file
+        from .weights import load_torchscript_file
 
         module = load_torchscript_file(rest, "TorchScript detector")
         names_file = _class_names_file(rest)

@@ -393,20 +393,3 @@ def _retry_reason(reason: BaseException | None, cfg: dict) -> str:
     if isinstance(reason, urllib3.exceptions.NewConnectionError):
         return f"cannot connect: {_short(reason)}"
     return f"download failed after {cfg['retries']} retries: {_short(reason) if reason else 'unknown error'}"
-
-
-def keep_copy(directory: str, url: str, data: bytes) -> str:
-    """Save a downloaded image under ``directory`` (``--keep-images``), named by the URL's sha256
-    (and its extension when it has an image one), atomically; returns the file's path. Saving it
-    again (a rerun) rewrites the same name."""
-    import hashlib
-
-    from .atomicio import atomic_open
-    from .inputs import IMAGE_EXTENSIONS
-
-    ext = os.path.splitext(url.split("?", 1)[0].split("#", 1)[0])[1].lower()
-    name = hashlib.sha256(url.encode("utf-8", errors="surrogateescape")).hexdigest()[:32]
-    path = os.path.join(directory, name + (ext if ext in IMAGE_EXTENSIONS else ".img"))
-    with atomic_open(path, "wb") as fh:
-        fh.write(data)
-    return path

@@ -13,13 +13,14 @@ import hashlib
 import importlib.util
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import ImgsentError
+from .errors import ImgsentError, one_line
 from .specs import HOME_ENV, cache_dir, file_sha256  # noqa: F401  (cache_dir: imported from here too)
 
 WEIGHTS_ENV = "IMGSENT_WEIGHTS"
@@ -321,3 +322,16 @@ def convert_state_dict(state: dict[str, torch.Tensor], target: dict[str, torch.T
             raise ImgsentError(f"weights layout {layout}: {sk} {tuple(sv.shape)} does not fit {dk} {tuple(dv.shape)}")
         out[dk] = sv
     return out
+
+
+def load_torchscript_file(path: str, what: str = "TorchScript file") -> torch.jit.ScriptModule:
+    """A TorchScript file on the CPU, or one line saying why not (TorchScript files are code: load
+    only files you trust)."""
+    if not os.path.isfile(path):
+        raise ImgsentError(f"{what} not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+            return torch.jit.load(path, map_location="cpu")
+    except Exception as exc:
+        raise ImgsentError(f"cannot load {what} {path}: {one_line(exc, 160)}") from None
