@@ -158,10 +158,11 @@ def _triangle(x: np.ndarray) -> np.ndarray:
     return np.maximum(1.0 - np.abs(x), 0.0)
 
 
+@functools.lru_cache(maxsize=1024)
 def resize_weights(n_in: int, n_out: int, mode: str, antialias: bool) -> np.ndarray:
     """(n_out, n_in) float32 weights of torch's ``F.interpolate`` along one axis
     (``align_corners=False``): ``antialias=True`` (bilinear or bicubic, PIL's filters, as
-    torch computes them) or plain bilinear."""
+    torch computes them) or plain bilinear. Cached: do not modify the array returned."""
     w = np.zeros((n_out, n_in), dtype=np.float32)
     f32 = np.float32
     if antialias:  # in float32 throughout, as torch's kernel computes them (identical weights)
@@ -192,14 +193,33 @@ def resize_weights(n_in: int, n_out: int, mode: str, antialias: bool) -> np.ndar
 
 
 def resize(image: np.ndarray, size: tuple[int, int], mode: str = "bilinear", antialias: bool = True) -> np.ndarray:
-    """A float32 (C, H, W) image resized to ``size`` (h, w) as ``F.interpolate`` would."""
+    """A float32 (C, H, W) image resized to ``size`` (h, w) as ``F.interpolate`` would: width
+    first, then height, each output pixel the sum of its few taps in order (no matrix product:
+    cheap, single-threaded, and torch's sums)."""
     h, w = image.shape[-2:]
-    out = image
+    out = np.asarray(image, dtype=np.float32)
     if w != size[1]:  # scale 1: every weight lands on its own pixel, with or without antialiasing
-        out = out @ resize_weights(w, size[1], mode, antialias).T
+        out = _along(out, resize_weights(w, size[1], mode, antialias), axis=-1)
     if h != size[0]:
-        out = np.matmul(resize_weights(h, size[0], mode, antialias), out)
-    return np.ascontiguousarray(out, dtype=np.float32)
+        out = _along(out, resize_weights(h, size[0], mode, antialias), axis=-2)
+    return np.ascontiguousarray(out)
+
+
+def _along(x: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+    """``x`` resampled along ``axis`` by ``weights`` (n_out, n_in), tap by tap."""
+    nz = weights != 0
+    lo = nz.argmax(axis=1)
+    taps = int((weights.shape[1] - nz[:, ::-1].argmax(axis=1) - lo).max())
+    n_in = weights.shape[1]
+    out = None
+    for t in range(taps):
+        idx = np.minimum(lo + t, n_in - 1)
+        w = np.where(lo + t < n_in, weights[np.arange(len(lo)), idx], 0).astype(np.float32)
+        shape = [1] * x.ndim
+        shape[axis] = len(lo)
+        term = np.take(x, idx, axis=axis) * w.reshape(shape)
+        out = term if out is None else out + term
+    return out
 
 
 # --- the parts a plan runs --------------------------------------------------------------------------
