@@ -504,5 +504,3 @@ def _accepts_batches(backbone: Backbone, pp: Preprocess) -> bool:
         return out.shape == (2, backbone.dim)
     except RuntimeError:
         return False
-
-

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .errors import ImgsentError
+from .options import CALIBRATION_METHODS as METHODS
 
-METHODS = ("auto", "platt", "isotonic", "temperature")
 ISOTONIC_MIN = 1000  # labelled images from which ``auto`` picks isotonic regression
 MIN_SAMPLE = 20  # labelled images needed at all
 MIN_PER_CLASS = 5  # ... and of each class

@@ -18,7 +18,21 @@ from typer.core import TyperArgument
 from . import __version__
 from .decode import DEFAULT_MAX_PIXELS, TTA_MODES
 from .errors import ImgsentError, OutputClosed
-from .options import DECODES, DEFAULT_ROWS_PER_SHARD, ENGINES, PRECISIONS, RUNTIMES, RunOptions
+from .options import (
+    CALIBRATION_METHODS,
+    DECODES,
+    DEFAULT_ROWS_PER_SHARD,
+    ENGINES,
+    FEATURE_DTYPES,
+    HEAD_NAMES,
+    LABEL_MAPS,
+    OUTPUT_FORMATS,
+    PRECISIONS,
+    PROTOCOLS,
+    RUNTIMES,
+    STRATEGIES,
+    RunOptions,
+)
 
 
 def _plain_argument_help(self, ctx):  # "INPUT..." rather than "INPUT... <list[str]>"
@@ -82,9 +96,6 @@ def _check_shard(value: str | None) -> str | None:
     except ImgsentError as exc:
         raise typer.BadParameter(str(exc)) from None
     return value
-
-
-HEAD_NAMES = ("nn", "moe", "moe1", "moe2")
 
 
 def _check_heads(value: str) -> str:
@@ -221,7 +232,7 @@ def extract(
     ] = ["default"],  # noqa: B006 (typer reads the default, never mutates it)
     random_weights: Annotated[bool, typer.Option(help="Random (seeded) weights, for testing only.")] = False,
     tta: Annotated[Literal[TTA_MODES], typer.Option(help="Test-time augmentation.")] = "none",
-    dtype: Annotated[Literal["float32", "float16"], typer.Option(help="Stored feature type.")] = "float32",
+    dtype: Annotated[Literal[FEATURE_DTYPES], typer.Option(help="Stored feature type.")] = "float32",
     device: Device = "auto",
     precision: Precision = "auto",
     batch_size: BatchSize = None,
@@ -284,7 +295,7 @@ LabelsFromFolders = Annotated[
     bool, typer.Option("--labels-from-folders", help="Each image's folder name is its label.")
 ]
 Map = Annotated[
-    Literal["auto", "polarity", "none"],
+    Literal[LABEL_MAPS],
     typer.Option("--map", help="Label mapping: auto (0/1, pos/neg -> polarity), polarity (emotions too), none."),
 ]
 Blocks = Annotated[
@@ -349,9 +360,7 @@ def train(
     labels: Labels = None,
     labels_from_folders: LabelsFromFolders = False,
     map: Map = "auto",
-    head: Annotated[
-        Literal["nn", "moe", "moe1", "moe2"], typer.Option(help="nn, moe (schedule from --schedule), moe1, moe2.")
-    ] = "nn",
+    head: Annotated[Literal[HEAD_NAMES], typer.Option(help="nn, moe (schedule from --schedule), moe1, moe2.")] = "nn",
     schedule: Annotated[
         int | None,
         typer.Option(metavar="1|2", min=1, max=2, help="MoE schedule: 1 (120 epochs, lr x0.1 every 40) or 2 (60, 20)."),
@@ -418,9 +427,7 @@ def evaluate(
     labels: Labels = None,
     labels_from_folders: LabelsFromFolders = False,
     map: Map = "auto",
-    protocol: Annotated[
-        Literal["random-splits", "kfold", "predefined", "train-val-test"], typer.Option(help="Evaluation protocol.")
-    ] = "random-splits",
+    protocol: Annotated[Literal[PROTOCOLS], typer.Option(help="Evaluation protocol.")] = "random-splits",
     heads: Annotated[
         str,
         typer.Option(
@@ -538,7 +545,7 @@ def score(
         ),
     ] = None,
     format: Annotated[
-        Literal["parquet", "csv", "tsv", "jsonl"] | None,
+        Literal[OUTPUT_FORMATS] | None,
         typer.Option("--format", help="Output format (default: from the extension; jsonl on stdout)."),
     ] = None,
     threshold: Annotated[
@@ -731,7 +738,7 @@ def calibrate(
         str | None, typer.Option("--scores", metavar="FILE", help="Or the model's score output holding it.")
     ] = None,
     method: Annotated[
-        Literal["auto", "platt", "isotonic", "temperature"],
+        Literal[CALIBRATION_METHODS],
         typer.Option(help="auto: Platt (isotonic from 1000 images); temperature for several classes."),
     ] = "auto",
     map: Map = "auto",
@@ -780,7 +787,7 @@ def label(
         str | None, typer.Option("--classes", metavar="A,B,...", help="Class names (default: the model's).")
     ] = None,
     strategy: Annotated[
-        Literal["mix", "random", "active"],
+        Literal[STRATEGIES],
         typer.Option(help="Which image next: random (honest estimates), active (least sure), mix (both)."),
     ] = "mix",
     host: Annotated[
@@ -841,7 +848,7 @@ def models(
 @app.command(name="backbones")
 def list_backbones() -> None:
     """List backbone presets and the spec syntax (one spec a line, never cut)."""
-    from .backbones import MODELS_ENV, describe_presets
+    from .specs import MODELS_ENV, describe_presets
 
     lines = []
     for name, specs, desc in describe_presets():
@@ -849,9 +856,11 @@ def list_backbones() -> None:
         lines += [f"    {s}" for s in specs.split(", ")]
     lines += [
         "",
-        "Any backbone: timm:NAME[.TAG], torchvision:NAME[.WEIGHTS_TAG], torchscript:PATH; add :probs for class",
-        "probabilities or :head for the raw head outputs (CLIP: the image embedding), @FILE for local weights",
-        "(.safetensors or .pth). Detector views, DETECTOR = torchscript:PATH or torchvision:NAME[@FILE]:",
+        "Any backbone: timm:NAME[.TAG], torchvision:NAME[.WEIGHTS_TAG], torchscript:PATH, imgsent:face_expression",
+        "(shipped); add :probs for class probabilities or :head for the raw head outputs (CLIP: the image",
+        "embedding), @FILE for local weights (.safetensors or .pth). Detector views, DETECTOR =",
+        "imgsent:faces_rfb320 | imgsent:faces_rfb640 (shipped),",
+        "torchscript:PATH or torchvision:NAME[@FILE]:",
         "  objects:DETECTOR              per COCO class: max score, sum of scores, area share (3 x classes)",
         "  regions:DETECTOR+SPEC[+k=K][+min=S]  SPEC's features of the top-K object crops scoring >= S,",
         "                                score-weighted mean (default k=5, min=0.3)",

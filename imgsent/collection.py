@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .calibration import METHODS, fit_calibration, fit_platt
-from .errors import ImgsentError
+from .errors import ImgsentError, one_line
 from .labels import map_labels, read_labels
 
 ALL = "all"  # the group of every row
@@ -70,7 +70,7 @@ def read_scores(source: str, stdin=None, extra: tuple[str, ...] = ()):
     except ImgsentError:
         raise
     except Exception as exc:
-        raise ImgsentError(f"cannot read scores {source}: {' '.join(str(exc).split())[:160]}") from None
+        raise ImgsentError(f"cannot read scores {source}: {one_line(exc, 160)}") from None
     missing = [c for c in ("id", "status", "label") if c not in df.columns]
     classes = [c[2:] for c in df.columns if c.startswith("p_")]
     if missing or len(classes) < 2:
@@ -386,7 +386,7 @@ def _read_meta(meta: str, by: str):
     try:
         table = pl.read_parquet(meta) if meta.lower().endswith((".parquet", ".pq")) else pl.read_csv(meta)
     except Exception as exc:
-        raise ImgsentError(f"cannot read metadata {meta}: {' '.join(str(exc).split())[:160]}") from None
+        raise ImgsentError(f"cannot read metadata {meta}: {one_line(exc, 160)}") from None
     for col in ("id", by):
         if col not in table.columns:
             raise ImgsentError(f"metadata {meta} has no column {col!r} (columns: {', '.join(table.columns)})")

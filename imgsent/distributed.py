@@ -44,7 +44,7 @@ from .options import DEFAULT_BATCH_SIZE, RunOptions
 from .shards import Chunk, ShardTarget
 from .specs import map_files
 
-_FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME")  # and every IMGSENT_* variable
+_FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME")  # and imgsent's (options.ENV)
 
 
 def resolve_actor_numerics(precision: str, on_gpu: bool, ask_card: Callable[[], str]) -> str:
@@ -65,11 +65,14 @@ def _card_numerics(precision: str) -> str:
 
 
 def forwarded_env() -> dict[str, str]:
-    """The settings a Ray worker must see as the driver does: every ``IMGSENT_*`` variable (weights,
-    cache, URL timeouts and limits, download timeout, device decoder...) and the hubs' caches. Every
+    """The settings a Ray worker must see as the driver does: the variables :data:`imgsent.options.ENV`
+    marks (weights, cache, URL timeouts and limits, download timeout, device decoder...) and the hubs' caches. Every
     actor and decode task is handed them and sets them in its process first, so they arrive whether
     or not imgsent started Ray (a per-actor ``runtime_env`` would cost each actor a fresh process)."""
-    return {k: v for k, v in os.environ.items() if k.startswith("IMGSENT_") or k in _FORWARDED_ENV}
+    from .options import ENV
+
+    wanted = {k for k, (_what, workers) in ENV.items() if workers} | set(_FORWARDED_ENV)
+    return {k: v for k, v in os.environ.items() if k in wanted}
 
 
 def require_ray():

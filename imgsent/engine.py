@@ -48,7 +48,7 @@ from .decode import (
     read_jpeg,
 )
 from .decodepool import PREFETCH
-from .errors import ImgsentError, last_line
+from .errors import ImgsentError, last_line, one_line
 from .inputs import ImageRef
 from .lanes import ahead, in_lanes
 from .options import CPU_MODEL_BATCH, DEFAULT_BATCH_SIZE, RunOptions
@@ -852,7 +852,7 @@ def _check_on_device(bb: Backbone, module: torch.nn.Module, dev: torch.device, c
         with torch.inference_mode():
             got = bb.run(module, x).float()[0].cpu()
     except Exception as exc:
-        reason = " ".join(str(exc).split())[:160]
+        reason = one_line(exc, 160)
         raise ImgsentError(f"backbone {bb.key} cannot run on {dev} ({reason}); use device cpu for it") from None
     here = {"probe": [float(v) for v in got[:PROBE_VALUES]], "probe_norm": float(got.norm())}
     if not fingerprints_match(bb.fingerprint, here, rtol=1e-2):

@@ -21,11 +21,12 @@ import pyarrow.parquet as pq
 from .batches import Blocks, FeatureBatch
 from .errors import ImgsentError
 from .inputs import display_path
+from .options import FEATURE_DTYPES
 from .shards import StoreListing, list_store
 from .specs import normalize_key, normalized_recipe
 
 KIND = "features"
-DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
+DTYPES = dict(zip(FEATURE_DTYPES, (pa.float32(), pa.float16())))
 BASE_COLUMNS = ("id", "path", "status", "error", "width", "height")
 SOURCE_COLUMN = "source"  # stores and score outputs of runs with tar, Parquet or URL inputs
 

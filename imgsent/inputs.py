@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO
 
-from .errors import ImgsentError, ImgsentWarning
+from .errors import ImgsentError, ImgsentWarning, one_line
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 TAR_EXTENSION = ".tar"  # WebDataset / img2dataset shards: read member by member, by offset
@@ -189,7 +189,7 @@ def _tar_members(
                 yield key, ImageRef(rid, where, source)
     except (tarfile.ReadError, EOFError, OSError) as exc:
         if not seen:
-            reason = f"not a readable uncompressed tar file ({' '.join(str(exc).split())[:120]})"
+            reason = f"not a readable uncompressed tar file ({one_line(exc, 120)})"
             yield "", ImageRef(f"{label}/", display_path(path), json.dumps(["refused", reason]))
 
 
@@ -222,8 +222,7 @@ def parquet_rows(
         raise
     except Exception as exc:
         raise ImgsentError(
-            f"cannot read {'Arrow' if arrow else 'Parquet'} file {display_path(path)}: "
-            f"{' '.join(str(exc).split())[:160]}"
+            f"cannot read {'Arrow' if arrow else 'Parquet'} file {display_path(path)}: {one_line(exc, 160)}"
         ) from None
     names = schema.names
     if image_column not in names:
@@ -281,7 +280,7 @@ def _remote_refs(item: str, keep: Sequence[str], image_column: str | None) -> li
     except ImgsentError:
         raise
     except Exception as exc:
-        raise ImgsentError(f"cannot list {item}: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}") from None
+        raise ImgsentError(f"cannot list {item}: {type(exc).__name__}: {one_line(exc, 160)}") from None
     root = inner.rstrip("/") if folder else inner.rsplit("/", 1)[0]
     refs: list[ImageRef] = []
     for f in files:

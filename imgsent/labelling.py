@@ -33,12 +33,12 @@ import numpy as np
 from . import adapting
 from .atomicio import atomic_open
 from .errors import ImgsentError, one_line
+from .options import STRATEGIES
 from .specs import file_record
 from .training import MARGIN
 
 FIELDS = ("id", "path", "label", "mode", "annotator", "time", "p")
 MODES = ("random", "active", "repeat", "user")  # user: labelled by id through the API, never offered
-STRATEGIES = ("mix", "random", "active")
 OVERLAP = 0.2  # share of a second annotator's picks that repeat another annotator's images
 RESELECT = 5  # the correction's penalty is chosen again once this many (or 10 %) more labels judge it
 

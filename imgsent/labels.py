@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import ImgsentError, ImgsentWarning
 from .inputs import is_image_name
+from .options import LABEL_MAPS as MAPS
 
 POSITIVE_EMOTIONS = ("joy", "surprise", "amusement", "awe", "contentment", "excitement")
 NEGATIVE_EMOTIONS = ("anger", "disgust", "fear", "sadness")
@@ -50,7 +51,6 @@ POLARITY = {
     **{e: "negative" for e in NEGATIVE_EMOTIONS},
     **_EMOTION_SYNONYMS,
 }
-MAPS = ("auto", "polarity", "none")
 ID_COLUMNS = ("id", "path", "file", "filename", "file_name", "image", "image_id", "name")
 LABEL_COLUMNS = ("label", "labels", "class", "sentiment", "polarity", "emotion", "target", "y")
 

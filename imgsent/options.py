@@ -21,6 +21,33 @@ RUNTIMES = ("auto", "torch", "onnx")  # what runs the backbones' networks (imgse
 DECODES = ("workers", "device")  # JPEGs decoded by Pillow in the decoding processes, or on the run's device
 DEFAULT_BATCH_SIZE = 64
 CPU_MODEL_BATCH = 8  # images per forward pass on a CPU: small passes keep activations in cache
+# Every environment variable imgsent reads, what it sets, and whether Ray workers need it (Ray
+# forwards exactly these, with the hubs' caches: imgsent.distributed.forwarded_env).
+ENV = {
+    "IMGSENT_HOME": ("imgsent's cache: weights, frozen and ONNX graphs, plans (default ~/.cache/imgsent)", True),
+    "IMGSENT_MODELS": ("a folder where models look for the files their backbones read", True),
+    "IMGSENT_WEIGHTS": ("a weights file for the backbone that needs one (offline MobileNetV2...)", True),
+    "IMGSENT_DOWNLOAD_TIMEOUT": ("seconds a weights download may go without receiving anything", True),
+    "IMGSENT_DEVICE_DECODER": ("the JPEG decoder of --decode device", True),
+    "IMGSENT_URL_CONCURRENCY": ("URLs of a batch downloaded side by side", True),
+    "IMGSENT_URL_CONNECT_TIMEOUT": ("seconds to connect to a URL's host", True),
+    "IMGSENT_URL_READ_TIMEOUT": ("seconds a URL may go without sending", True),
+    "IMGSENT_URL_RETRIES": ("retries of a URL that fails", True),
+    "IMGSENT_URL_MAX_BYTES": ("the largest image a URL may send", True),
+    "IMGSENT_NO_LIGHT": ("1: never score without torch (imgsent.ortengine)", True),
+    "IMGSENT_PROGRESS_EVERY": ("seconds between progress lines in logs", False),
+    "IMGSENT_RAY_START_TIMEOUT": ("seconds a Ray run waits with no worker able to start", False),
+    "IMGSENT_DEBUG": ("1: tracebacks instead of one-line errors", False),
+}
+
+# The vocabularies the CLI offers as choices and the library checks: one copy each.
+HEAD_NAMES = ("nn", "moe", "moe1", "moe2")  # moe = moe1 unless a schedule is given
+FEATURE_DTYPES = ("float32", "float16")  # how a store keeps features
+PROTOCOLS = ("random-splits", "kfold", "predefined", "train-val-test")
+OUTPUT_FORMATS = ("parquet", "csv", "tsv", "jsonl")  # score's one-file outputs
+CALIBRATION_METHODS = ("auto", "platt", "isotonic", "temperature")
+STRATEGIES = ("mix", "random", "active")  # which image the labelling page shows next
+LABEL_MAPS = ("auto", "polarity", "none")  # how label names are mapped to classes
 DEFAULT_ROWS_PER_SHARD = 10_000
 
 

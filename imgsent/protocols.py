@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ImgsentError, ImgsentWarning
-
-PROTOCOLS = ("random-splits", "kfold", "predefined", "train-val-test")
+from .options import PROTOCOLS  # noqa: F401  (imported from here too)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from .errors import ImgsentError
+from .errors import ImgsentError, one_line
 
 ENGINES = ("x86", "fbgemm", "qnnpack")  # fastest first
 
@@ -208,7 +208,7 @@ def _torchvision_int8(name: str, entry=None) -> nn.Module:
     except Exception as exc:
         if entry is None:
             raise
-        reason = " ".join(str(exc).split())[:160]
+        reason = one_line(exc, 160)
         raise ImgsentError(
             f"cannot get torchvision's int8 weights {entry} ({type(exc).__name__}: {reason}); offline, give "
             f"torchvision:{name}@FILE with its quantized state dict"
@@ -234,7 +234,7 @@ def _load_file(model: nn.Module, name: str, path: str) -> None:
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     except Exception as exc:
         raise ImgsentError(
-            f"cannot read {path} as int8 weights of {name} ({' '.join(str(exc).split())[:160]}); give torchvision's "
+            f"cannot read {path} as int8 weights of {name} ({one_line(exc, 160)}); give torchvision's "
             f"quantized state dict (quantized_{name})"
         ) from None
 

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .atomicio import TMP_PREFIX, atomic_path, commit, discard, temp_path
-from .errors import ImgsentError
+from .errors import ImgsentError, one_line
 
 FORMAT = "imgsent-store"
 FORMAT_VERSION = 1
@@ -489,7 +489,7 @@ def read_manifest(path: str) -> dict:
     except OSError as exc:
         raise ImgsentError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (ValueError, pa.ArrowException) as exc:
-        raise ImgsentError(f"{path} is not a valid manifest ({' '.join(str(exc).split())[:120]})") from None
+        raise ImgsentError(f"{path} is not a valid manifest ({one_line(exc, 120)})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ImgsentError(f"{path} is not an imgsent manifest")
     if not isinstance(m.get("format_version"), int) or m["format_version"] > FORMAT_VERSION:

@@ -12,8 +12,8 @@ import pyarrow as pa
 
 from .atomicio import commit, discard, temp_path
 from .errors import ImgsentError, OutputClosed
+from .options import OUTPUT_FORMATS as FORMATS
 
-FORMATS = ("parquet", "csv", "tsv", "jsonl")
 SCORES_KIND = "scores"  # the kind of a directory of score shards (feature stores are "features")
 EXTENSIONS = {
     ".parquet": "parquet",

@@ -26,6 +26,8 @@ import json
 import os
 import threading
 
+from .errors import one_line
+
 MAX_MEMBER_BYTES = 256 * 2**20  # a tar member or Parquet cell larger than this is refused (an error row)
 
 _held: dict[str, tuple] = {}  # per process: the last Parquet row group and Arrow table read, by kind
@@ -159,7 +161,7 @@ def _read_remote_file(path: str) -> bytes:
     except FileNotFoundError:
         raise SourceError(not_found(path)) from None
     except Exception as exc:
-        raise SourceError(f"cannot read {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}") from None
+        raise SourceError(f"cannot read {path}: {type(exc).__name__}: {one_line(exc, 160)}") from None
 
 
 def read_arrow_table(path: str):
@@ -182,7 +184,7 @@ def _read_arrow_cell(path: str, column: str, row: int) -> bytes:
         except FileNotFoundError:
             raise SourceError(f"Arrow file {path} not found (deleted or moved after listing?)") from None
         except Exception as exc:
-            raise SourceError(f"cannot read {path}: {' '.join(str(exc).split())[:160]}") from None
+            raise SourceError(f"cannot read {path}: {one_line(exc, 160)}") from None
 
     table = _cached("arrow", (path, _mtime(path)), load)
     if row >= table.num_rows:
@@ -221,7 +223,7 @@ def _row_group(path: str, column: str, row_group: int):
         except FileNotFoundError:
             raise SourceError(f"Parquet file {path} not found (deleted or moved after listing?)") from None
         except Exception as exc:
-            reason = " ".join(str(exc).split())[:160]
+            reason = one_line(exc, 160)
             raise SourceError(f"cannot read row group {row_group} of {path}: {reason}") from None
         return table.column(0).combine_chunks()
 
@@ -378,7 +380,7 @@ def fetch_url(url: str) -> bytes:
 
 
 def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:120]
+    return one_line(exc, 120)
 
 
 def _retry_reason(reason: BaseException | None, cfg: dict) -> str:

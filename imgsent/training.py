@@ -28,12 +28,12 @@ from .features import FeatureSet, load
 from .heads import HEADS, BlockNorm, create_head
 from .labels import LabelJoin, join_labels, labels_from_folders, map_labels, read_labels
 from .lanes import torch_threads
+from .options import HEAD_NAMES
 from .precision import HEAD_PRECISIONS
 from .report import FitProgress
 from .specs import file_record
 from .weights import atomic_save_safetensors
 
-HEAD_NAMES = ("nn", "moe", "moe1", "moe2")  # moe = moe1 unless a schedule is given
 # torch threads while a head trains: one. Its steps are small matrix products (batch 8 x 2,560 x
 # 200 for nn) that gain little from a pool and lose much when the cores are shared: OpenMP's
 # barrier waits for a core another process holds. bench/train_threads.py, 882 Twitter I images,

@@ -129,7 +129,7 @@ def _bytes_under(dirs: list[str]) -> int:
 
 def describe_failure(exc: BaseException) -> str:
     """A download's exception as one short clause; a timeout says so, and how to change the limit."""
-    text = " ".join(str(exc).split())[:160]
+    text = one_line(exc, 160)
     timed_out = isinstance(exc, TimeoutError) or "timed out" in text.lower() or "timeout" in type(exc).__name__.lower()
     if timed_out:
         return (
@@ -155,7 +155,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(path)
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        msg = " ".join(str(exc).split())[:200]
+        msg = one_line(exc, 200)
         raise ImgsentError(f"cannot read weights file {path}: {msg}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -78,3 +78,22 @@ def test_a_warm_score_path_is_torch_free_at_import():
         names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module.split(".")[0] for n in top if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module}
         assert not names & {"torch", "torchvision", "timm"}, name
+
+
+def test_every_environment_variable_is_in_one_table_and_reaches_ray_workers(monkeypatch):
+    import re
+
+    from imgsent.options import ENV
+
+    used = set()
+    for path in PACKAGE.glob("*.py"):
+        used |= set(re.findall(r"IMGSENT_[A-Z_]*[A-Z]", path.read_text()))
+    assert used - set(ENV) == set()
+    for name in ENV:
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("IMGSENT_SOMETHING_ELSE", "1")
+    from imgsent.distributed import forwarded_env
+
+    forwarded = forwarded_env()
+    assert {k for k, (_what, workers) in ENV.items() if workers} <= set(forwarded)
+    assert "IMGSENT_SOMETHING_ELSE" not in forwarded and "IMGSENT_DEBUG" not in forwarded
