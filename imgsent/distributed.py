@@ -41,7 +41,7 @@ from .engine import CUDA_BATCH_SIZE, FeatureEngine, default_workers, flag_nonfin
 from .errors import ImgsentError, ImgsentWarning
 from .inputs import ImageRef
 from .options import DEFAULT_BATCH_SIZE, RunOptions
-from .shards import Chunk, ShardTarget
+from .shards import Chunk, ShardTarget, WorkItem
 from .specs import map_files
 
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME")  # and imgsent's (options.ENV)
@@ -416,20 +416,19 @@ class RayEngine:
     def write_shards(
         self,
         refs: Sequence[ImageRef],
-        chunks: Sequence[Chunk],
+        items: Sequence[WorkItem],
         outputs: list[Output],
-        pending: list[set[int]],
         done: Callable[[dict, int], None],
         progress: Callable[[int], None],
     ) -> dict[str, str]:
-        """Workers write: each of ``chunks`` (rows ``refs[start:stop]``) becomes a finished shard in
-        every output of ``outputs`` whose ``pending`` set holds its index, written by a Ray worker.
+        """Workers write: each of ``items`` (its chunk's rows ``refs[start:stop]``) becomes a finished
+        shard in every output of ``outputs`` that lacks it (``item.lacking``), written by a Ray worker.
         ``done(result, rows_reported)`` gets each finished chunk's ``{index, entries, schemas,
         errors}`` (entries in the order of the outputs that lacked it); ``progress(rows)`` gets rows
         embedded meanwhile. Returns lines for the run summary (workers, lost workers)."""
-        if not chunks:
+        if not items:
             return {}
-        return _ShardPool(self, outputs).run(refs, chunks, pending, done, progress)
+        return _ShardPool(self, outputs).run(refs, items, done, progress)
 
     def worker_resources(self) -> dict[str, float]:
         """What each writing worker asks Ray for: ``gpus_per_worker`` GPUs and an even share of the
@@ -480,8 +479,10 @@ class _ShardPool:
         actor = self.actor_class.remote(*self.args)
         self.starting[actor.ready.remote()] = actor
 
-    def run(self, refs, chunks, pending, done, progress) -> dict[str, str]:
+    def run(self, refs, items, done, progress) -> dict[str, str]:
         ray = self.ray
+        chunks = [it.chunk for it in items]
+        lacking = {it.chunk.index: list(it.lacking) for it in items}
         queue = collections.deque(chunks)
         tries: collections.Counter = collections.Counter()
         shown: dict[int, int] = {}  # rows already reported per chunk
@@ -502,7 +503,7 @@ class _ShardPool:
                 for actor, queued in self.live.items():
                     while queue and len(queued) < DEPTH:
                         c = queue.popleft()
-                        which = [k for k, p in enumerate(pending) if c.index in p]
+                        which = lacking[c.index]
                         self.calls[actor.write.remote(list(refs[c.start : c.stop]), c, which)] = (actor, c)
                         queued.append(c)
                 if self.live:

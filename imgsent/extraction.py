@@ -16,7 +16,7 @@ from .features import DTYPES, KIND, SOURCE_COLUMN, describe_header_difference, f
 from .inputs import ImageRef, find_images, select_shard
 from .options import RunOptions, check_choice
 from .report import RunProgress, RunSummary
-from .shards import Chunk, ShardedWriter, plan_chunks
+from .shards import ShardedWriter, WorkItem, plan_job
 
 if TYPE_CHECKING:
     from .backbones import Backbone
@@ -90,13 +90,14 @@ class _WriterThread:
 
 
 class _ShardSinks:
-    """Routes a stream of batches into the shards of ``chunks``, in order: each batch's rows are
+    """Routes a stream of batches into the shards of the work ``items``, in order: each batch's rows are
     appended to every writer that lacks the current chunk, which is committed once full."""
 
-    def __init__(self, outputs, pending_by_writer, chunks: Sequence[Chunk]):
-        self.outputs, self.pending = outputs, pending_by_writer
-        self.chunks = iter(chunks)
-        self.chunk = next(self.chunks, None)
+    def __init__(self, outputs, items: Sequence[WorkItem]):
+        self.outputs = outputs
+        self.items = iter(items)
+        self.item = next(self.items, None)
+        self.chunk = self.item.chunk if self.item else None
         self.files: list = []
         self.filled = self.errors = 0
 
@@ -117,9 +118,7 @@ class _ShardSinks:
             part = batch if take == len(batch) else batch.slice(start, start + take)
             if not self.files:
                 self.files = [
-                    (w.open_shard(self.chunk), to_table)
-                    for (w, to_table), p in zip(self.outputs, self.pending)
-                    if self.chunk.index in p
+                    (self.outputs[k][0].open_shard(self.chunk), self.outputs[k][1]) for k in self.item.lacking
                 ]
             for f, to_table in self.files:
                 f.append(to_table(part))
@@ -130,7 +129,8 @@ class _ShardSinks:
                 for f, _ in self.files:
                     f.commit(errors=self.errors)
                 self.files, self.filled, self.errors = [], 0, 0
-                self.chunk = next(self.chunks, None)
+                self.item = next(self.items, None)
+                self.chunk = self.item.chunk if self.item else None
 
 
 def run_sharded(
@@ -151,29 +151,23 @@ def run_sharded(
     summary = RunSummary(output=output_name, total=len(refs))
     ids = [r.id for r in refs]
     with contextlib.ExitStack() as stack:
-        pending_by_writer = []
         for writer, _ in outputs:
             stack.enter_context(writer)
-            pending_by_writer.append({c.index for c in writer.plan(ids)[0]})
-        chunks = plan_chunks(len(refs), outputs[0][0].rows_per_shard if outputs else options.rows_per_shard)
-        if stream is not None or not outputs:
-            todo = chunks
-        else:
-            todo = [c for c in chunks if any(c.index in p for p in pending_by_writer)]
-        todo_set = {c.index for c in todo}
-        first = outputs[0][0] if outputs else None
-        skipped = [c for c in chunks if c.index not in todo_set]
+        writers = [w for w, _ in outputs]
+        items, skipped = plan_job(ids, writers, options.rows_per_shard, every=stream is not None)
+        todo = [it.chunk for it in items]
+        first = writers[0] if writers else None
         skipped_errors = sum(int(first.done[c.index].get("errors", 0)) for c in skipped) if first else 0
         summary.resumed = sum(c.stop - c.start for c in skipped)
         summary.errors = skipped_errors
-        sinks = stack.enter_context(_ShardSinks(outputs, pending_by_writer, todo))
+        sinks = stack.enter_context(_ShardSinks(outputs, items))
         writing = stack.enter_context(_WriterThread())  # left first: its write ends before sinks abort
 
         detail = f"backbones {', '.join(engine.keys)}"
         with RunProgress(len(refs), description, enabled=options.progress, detail=detail) as bar:
             bar.advance(summary.resumed, skipped_errors, resumed=True)
             if stream is None and outputs and hasattr(engine, "write_shards"):  # the workers write (Ray)
-                summary.details.update(_workers_write(engine, refs, todo, outputs, pending_by_writer, summary, bar))
+                summary.details.update(_workers_write(engine, refs, items, outputs, summary, bar))
             else:
                 todo_refs = [r for c in todo for r in refs[c.start : c.stop]]
                 for batch in engine.run(todo_refs, groups=[c.stop - c.start for c in todo]):
@@ -194,21 +188,22 @@ def run_sharded(
     return summary
 
 
-def _workers_write(engine, refs, todo: list[Chunk], outputs, pending_by_writer, summary: RunSummary, bar) -> dict:
-    """The chunks ``todo`` written by the engine's own workers (``engine.write_shards``); here only
+def _workers_write(engine, refs, items: list[WorkItem], outputs, summary: RunSummary, bar) -> dict:
+    """The work ``items`` written by the engine's own workers (``engine.write_shards``); here only
     their manifest entries are listed and the progress counted."""
-    sizes = {c.index: c.stop - c.start for c in todo}
+    by_index = {it.chunk.index: it for it in items}
 
     def done(result: dict, reported: int) -> None:
         index = result["index"]
-        writers = [w for (w, _), p in zip(outputs, pending_by_writer) if index in p]
+        item = by_index[index]
+        writers = [outputs[k][0] for k in item.lacking]
         for writer, entry, schema in zip(writers, result["entries"], result["schemas"]):
             writer.record_from_worker(index, entry, schema)
         summary.errors += result["errors"]
-        bar.advance(sizes[index] - reported, result["errors"])
+        bar.advance(item.chunk.stop - item.chunk.start - reported, result["errors"])
 
     targets = [(w.target, to_table) for w, to_table in outputs]
-    return engine.write_shards(refs, todo, targets, pending_by_writer, done, bar.advance)
+    return engine.write_shards(refs, items, targets, done, bar.advance)
 
 
 def extract(

@@ -248,6 +248,32 @@ class Chunk:
     stop: int
 
 
+@dataclass(frozen=True)
+class WorkItem:
+    """One chunk of a job and the outputs (their positions in the job's list) that lack its shard."""
+
+    chunk: Chunk
+    lacking: tuple[int, ...]
+
+
+def plan_job(
+    ids: list[str], writers: list[ShardedWriter], rows_per_shard: int, every: bool = False
+) -> tuple[list[WorkItem], list[Chunk]]:
+    """The one plan of a job over ``writers`` (each checks what it already holds: :meth:`ShardedWriter.plan`):
+    (work items: each chunk some writer lacks, or every chunk with ``every`` or no writer; the chunks
+    every writer already has). Both distributors run these items: the local loop and Ray's workers."""
+    lacking_by = [{c.index for c in w.plan(ids)[0]} for w in writers]
+    chunks = plan_chunks(len(ids), writers[0].rows_per_shard if writers else rows_per_shard)
+    items, skipped = [], []
+    for c in chunks:
+        lacking = tuple(k for k, held in enumerate(lacking_by) if c.index in held)
+        if lacking or every or not writers:
+            items.append(WorkItem(c, lacking))
+        else:
+            skipped.append(c)
+    return items, skipped
+
+
 def plan_chunks(n_rows: int, rows_per_shard: int) -> list[Chunk]:
     """Consecutive row ranges of at most ``rows_per_shard``: shard k holds rows [k*S, (k+1)*S)."""
     return [

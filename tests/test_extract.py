@@ -258,9 +258,11 @@ def test_shards_a_worker_wrote_where_the_driver_cannot_see_them_are_refused(imag
             self.keys, self.numerics, self.decoder = self.local.keys, self.local.numerics, self.local.decoder
             self.runtime_record = self.local.runtime_record
 
-        def write_shards(self, refs, chunks, outputs, pending, done, progress):
-            for c in chunks:
-                files = [(ShardTarget(str(tmp_path / "worker-disk"), t.shard).open(c), f) for t, f in outputs]
+        def write_shards(self, refs, items, outputs, done, progress):
+            for item in items:
+                c = item.chunk
+                mine = [outputs[k] for k in item.lacking]
+                files = [(ShardTarget(str(tmp_path / "worker-disk"), t.shard).open(c), f) for t, f in mine]
                 for batch in self.local.run(refs[c.start : c.stop], groups=[c.stop - c.start]):
                     for f, to_table in files:
                         f.append(to_table(batch))

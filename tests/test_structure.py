@@ -97,3 +97,10 @@ def test_every_environment_variable_is_in_one_table_and_reaches_ray_workers(monk
     forwarded = forwarded_env()
     assert {k for k, (_what, workers) in ENV.items() if workers} <= set(forwarded)
     assert "IMGSENT_SOMETHING_ELSE" not in forwarded and "IMGSENT_DEBUG" not in forwarded
+
+
+def test_the_reference_lists_every_environment_variable():
+    from imgsent.options import ENV
+
+    reference = (PACKAGE / "REFERENCE.md").read_text()
+    assert [name for name in ENV if f"| `{name}` |" not in reference] == []
