@@ -192,3 +192,36 @@ def decoded_batch(items, features: dict[str, np.ndarray], failed: dict[int, str]
         sources=[it.ref.source for it in items] if any(it.ref.source for it in items) else [],
     )
     return flag_nonfinite(mark_failed(out, failed))
+
+
+class FailureCount:
+    """Per backbone of an engine: the images it embedded and those it failed on, counted across
+    lanes. A backbone that has failed on each of the first images of a run (``FAILING_VIEW``, or all
+    of a shorter run) is broken, not the images: :meth:`add` stops the run with one line."""
+
+    def __init__(self, backbones: int):
+        import threading
+
+        self._lock = threading.Lock()
+        self._counts = [[0, 0] for _ in range(backbones)]
+        self.stop_after = FAILING_VIEW
+
+    def begin(self, images: int) -> None:
+        """A run of ``images`` starts."""
+        self.stop_after = min(FAILING_VIEW, images)
+
+    def add(self, index: int, key: str, images: int, failed: dict[int, str]) -> None:
+        """Backbone ``index`` (``key``) got ``images`` and ``failed`` on these (row -> reason)."""
+        from .errors import ImgsentError
+
+        with self._lock:
+            done = self._counts[index]
+            done[0] += images - len(failed)
+            done[1] += len(failed)
+            broken = done[0] == 0 and done[1] >= self.stop_after
+            failures = done[1]
+        if broken:
+            raise ImgsentError(
+                f"backbone {key} failed on each of the first {failures} images, so it cannot run here; stopped "
+                f"(finished shards are kept). First error: {next(iter(failed.values())).split(': ', 1)[1]}"
+            )

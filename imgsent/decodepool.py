@@ -25,13 +25,17 @@ def default_workers(cuda: bool = False, cores: int | None = None) -> int:
     """Decoding processes: one per core beyond the first (the main process runs the models); on a
     CPU at most 8 (the models need the cores too), on a GPU host every core but one (decoding is
     what feeds the card). ``cores``: the cores the engine may use (default: this process's)."""
-    if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
+    cores = available_cores() if cores is None else cores
     cap = 64 if cuda else 8
     return max(1, min(cap, cores - 1)) if cores > 1 else 0
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _single_threaded() -> None:
@@ -87,10 +91,6 @@ def _decode_batch(indices: list[int]) -> list[DecodedImage]:
     return _job(indices)
 
 
-def _init() -> None:
-    _single_threaded()
-
-
 def decoded_batches(
     decode_batch: Callable[[list[int]], list[DecodedImage]],
     decode_one: Callable[[int], DecodedImage],
@@ -112,7 +112,7 @@ def decoded_batches(
     _job = decode_batch  # the forked processes inherit it
     done = 0
     while done < len(batches):
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init)
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_single_threaded)
         pending: deque = deque()
         todo = iter(range(done, len(batches)))
         try:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Backbone
-from .batches import FAILING_VIEW, FeatureBatch, decoded_batch, flag_nonfinite, group_batches, mark_failed  # noqa: F401  (flag_nonfinite, mark_failed: imported from here too)
+from .batches import FailureCount, FeatureBatch, decoded_batch, flag_nonfinite, group_batches, mark_failed  # noqa: F401  (flag_nonfinite, mark_failed: imported from here too)
 from .compiled import (
     WARMUP_CALLS,
     drop_graph,
@@ -238,8 +238,7 @@ class FeatureEngine:
             self.decoder = backend(self.device.type)
         self.device_decoded = [0, 0]  # JPEGs decoded on the device, and those it refused (then Pillow)
         self._count_lock = threading.Lock()
-        self._outcomes = [[0, 0] for _ in self.backbones]  # per backbone: images it embedded, images it failed on
-        self._stop_after = FAILING_VIEW
+        self._failures = FailureCount(len(self.backbones))
         self._devices: list[torch.device] = []
         self._norms: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._modules: list[torch.nn.Module] = [bb.module for bb in self.backbones]  # replaced by prepare()
@@ -522,7 +521,7 @@ class FeatureEngine:
         if not refs:
             return
         batches = group_batches(len(refs), groups, self.batch_size)
-        self._stop_after = min(FAILING_VIEW, len(refs))
+        self._failures.begin(len(refs))
         if self._torch_free is not None:
             self._torch_free.begin(len(refs), len(batches))
         dataset = self.dataset(refs)
@@ -618,16 +617,7 @@ class FeatureEngine:
                     failed[j] = f"{bb.key} failed on this image: {last_line(exc)}"
                     rows.append(torch.full((1, bb.dim), float("nan"), device=self._devices[index]))
             out = torch.cat(rows)
-        with self._count_lock:
-            done = self._outcomes[index]
-            done[0] += len(pixels) - len(failed)
-            done[1] += len(failed)
-            broken = done[0] == 0 and done[1] >= self._stop_after
-        if broken:
-            raise ImgsentError(
-                f"backbone {bb.key} failed on each of the first {done[1]} images, so it cannot run here; stopped "
-                f"(finished shards are kept). First error: {next(iter(failed.values())).split(': ', 1)[1]}"
-            )
+        self._failures.add(index, bb.key, len(pixels), failed)
         return out, failed
 
     def _views(self, batch: _CollatedBatch) -> tuple[dict[tuple, torch.Tensor], list[int]]:

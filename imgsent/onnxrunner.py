@@ -30,6 +30,7 @@ import torch
 from . import __version__
 from .errors import ImgsentError, one_line
 from .options import RUNTIMES  # noqa: F401  (auto, torch, onnx)
+from .ortengine import session as _session
 from .weights import cache_dir
 
 OPSET = 17
@@ -143,12 +144,6 @@ class OrtRunner(torch.nn.Module):
 
     def numpy(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self._input: np.ascontiguousarray(x, dtype=np.float32)})[0]
-
-
-def _session(path: str):
-    from .ortengine import session
-
-    return session(path)
 
 
 class _Output(torch.nn.Module):

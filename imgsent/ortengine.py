@@ -32,8 +32,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from .batches import FAILING_VIEW, FeatureBatch, decoded_batch, group_batches
+from .batches import FailureCount, FeatureBatch, decoded_batch, group_batches
 from .decode import Preprocess, decode_refs
+from .decodepool import available_cores
 from .errors import ImgsentError, last_line
 from .inputs import ImageRef
 from .lanes import remembered
@@ -414,9 +415,8 @@ class OrtEngine:
         for e in self.entries:
             if "detector" in e:
                 self.detectors.setdefault(e["detector"]["graph"]["file"], FaceDetector(e["detector"]))
-        self.lanes = lanes or _cores()
-        self._outcomes = [[0, 0] for _ in self.entries]
-        self._stop_after = FAILING_VIEW
+        self.lanes = lanes or available_cores()
+        self._failures = FailureCount(len(self.entries))
         self._side_by_side = False
 
     @property
@@ -459,7 +459,7 @@ class OrtEngine:
     def begin(self, images: int, batches: int) -> None:
         """A run of ``images`` in ``batches`` starts: a backbone failing on each of its first
         min(8, images) images stops it; a run of one batch embeds its backbones side by side."""
-        self._stop_after = min(FAILING_VIEW, images)
+        self._failures.begin(images)
         self._side_by_side = batches == 1 and self.lanes > 1
 
     def _embed_decoded(self, items) -> FeatureBatch:
@@ -511,31 +511,21 @@ class OrtEngine:
         key = self.entries[index]["key"]
         try:
             out, failed = self.embed(index, pixels), {}
+        except ImgsentError:
+            raise
         except Exception:
             rows, failed = [], {}
             for j in range(len(pixels)):
                 try:
                     rows.append(self.embed(index, pixels[j : j + 1]))
+                except ImgsentError:
+                    raise
                 except Exception as exc:
                     failed[j] = f"{key} failed on this image: {last_line(exc)}"
                     rows.append(np.full((1, int(self.entries[index]["dim"])), np.nan, dtype=np.float32))
             out = np.concatenate(rows)
-        done = self._outcomes[index]
-        done[0] += len(pixels) - len(failed)
-        done[1] += len(failed)
-        if done[0] == 0 and done[1] >= self._stop_after:
-            raise ImgsentError(
-                f"backbone {key} failed on each of the first {done[1]} images, so it cannot run here; stopped "
-                f"(finished shards are kept). First error: {next(iter(failed.values())).split(': ', 1)[1]}"
-            )
+        self._failures.add(index, key, len(pixels), failed)
         return out, failed
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _default_batch_size() -> int:
@@ -578,10 +568,6 @@ def light_engine(model: str | None, options, *, needs_torch: str | None = None):
         model_name(model), model_np.version(), model_np.blocks, model_np.bundle.recipes, tta, CPU_MODEL_BATCH
     )
     plan = read_plan(key)
-    if plan is None or [e["key"] for e in plan["backbones"]] != [k for k, _ in _recipe_keys(model_np)]:
+    if plan is None or [e["key"] for e in plan["backbones"]] != [r["key"] for r in model_np.recipes]:
         return None
     return model_np, OrtEngine(plan, o)
-
-
-def _recipe_keys(model_np) -> list[tuple[str, dict]]:
-    return [(r["key"], r) for r in model_np.bundle.recipes]

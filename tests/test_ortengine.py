@@ -294,3 +294,19 @@ def test_a_dying_decoder_process_is_survived_without_torch_too(tmp_path, monkeyp
     assert (
         good["p_positive"].to_list() == first.filter(pl.col("id").is_in(good["id"].to_list()))["p_positive"].to_list()
     )
+
+
+def test_a_network_failing_on_every_image_stops_the_run_without_torch_too(tmp_path, monkeypatch):
+    """The same rule and line as the torch engine (batches.FailureCount): broken, not the images."""
+    from imgsent.errors import ImgsentError
+
+    images = tmp_path / "imgs"
+    write_images(images, 4)
+    imgsent.score([str(images)], str(tmp_path / "first.parquet"), workers=0, progress=False)  # writes the plan
+
+    def broken(self, x, pp, detections=None):
+        raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(ortengine._Network, "__call__", broken)
+    with pytest.raises(ImgsentError, match="failed on each of the first 4 images.*no kernel for this"):
+        imgsent.score([str(images)], str(tmp_path / "s.parquet"), workers=0, progress=False)
