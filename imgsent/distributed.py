@@ -35,9 +35,10 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from .backbones import Backbone, create_backbone, fingerprints_match
-from .batches import FeatureBatch, ScoredBatch
+from .batches import FeatureBatch, ScoredBatch, flag_nonfinite, mark_failed
 from .decode import Preprocess, crop_count, decode_refs
-from .engine import CUDA_BATCH_SIZE, FeatureEngine, default_workers, flag_nonfinite, mark_failed, select_device
+from .engine import FeatureEngine
+from .engineplan import CUDA_BATCH_SIZE, default_workers, select_device
 from .errors import ImgsentError, ImgsentWarning
 from .inputs import ImageRef
 from .options import DEFAULT_BATCH_SIZE, RunOptions
@@ -317,7 +318,7 @@ class RayEngine:
         self.decoder = None  # decode="device" runs with the local engine only
         self.numerics = resolve_actor_numerics(opts.precision, on_gpu, lambda: self._card_numerics(opts))
         self.batch_size = opts.batch_size or (CUDA_BATCH_SIZE if on_gpu else DEFAULT_BATCH_SIZE)
-        # The same rule as a local engine's (FeatureEngine._plan_runtimes), decided here so that the
+        # The same rule as a local engine's (runners.prepare), decided here so that the
         # store's header can say it: the actors then run "onnx", where an export that fails stops
         # the run instead of leaving one actor on torch.
         self.onnx_keys = self._onnx_keys(opts, on_gpu or device.startswith("mps"))

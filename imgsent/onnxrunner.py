@@ -31,7 +31,10 @@ from . import __version__
 from .errors import ImgsentError, one_line
 from .options import RUNTIMES  # noqa: F401  (auto, torch, onnx)
 from .ortengine import session as _session
+from .runners import Runner
 from .weights import cache_dir
+
+NAME = "onnx"  # this runtime's name in --runtime and in store headers (imgsent.runners.RUNTIMES)
 
 OPSET = 17
 COSINE_MIN = 0.9999
@@ -93,6 +96,33 @@ def applies(runtime: str, on_cpu: bool, compiled: bool, numerics: str) -> bool:
             raise ImgsentError("--runtime onnx needs the onnxruntime package: pip install onnxruntime")
         return False
     return True
+
+
+def applies_to(plan) -> bool:
+    """Whether an engine with ``plan`` (:class:`~imgsent.engineplan.EnginePlan`) runs anything on
+    ONNX Runtime: :func:`applies`, and not with ``optimize="none"`` (eager torch asked for)."""
+    on_cpu = plan.torch_device.type == "cpu"
+    return applies(plan.runtime, on_cpu, plan.compile, plan.numerics) and plan.optimize != "none"
+
+
+class OnnxRunner(Runner):
+    """A backbone on ONNX Runtime in an engine (:mod:`imgsent.runners`): its network's graph
+    (:func:`prepare`), or a detector view whose exportable parts run there (:func:`prepare_view`;
+    the view loops over its images itself, so its passes are not padded). Made, exported and
+    checked at construction, so that an engine knows each backbone's runtime before it runs."""
+
+    runtime = NAME
+
+    def __init__(self, bb, plan, module: torch.nn.Module):
+        super().__init__(bb, plan, module, torch.device("cpu"))
+        self.fixed_shape = bb.optimizable  # NCHW passes: ONNX Runtime takes contiguous arrays
+
+
+def runner(bb, plan) -> OnnxRunner | None:
+    """The engine runner of ``bb`` on ONNX Runtime for ``plan``'s passes; None for a detector view
+    none of whose parts exports. Raises :class:`ImgsentError` with one line when it cannot be made."""
+    module = runner_for(bb, plan.model_batch)
+    return None if module is None else OnnxRunner(bb, plan, module)
 
 
 def runner_for(bb, batch: int) -> torch.nn.Module | None:
@@ -330,16 +360,16 @@ def version() -> str:
     return f"onnxruntime {onnxruntime.__version__}"
 
 
-def plan_entries(engine) -> list[dict] | None:
-    """What :mod:`imgsent.ortengine` needs to run ``engine``'s backbones (a
-    :class:`~imgsent.engine.FeatureEngine` whose runners are made) without torch, or None when
-    one of them needs torch: a network not on ONNX Runtime, a detector other than the shipped
-    face detectors, or a detector view with a part left on torch."""
+def plan_entries(runners: list[Runner]) -> list[dict] | None:
+    """What :mod:`imgsent.ortengine` needs to run an engine's backbones (its ``runners``) without
+    torch, or None when one of them needs torch: a network not on ONNX Runtime, a detector other
+    than the shipped face detectors, or a detector view with a part left on torch."""
     from .faces import RFBFaceDetector
 
     entries = []
-    for bb, module, runtime in zip(engine.backbones, engine._modules, engine.runtimes):
-        if runtime != "onnx":
+    for r in runners:
+        bb, module = r.backbone, r.module
+        if r.runtime != NAME:
             return None
         entry = {
             "key": bb.key,

@@ -158,7 +158,7 @@ class ScoreTableBuilder:
 def _model_engine(sentiment, model: str | None, weights, models, opts: RunOptions, *, head: bool):
     """(options, backbones, engine) that compute ``sentiment``'s features as its recipe says: its
     TTA, and (unless the user asks otherwise) the numerics its training features had."""
-    from .engine import frozen_cpu_batch
+    from .engineplan import frozen_cpu_batch
     from .models import model_backbones, model_path, packaged_name
 
     precision = sentiment.numerics if opts.precision == "auto" else opts.precision
@@ -339,7 +339,7 @@ def _record_plan(engine, sentiment, builder: ScoreTableBuilder, model: str | Non
     key = ortengine.plan_key(builder.name, builder.version, sentiment.blocks, sentiment.recipes, tta, CPU_MODEL_BATCH)
     if ortengine.read_plan(key) is not None:
         return
-    entries = onnxrunner.plan_entries(engine)
+    entries = onnxrunner.plan_entries(engine.runners)
     if entries is not None and [e["key"] for e in entries] == [r["key"] for r in sentiment.recipes]:
         ortengine.write_plan(key, entries, tta, CPU_MODEL_BATCH)
 

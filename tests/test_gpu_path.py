@@ -137,7 +137,7 @@ class _Fails(torch.nn.Module):
 
 
 def test_torchscript_backbones_are_checked_on_their_device():
-    from imgsent.engine import _check_on_device
+    from imgsent.runners import check_on_device as _check_on_device
 
     bb = _scripted_backbone(_Mean(), 3)
     _check_on_device(bb, bb.module, torch.device("cpu"), channels_last=True)

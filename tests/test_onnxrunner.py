@@ -83,14 +83,14 @@ def test_the_face_views_run_their_networks_there():
     assert all(onnxrunner.runs_there(v) for v in views)
     engine = FeatureEngine(views, device="cpu", workers=0)
     assert engine.runtimes == ["onnx", "onnx"]
-    regions = engine._modules[1]
+    regions = engine.runners[1].module
     assert isinstance(regions.inner, onnxrunner.OrtRunner) and regions.detector.module.network is not None
     assert views[1].module.detector.module.network is None  # the caller's view is not changed
     detector = views[0].module.detector.module
     x = torch.rand(1, 3, 240, 320) * 2 - 1
     with torch.inference_mode():
         want = detector.raw(x)
-    got = engine._modules[0].detector.module.network(x)
+    got = engine.runners[0].module.detector.module.network(x)
     for g, w in zip(got, want):  # face probabilities and boxes: what NMS and the views then take as torch's
         assert torch.allclose(g, w, atol=1e-5)
 
