@@ -1,41 +1,32 @@
-"""The extraction engine: image references in, feature batches out.
+"""The extraction engine: image references in, feature batches out; the loop that joins the stages.
 
-A DataLoader's worker processes decode each image once (:func:`~imgsent.decode.decode_image`) and
-cut the uint8 views every backbone needs (shared between backbones with the same preprocessing);
-with ``decode="device"`` they read JPEGs' bytes only, and the main process decodes each batch of
-them on the device (:mod:`~imgsent.devicedecode`; nvJPEG on CUDA), other files as before.
-The main process moves uint8 batches to the device (pinned memory, ``non_blocking``), normalises
-there, and runs every backbone under ``inference_mode`` (AMP and channels_last on CUDA).
-Bad images become rows with ``status="error"``; they never stop the run.
+Each batch is decoded once for every backbone by :mod:`~imgsent.loader`'s processes (with
+``decode="device"`` they read JPEGs' bytes only, and this process decodes each batch of them on
+the device: :mod:`~imgsent.devicedecode`), its uint8 views cross to each device once, and each
+backbone's runner (:mod:`~imgsent.runners`, chosen once: torch, ONNX Runtime...) embeds them under
+the engine's plan (:mod:`~imgsent.engineplan`). A backbone that raises on a batch is retried image
+by image; bad images become rows with ``status="error"``; they never stop the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import shutil
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from . import runners
 from .backbones import Backbone
 from .batches import FailureCount, FeatureBatch, decoded_batch, flag_nonfinite, group_batches, mark_failed  # noqa: F401  (flag_nonfinite, mark_failed: imported from here too)
 from .decode import (
     DEVICE_INTERPOLATIONS,
-    DecodedImage,
-    Preprocess,
     crop_count,
     decode_ref,
-    decode_refs,
-    read_jpeg,
 )
-from .decodepool import PREFETCH
 from .engineplan import (  # noqa: F401  (CUDA_BATCH_SIZE, default_workers, frozen_cpu_batch, select_device: imported from here too)
     CUDA_BATCH_SIZE,
     EnginePlan,
@@ -47,99 +38,17 @@ from .engineplan import (  # noqa: F401  (CUDA_BATCH_SIZE, default_workers, froz
 from .errors import ImgsentError, last_line
 from .inputs import ImageRef
 from .lanes import ahead, in_lanes
+from .loader import (  # noqa: F401  (check_shared_memory, prefetch_for: imported from here too)
+    CollatedBatch,
+    ImageDataset,
+    check_shared_memory,
+    collate,
+    decoded_batches,
+    make_loader,
+    prefetch_for,
+)
 from .options import RunOptions
 from .runners import Runner
-
-DEVICE_PREFETCH = 2  # the same when they only read JPEG files (decode="device"): reading is quick
-JPEG_BYTES = 512 * 1024  # shared memory assumed per JPEG handed over whole (decode="device")
-
-
-class ImageDataset(Dataset):
-    """The decode step as a map-style dataset: item ``i`` is ``refs[i]`` decoded into the views
-    of every distinct preprocessing (:func:`~imgsent.decode.decode_ref`); with ``decode="device"``
-    a plain JPEG's bytes instead (:func:`~imgsent.decode.read_jpeg`), decoded later on the device."""
-
-    def __init__(
-        self,
-        refs: Sequence[ImageRef],
-        preprocesses: list[Preprocess],
-        tta: str,
-        max_pixels: int,
-        decode: str = "workers",
-        keep_images: str | None = None,
-    ):
-        self.refs = list(refs)
-        self.keep_images = keep_images
-        self.preprocesses = preprocesses
-        self.tta = tta
-        self.max_pixels = max_pixels
-        self.decode = decode
-
-    def __len__(self) -> int:
-        return len(self.refs)
-
-    def __getitems__(self, indices: list[int]) -> list[DecodedImage]:
-        """A whole batch (the DataLoader asks so): URLs in it download side by side."""
-        if self.decode == "device" or not any(self.refs[i].source for i in indices):
-            return [self[i] for i in indices]
-        refs = [self.refs[i] for i in indices]
-        return decode_refs(refs, self.preprocesses, self.tta, self.max_pixels, self.keep_images)
-
-    def __getitem__(self, index: int) -> DecodedImage:
-        if self.decode == "device":
-            encoded = read_jpeg(self.refs[index], self.max_pixels)
-            if encoded is not None:
-                return encoded
-        return decode_ref(self.refs[index], self.preprocesses, self.tta, self.max_pixels)
-
-
-@dataclasses.dataclass
-class _CollatedBatch:
-    items: list[DecodedImage]
-    views: dict[tuple, torch.Tensor]  # key -> uint8 (n_decoded, n_crops, 3, H, W), the rows decoded by Pillow
-    jpeg_pos: list[int] = dataclasses.field(default_factory=list)  # rows left for the device to decode
-    jpeg_bytes: torch.Tensor | None = None  # their files' bytes, end to end (one shared-memory block)
-    jpeg_sizes: list[int] = dataclasses.field(default_factory=list)
-
-    def pin_memory(self):
-        self.views = {k: v.pin_memory() for k, v in self.views.items()}
-        return self
-
-
-def _collate(items: list[DecodedImage]) -> _CollatedBatch:
-    """Stack the views of the rows Pillow decoded; the bytes of JPEGs left for the device go end
-    to end into one tensor (a decoding process hands it over in shared memory, not pickled)."""
-    ok = [it for it in items if it.status == "ok" and it.views is not None]
-    views: dict[tuple, torch.Tensor] = {}
-    if ok:
-        for key in ok[0].views:
-            views[key] = torch.from_numpy(np.stack([it.views[key] for it in ok]))
-    jpeg_pos = [i for i, it in enumerate(items) if it.jpeg is not None]
-    blob = torch.from_numpy(np.concatenate([items[i].jpeg for i in jpeg_pos])) if jpeg_pos else None
-    sizes = [len(items[i].jpeg) for i in jpeg_pos]
-    for it in items:
-        it.views = it.jpeg = None  # pixels and bytes travel once, in the tensors
-    return _CollatedBatch(items, views, jpeg_pos, blob, sizes)
-
-
-def _isolated_decode(dataset: ImageDataset, indices: list[int]) -> list[DecodedImage]:
-    """Decode ``indices`` one by one in a forked process (:func:`imgsent.decodepool.decode_isolated`)."""
-    from .decodepool import decode_isolated
-
-    return decode_isolated(dataset.__getitem__, dataset.refs, indices)
-
-
-def _worker_init(_worker_id: int) -> None:
-    torch.set_num_threads(1)
-    sys.excepthook = _quiet_lost_parent
-
-
-def _quiet_lost_parent(exc_type, exc, tb) -> None:
-    """In a decoding process: when the main process ends (Ctrl-C, SIGTERM), the thread that hands
-    it shared-memory batches (multiprocessing's resource sharer, which reports through
-    ``sys.excepthook``) loses its connection; that is no error worth a traceback."""
-    if not issubclass(exc_type, (ConnectionError, EOFError)):
-        sys.__excepthook__(exc_type, exc, tb)
 
 
 class FeatureEngine:
@@ -305,18 +214,8 @@ class FeatureEngine:
 
     def loader(self, dataset: ImageDataset, batches: list[list[int]]) -> DataLoader:
         """Decoding processes (``workers``) turning index batches of ``dataset`` into collated
-        uint8 batches (pinned on CUDA)."""
-        kwargs = {}
-        if self.workers > 0:
-            kwargs = {"worker_init_fn": _worker_init, "prefetch_factor": self._prefetch, "persistent_workers": False}
-        return DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=self.workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-            **kwargs,
-        )
+        uint8 batches (pinned on CUDA): :func:`imgsent.loader.make_loader`."""
+        return make_loader(dataset, batches, self.workers, self._prefetch, self.device.type == "cuda")
 
     def embed(self, index: int, pixels: torch.Tensor) -> torch.Tensor:
         """Backbone ``index`` on uint8 (n, crops, 3, H, W) -> float32 (n, D), averaged over crops
@@ -345,7 +244,9 @@ class FeatureEngine:
         )
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             # the chosen card is current while loaders pin memory and kernels launch (cuda:N)
-            decoded = self._decoded(dataset, batches)
+            decoded = decoded_batches(
+                dataset, batches, self.workers, self._prefetch, self.device.type == "cuda", started=self.prepare
+            )
             if self.overlap:
                 yield from map(self._embed, ahead(self._stage, decoded, context=self._staging))
             else:
@@ -359,26 +260,6 @@ class FeatureEngine:
         stack.enter_context(torch.cuda.device(self.device))
         stack.enter_context(torch.cuda.stream(torch.cuda.Stream(self.device)))
         return stack
-
-    def _decoded(self, dataset: ImageDataset, batches: list[list[int]]) -> Iterator[_CollatedBatch]:
-        received = 0
-        while received < len(batches):
-            loader = iter(self.loader(dataset, batches[received:]))  # decoding processes start
-            self.prepare()
-            try:
-                for batch in loader:
-                    received += 1
-                    yield batch
-            except RuntimeError as exc:
-                if self.workers == 0 or "DataLoader worker" not in str(exc):
-                    raise
-                # Unregister the dead loader's workers first: torch's SIGCHLD handler would
-                # otherwise raise again, anywhere, when the next child process exits.
-                getattr(loader, "_shutdown_workers", lambda: None)()
-                in_flight = batches[received : received + self.workers * self._prefetch + 1]
-                for indices in in_flight:
-                    received += 1
-                    yield _collate(_isolated_decode(dataset, indices))
 
     def embed_views(
         self, views: dict[tuple, torch.Tensor], ok_pos: list[int], n: int
@@ -437,7 +318,7 @@ class FeatureEngine:
         self._failures.add(index, bb.key, len(pixels), failed)
         return out, failed
 
-    def _views(self, batch: _CollatedBatch) -> tuple[dict[tuple, torch.Tensor], list[int]]:
+    def _views(self, batch: CollatedBatch) -> tuple[dict[tuple, torch.Tensor], list[int]]:
         """The batch's views (rows of its good images, in order) and those rows' positions. JPEGs
         left for the device are decoded there now, together; one the device refuses is decoded
         by Pillow here (and becomes an error row with Pillow's reason if that fails too)."""
@@ -459,7 +340,7 @@ class FeatureEngine:
         for p in refused:
             items[p] = decode_ref(items[p].ref, preprocesses, self.tta, self.max_pixels)
         redone = [p for p in refused if items[p].status == "ok"]
-        redone_views = _collate([items[p] for p in redone]).views
+        redone_views = collate([items[p] for p in redone]).views
         with self._count_lock:
             self.device_decoded[0] += len(device_pos)
             self.device_decoded[1] += len(refused)
@@ -477,12 +358,12 @@ class FeatureEngine:
             views[pp.view_key] = x
         return views, ok_pos
 
-    def _features(self, batch: _CollatedBatch) -> FeatureBatch:
+    def _features(self, batch: CollatedBatch) -> FeatureBatch:
         if self._torch_free is not None:  # every backbone on ONNX Runtime: the same code as a run without torch
             return self._torch_free.embed_items(batch.items, {k: v.numpy() for k, v in batch.views.items()})
         return self._embed(self._stage(batch))
 
-    def _stage(self, batch: _CollatedBatch) -> _Staged:
+    def _stage(self, batch: CollatedBatch) -> _Staged:
         """A batch's views on the device (decoded there, or copied over). On a CUDA side stream
         (overlap), an event marks when they are ready."""
         views, ok_pos = self._views(batch)
@@ -515,39 +396,7 @@ class _Staged:
     """A batch ready for the models: its views (on the device), the rows they are, and (on a CUDA
     side stream) the event that says the views are there."""
 
-    batch: _CollatedBatch
+    batch: CollatedBatch
     views: dict[tuple, torch.Tensor]
     ok_pos: list[int]
     ready: torch.cuda.Event | None
-
-
-def prefetch_for(decode: str) -> int:
-    """Batches each decoding process works ahead: fewer when it only reads JPEG files."""
-    return DEVICE_PREFETCH if decode == "device" else PREFETCH
-
-
-SHM = "/dev/shm"
-
-
-def check_shared_memory(
-    workers: int, batch_size: int, preprocesses: list[Preprocess], tta: str, decode: str = "workers"
-) -> None:
-    """Decoding processes hand batches over in shared memory (``/dev/shm``); containers give it
-    64 MB by default. Fail at once, saying what to change, when the batches in flight cannot fit.
-    With ``decode="device"`` they hand over whole JPEG files, assumed :data:`JPEG_BYTES` each (a
-    tweet photo is 0.1-0.3 MB, a 12-megapixel camera photo 3-5 MB)."""
-    if workers < 1 or not os.path.isdir(SHM):
-        return
-    crops = crop_count(tta)
-    views = {pp.view_key: pp.input_size for pp in preprocesses}
-    per_image = crops * sum(3 * h * w for h, w in views.values())
-    if decode == "device":
-        per_image = max(per_image, JPEG_BYTES)
-    need = 2 * batch_size * per_image * workers * prefetch_for(decode)  # batches in flight, and room to hand them over
-    free = shutil.disk_usage(SHM).free
-    if free < need:
-        raise ImgsentError(
-            f"{SHM} has {free / 2**20:.0f} MB free, but {workers} decoding processes with batches of {batch_size} "
-            f"need about {need / 2**20:.0f} MB there; give the container more shared memory (docker run "
-            f"--shm-size=2g), or lower workers or batch_size (workers=0 decodes in this process)"
-        )

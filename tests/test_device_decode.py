@@ -234,7 +234,7 @@ def test_device_decoding_works_group_by_group(mixed, monkeypatch):
 def test_shared_memory_check_counts_whole_jpegs_for_device_decoding(monkeypatch):
     import collections
 
-    from imgsent import engine
+    from imgsent import loader as engine
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: usage(64 << 20, 54 << 20, 10 << 20))

@@ -95,7 +95,7 @@ def test_device_choices(monkeypatch):
 
 
 def test_decoding_uses_every_core_of_a_gpu_host(monkeypatch):
-    monkeypatch.setattr(imgsent.engine.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(imgsent.decodepool.os, "sched_getaffinity", lambda pid: set(range(16)))
     assert imgsent.engine.default_workers(torch.device("cuda", 0)) == 15
     assert imgsent.engine.default_workers(torch.device("cpu")) == 8
 
@@ -212,8 +212,8 @@ def test_too_little_shared_memory_fails_at_once(images, tmp_path, monkeypatch):
     import collections
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(imgsent.engine.shutil, "disk_usage", lambda p: usage(64 << 20, 63 << 20, 1 << 20))
-    monkeypatch.setattr(imgsent.engine.os.path, "isdir", lambda p: True)
+    monkeypatch.setattr(imgsent.loader.shutil, "disk_usage", lambda p: usage(64 << 20, 63 << 20, 1 << 20))
+    monkeypatch.setattr(imgsent.loader.os.path, "isdir", lambda p: True)
     with pytest.raises(ImgsentError, match="shm-size"):
         imgsent.extract([str(images)], str(tmp_path / "s"), backbones=[TINY], random_weights=True, workers=2)
     imgsent.extract([str(images)], str(tmp_path / "s"), backbones=[TINY], random_weights=True, workers=0)
