@@ -41,7 +41,6 @@ _imgsent() {
         evaluate:--label-column) COMPREPLY=(); return ;;
         extract:--out|extract:-o) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         extract:--backbones|extract:-B) COMPREPLY=(); return ;;
-        extract:--tta) COMPREPLY=( $(compgen -W "none flip crops flip+crops" -- "$cur") ); return ;;
         extract:--dtype) COMPREPLY=( $(compgen -W "float32 float16" -- "$cur") ); return ;;
         extract:--device) COMPREPLY=( $(compgen -W "auto cpu cuda mps cuda:0 cuda:1" -- "$cur") ); return ;;
         extract:--precision) COMPREPLY=( $(compgen -W "auto fp32 tf32 bf16 fp16 int8" -- "$cur") ); return ;;
@@ -59,6 +58,7 @@ _imgsent() {
         extract:--ray-address) COMPREPLY=(); return ;;
         extract:--ray-workers) COMPREPLY=(); return ;;
         extract:--gpus-per-worker) COMPREPLY=(); return ;;
+        extract:--tta) COMPREPLY=( $(compgen -W "none flip crops flip+crops" -- "$cur") ); return ;;
         label:--out|label:-o) COMPREPLY=(); return ;;
         label:--features) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         label:--model|label:-m) COMPREPLY=(); return ;;
@@ -98,7 +98,6 @@ _imgsent() {
         score:--weights) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         score:--format) COMPREPLY=( $(compgen -W "parquet csv tsv jsonl" -- "$cur") ); return ;;
         score:--threshold) COMPREPLY=(); return ;;
-        score:--keep-columns) COMPREPLY=(); return ;;
         score:--keep-features) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         score:--device) COMPREPLY=( $(compgen -W "auto cpu cuda mps cuda:0 cuda:1" -- "$cur") ); return ;;
         score:--precision) COMPREPLY=( $(compgen -W "auto fp32 tf32 bf16 fp16 int8" -- "$cur") ); return ;;
@@ -116,6 +115,7 @@ _imgsent() {
         score:--ray-address) COMPREPLY=(); return ;;
         score:--ray-workers) COMPREPLY=(); return ;;
         score:--gpus-per-worker) COMPREPLY=(); return ;;
+        score:--keep-columns) COMPREPLY=(); return ;;
         train:--out|train:-o) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         train:--labels|train:-l) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         train:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
@@ -139,12 +139,12 @@ _imgsent() {
         backbones) opts="--help" ;;
         calibrate) opts="--labels -l --out -o --features --scores --method --map --id-column --label-column --overwrite --no-overwrite --help" ;;
         evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --plots --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --seed --id-column --label-column --quiet -q --help" ;;
-        extract) opts="--out -o --backbones -B --random-weights --no-random-weights --tta --dtype --device --precision --batch-size -b --workers --decode --runtime --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
+        extract) opts="--out -o --backbones -B --random-weights --no-random-weights --dtype --device --precision --batch-size -b --workers --decode --runtime --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --tta --help" ;;
         label) opts="--out -o --features --model -m --model-out --classes --strategy --host --port --token --annotator --no-browser --seed --models --device --workers --quiet -q --help" ;;
         models) opts="--models --help" ;;
         prevalence) opts="--labels -l --by --meta --json --level --bootstrap --seed --map --id-column --label-column --plot --help" ;;
         report) opts="--out -o --by --meta --labels -l --per-class --seed --map --quiet -q --help" ;;
-        score) opts="--out -o --model -m --models --features --weights --format --threshold --keep-columns --keep-features --device --precision --batch-size -b --workers --decode --runtime --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --help" ;;
+        score) opts="--out -o --model -m --models --features --weights --format --threshold --keep-features --device --precision --batch-size -b --workers --decode --runtime --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --keep-columns --help" ;;
         train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --blocks --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --cv --seed --id-column --label-column --overwrite --no-overwrite --quiet -q --help" ;;
         version) opts="--help" ;;
         *) opts="" ;;

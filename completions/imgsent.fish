@@ -56,7 +56,6 @@ complete -c imgsent -n '__fish_seen_subcommand_from evaluate' -F
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l out -s o -x -a '(__fish_complete_directories)' -d 'Feature store directory to write (or resume)'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l backbones -s B -x -d 'Backbone specs or presets (repeat or comma-separate)'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l random-weights -l no-random-weights -d 'Random (seeded) weights, for testing only'
-complete -c imgsent -n '__fish_seen_subcommand_from extract' -l tta -x -a 'none flip crops flip+crops' -d 'Test-time augmentation'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l dtype -x -a 'float32 float16' -d 'Stored feature type'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l device -x -a 'auto cpu cuda mps cuda:0 cuda:1' -d 'auto (cuda, then mps, then cpu), cpu, cuda, cuda -N, mps'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l precision -x -a 'auto fp32 tf32 bf16 fp16 int8' -d 'auto - fp32 on CPU, bf16 (fp16 on pre-Ampere cards) on CUDA; fp32 on CUDA has TF32 off; int8 - torchvisions official quantized weights on the CPU (others stay fp32)'
@@ -79,6 +78,7 @@ complete -c imgsent -n '__fish_seen_subcommand_from extract' -l ray-address -x -
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l ray-workers -x -d 'Ray - backbone actors in the pool (default 1)'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l gpus-per-worker -x -d 'Ray - GPUs per backbone actor (0 = CPU)'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l quiet -s q -d 'No progress, summary or Ray logging'
+complete -c imgsent -n '__fish_seen_subcommand_from extract' -l tta -x -a 'none flip crops flip+crops' -d 'Test-time augmentation'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -l help -d 'Show help'
 complete -c imgsent -n '__fish_seen_subcommand_from extract' -F
 complete -c imgsent -n '__fish_seen_subcommand_from label' -l out -s o -x -d 'The labels file (created, or resumed)'
@@ -132,7 +132,6 @@ complete -c imgsent -n '__fish_seen_subcommand_from score' -l features -x -a '(_
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l weights -r -F -d 'Backbone weights file; default - IMGSENT_WEIGHTS, cache, download'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l format -x -a 'parquet csv tsv jsonl' -d 'Output format (default - from the extension; jsonl on stdout)'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l threshold -x -d 'Two-class models - predict positive when p_positive >= T (default - argmax)'
-complete -c imgsent -n '__fish_seen_subcommand_from score' -l keep-columns -x -d 'Carry these fields of tar shards KEY.json (txt - KEY.txt) or Parquet columns into the rows; * = all'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l keep-features -x -a '(__fish_complete_directories)' -d 'Also write the computed features here'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l device -x -a 'auto cpu cuda mps cuda:0 cuda:1' -d 'auto (cuda, then mps, then cpu), cpu, cuda, cuda -N, mps'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l precision -x -a 'auto fp32 tf32 bf16 fp16 int8' -d 'auto - what the models training features used (fp32 for the default); bf16 - the head too'
@@ -155,6 +154,7 @@ complete -c imgsent -n '__fish_seen_subcommand_from score' -l ray-address -x -d 
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l ray-workers -x -d 'Ray - backbone actors in the pool (default 1)'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l gpus-per-worker -x -d 'Ray - GPUs per backbone actor (0 = CPU)'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l quiet -s q -d 'No progress, summary or Ray logging'
+complete -c imgsent -n '__fish_seen_subcommand_from score' -l keep-columns -x -d 'Carry these fields of tar shards KEY.json (txt - KEY.txt) or Parquet columns into the rows; * = all'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -l help -d 'Show help'
 complete -c imgsent -n '__fish_seen_subcommand_from score' -F
 complete -c imgsent -n '__fish_seen_subcommand_from train' -l out -s o -x -a '(__fish_complete_directories)' -d 'Model bundle directory to write'

@@ -7,6 +7,9 @@ library function. Output data goes to stdout or files; progress, summaries and m
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -220,7 +223,69 @@ RowsPerShard = Annotated[
 ]
 
 
+Tta = Annotated[Literal[TTA_MODES], typer.Option(help="Test-time augmentation.")]
+KeepColumns = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--keep-columns",
+        metavar="NAME,...",
+        help="Carry these fields of tar shards' KEY.json (txt: KEY.txt) or Parquet columns into the rows; * = all.",
+    ),
+]
+
+# The run flags extract and score share, in --help's order, with their defaults: each command
+# takes them through with_run_flags and gets one RunOptions.
+RUN_FLAGS = {
+    "device": (Device, "auto"),
+    "precision": (Precision, "auto"),
+    "batch_size": (BatchSize, None),
+    "workers": (Workers, None),
+    "decode": (Decode, "workers"),
+    "runtime": (Runtime, "auto"),
+    "shard": (Shard, None),
+    "overwrite": (Overwrite, False),
+    "rows_per_shard": (RowsPerShard, DEFAULT_ROWS_PER_SHARD),
+    "max_pixels": (MaxPixels, DEFAULT_MAX_PIXELS),
+    "null": (Null, False),
+    "hidden": (Hidden, False),
+    "image_column": (ImageColumn, None),
+    "id_column": (InputIdColumn, None),
+    "keep_images": (KeepImages, None),
+    "compile": (Compile, False),
+    "engine": (Engine, "local"),
+    "ray_address": (RayAddress, None),
+    "ray_workers": (RayWorkers, None),
+    "gpus_per_worker": (GpusPerWorker, 0.0),
+    "quiet": (Quiet, False),
+}
+
+
+def with_run_flags(**more):
+    """Decorator: the command offers :data:`RUN_FLAGS` (``more``: a command's own version of one, or
+    flags of its own that are run options too) after its own parameters, and is called with them
+    as one ``options`` :class:`RunOptions` (:func:`_run_options`)."""
+
+    def wrap(fn):
+        flags = {**RUN_FLAGS, **more}
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "options"]
+        kw = inspect.Parameter.KEYWORD_ONLY
+        params = own + [inspect.Parameter(n, kw, default=d, annotation=a) for n, (a, d) in flags.items()]
+
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            given = {n: kwargs.pop(n) for n in flags if n in kwargs}
+            return fn(*args, options=_run_options(given), **kwargs)
+
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params} | {"return": sig.return_annotation}
+        return command
+
+    return wrap
+
+
 @app.command()
+@with_run_flags(tta=(Tta, "none"))
 def extract(
     inputs: Inputs,
     out: Annotated[
@@ -231,59 +296,14 @@ def extract(
         typer.Option("--backbones", "-B", metavar="SPEC", help="Backbone specs or presets (repeat or comma-separate)."),
     ] = ["default"],  # noqa: B006 (typer reads the default, never mutates it)
     random_weights: Annotated[bool, typer.Option(help="Random (seeded) weights, for testing only.")] = False,
-    tta: Annotated[Literal[TTA_MODES], typer.Option(help="Test-time augmentation.")] = "none",
     dtype: Annotated[Literal[FEATURE_DTYPES], typer.Option(help="Stored feature type.")] = "float32",
-    device: Device = "auto",
-    precision: Precision = "auto",
-    batch_size: BatchSize = None,
-    workers: Workers = None,
-    decode: Decode = "workers",
-    runtime: Runtime = "auto",
-    shard: Shard = None,
-    overwrite: Overwrite = False,
-    rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    null: Null = False,
-    hidden: Hidden = False,
-    image_column: ImageColumn = None,
-    id_column: InputIdColumn = None,
-    keep_images: KeepImages = None,
-    compile: Compile = False,
-    engine: Engine = "local",
-    ray_address: RayAddress = None,
-    ray_workers: RayWorkers = None,
-    gpus_per_worker: GpusPerWorker = 0.0,
-    quiet: Quiet = False,
+    options: RunOptions = RunOptions(),
 ) -> None:
     """Extract backbone features of images into a Parquet feature store."""
     from .extraction import extract as run
 
-    options = RunOptions(
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        workers=workers,
-        decode=decode,
-        runtime=runtime,
-        compile=compile,
-        tta=tta,
-        max_pixels=max_pixels,
-        engine=engine,
-        ray_address=ray_address,
-        ray_workers=ray_workers,
-        gpus_per_worker=gpus_per_worker,
-        shard=shard,
-        overwrite=overwrite,
-        rows_per_shard=rows_per_shard,
-        null=null,
-        include_hidden=hidden,
-        image_column=image_column,
-        id_column=id_column,
-        keep_images=str(keep_images) if keep_images else None,
-        progress=not quiet,
-    )
     summary = run(inputs, out, backbones=backbones, random_weights=random_weights, dtype=dtype, options=options)
-    if not quiet:
+    if options.progress:
         summary.print("imgsent extract")
     _fail_when_none_ok(summary, "extracted")
 
@@ -512,6 +532,7 @@ def evaluate(
 
 
 @app.command()
+@with_run_flags(precision=(ScorePrecision, "auto"), keep_columns=(KeepColumns, None))
 def score(
     inputs: Annotated[
         list[str] | None,
@@ -552,38 +573,10 @@ def score(
         float | None,
         typer.Option(metavar="T", help="Two-class models: predict positive when p_positive >= T (default: argmax)."),
     ] = None,
-    keep_columns: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--keep-columns",
-            metavar="NAME,...",
-            help="Carry these fields of tar shards' KEY.json (txt: KEY.txt) or Parquet columns into the rows; * = all.",
-        ),
-    ] = None,
     keep_features: Annotated[
         str | None, typer.Option("--keep-features", metavar="DIR", help="Also write the computed features here.")
     ] = None,
-    device: Device = "auto",
-    precision: ScorePrecision = "auto",
-    batch_size: BatchSize = None,
-    workers: Workers = None,
-    decode: Decode = "workers",
-    runtime: Runtime = "auto",
-    shard: Shard = None,
-    overwrite: Overwrite = False,
-    rows_per_shard: RowsPerShard = DEFAULT_ROWS_PER_SHARD,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    null: Null = False,
-    hidden: Hidden = False,
-    image_column: ImageColumn = None,
-    id_column: InputIdColumn = None,
-    keep_images: KeepImages = None,
-    compile: Compile = False,
-    engine: Engine = "local",
-    ray_address: RayAddress = None,
-    ray_workers: RayWorkers = None,
-    gpus_per_worker: GpusPerWorker = 0.0,
-    quiet: Quiet = False,
+    options: RunOptions = RunOptions(),
 ) -> None:
     """Score the sentiment of images (or of a feature store): one row per image.
 
@@ -595,30 +588,6 @@ def score(
     """
     from .scoring import score as run
 
-    options = RunOptions(
-        device=device,
-        precision=precision,
-        batch_size=batch_size,
-        workers=workers,
-        decode=decode,
-        runtime=runtime,
-        compile=compile,
-        max_pixels=max_pixels,
-        engine=engine,
-        ray_address=ray_address,
-        ray_workers=ray_workers,
-        gpus_per_worker=gpus_per_worker,
-        shard=shard,
-        overwrite=overwrite,
-        rows_per_shard=rows_per_shard,
-        null=null,
-        include_hidden=hidden,
-        image_column=image_column,
-        id_column=id_column,
-        keep_images=str(keep_images) if keep_images else None,
-        keep_columns=tuple(keep_columns or ()),
-        progress=not quiet,
-    )
     summary = run(
         inputs or [],
         out,
@@ -631,9 +600,26 @@ def score(
         keep_features=keep_features,
         options=options,
     )
-    if not quiet:
+    if options.progress:
         summary.print("imgsent score")
     _fail_when_none_ok(summary, "scored")
+
+
+def _run_options(flags: dict) -> RunOptions:
+    """The :class:`RunOptions` of a command's run flags (``flags``: its parameters, ``locals()``),
+    the one shared group of ``extract``, ``score`` and ``label``: each flag named as a field goes
+    there as it is; ``--hidden`` is ``include_hidden``, ``--quiet`` no ``progress``, ``--keep-images``
+    a folder name and ``--keep-columns`` a tuple."""
+    fields = {f.name for f in dataclasses.fields(RunOptions)}
+    picked = {k: v for k, v in flags.items() if k in fields}
+    picked["progress"] = not flags.get("quiet", False)
+    if "hidden" in flags:
+        picked["include_hidden"] = flags["hidden"]
+    if picked.get("keep_images") is not None:
+        picked["keep_images"] = str(picked["keep_images"]) or None
+    if "keep_columns" in picked:
+        picked["keep_columns"] = tuple(picked["keep_columns"] or ())
+    return RunOptions(**picked)
 
 
 def _fail_when_none_ok(summary, done: str) -> None:
@@ -825,7 +811,7 @@ def label(
         strategy=strategy,
         seed=seed,
         models=[str(d) for d in models_dirs or []],
-        options=RunOptions(device=device, workers=workers, progress=not quiet),
+        options=_run_options(locals()),
         echo=lambda text: typer.echo(text, err=True),
     )
 

@@ -235,3 +235,22 @@ def test_predefined_split_lists_match_exactly_and_report_the_rest(tmp_path, stor
         monkeypatch,
     )
     assert code == 0, err
+
+
+def test_extract_and_score_share_one_group_of_run_flags():
+    """Every run flag extract and score both offer reaches RunOptions the same way (one builder)."""
+    import dataclasses
+    import inspect
+
+    from imgsent import cli
+    from imgsent.options import RunOptions
+
+    fields = {f.name for f in dataclasses.fields(RunOptions)} | {"hidden", "quiet"}
+    extract = set(inspect.signature(cli.extract).parameters) & fields
+    score = set(inspect.signature(cli.score).parameters) & fields
+    assert extract - score == {"tta"} and score - extract == {"keep_columns"}  # the only differences
+    opts = cli._run_options(
+        {"hidden": True, "quiet": True, "keep_images": Path("kept"), "keep_columns": None, "device": "cpu", "out": "x"}
+    )
+    assert opts == RunOptions(include_hidden=True, progress=False, keep_images="kept", device="cpu")
+    assert cli._run_options({"quiet": False, "keep_columns": ["a"]}) == RunOptions(progress=True, keep_columns=("a",))
