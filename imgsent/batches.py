@@ -2,7 +2,6 @@
 store (``features.load``), writers and heads' users never import the engine.
 
 * :class:`FeatureBatch`: rows for a batch of images, in input order, with features per backbone.
-* :class:`ScoredBatch`: the same rows when a head already ran next to the backbones (Ray actors).
 * :class:`Blocks`: the layout of a concatenated feature matrix (one block of columns per backbone).
 * :class:`Engine`: what ``extract`` and ``score`` need of a distributor (local or Ray).
 """
@@ -52,21 +51,7 @@ class FeatureBatch:
         cut["features"] = {k: v[start:stop] for k, v in self.features.items()}
         cut["meta"] = self.meta[start:stop]
         cut["sources"] = self.sources[start:stop]
-        extra = {name: getattr(self, name)[start:stop] for name in self._row_arrays()}
-        return replace(self, **cut, **extra)
-
-    def _row_arrays(self) -> tuple[str, ...]:
-        return ()
-
-
-@dataclass
-class ScoredBatch(FeatureBatch):
-    """A :class:`FeatureBatch` whose head already ran: ``proba`` (n, C), NaN on error rows."""
-
-    proba: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
-
-    def _row_arrays(self) -> tuple[str, ...]:
-        return ("proba",)
+        return replace(self, **cut)
 
 
 @dataclass(frozen=True)
@@ -126,8 +111,7 @@ class Engine(Protocol):
     ``runtime_record()``: the backbones it runs on ONNX Runtime (``{key: "onnx"}``, for store headers).
     ``run(refs, groups)``: yields batches covering ``refs`` exactly once, in order; no batch
     straddles two consecutive ``groups`` (output shards), so a resumed run computes the same
-    numbers. Bad images are rows with ``status="error"``, never exceptions. Batches are
-    :class:`ScoredBatch` when the engine also runs a head. An engine may also offer
+    numbers. Bad images are rows with ``status="error"``, never exceptions. An engine may also offer
     ``write_shards`` (Ray): then it writes directory outputs' shards itself and ``run_sharded`` only
     lists them (see :meth:`imgsent.distributed.RayEngine.write_shards`).
     """

@@ -5,16 +5,19 @@ score directories resume across engines):
 
 * **Workers write** (:meth:`RayEngine.write_shards`, every directory output): the driver plans the
   chunks (one per output shard) and hands whole chunks to a pool of actors (``ray_workers``, each
-  with 1 CPU and ``gpus_per_worker`` GPUs). Each actor runs the local
+  with its share of the CPUs and ``gpus_per_worker`` GPUs). Each actor runs the local
   :class:`~imgsent.engine.FeatureEngine` over its chunk (decoding processes sized to its share of
   its node's CPUs) and writes the shard itself (:class:`~imgsent.shards.ShardTarget`: temporary
   file, fsync, rename), returning only the manifest entry. The driver never sees a feature: it
   lists finished shards, reports progress, and gives the chunks of a worker that died (its node
   lost, an OOM kill) to the others. The output must be on a filesystem every node sees.
-* **Streams** (:meth:`RayEngine.run`: one output file, stdout): Ray Data; decoding as CPU tasks,
-  the backbones (and the head) in an actor pool, ordered
-  :class:`~imgsent.batches.FeatureBatch` es (:class:`~imgsent.batches.ScoredBatch` es) to the
-  driver, which writes the one file.
+* **Streams** (:meth:`RayEngine.run`: one output file, stdout): Ray Data maps slices of the
+  references over a pool of actors (``ray_workers``, sized as the writing workers), each running
+  the same local engine over its slice, and hands the rows and features back in order as Arrow
+  tables (:func:`batch_table`); the driver applies the head (as every other path does:
+  :class:`~imgsent.scoring.ScoreTableBuilder`) and writes the one file.
+
+Both paths' remote unit is :class:`_EngineActor`: "the local engine over a slice of references".
 
 Ray is an optional extra (``pip install 'imgsent[ray]'``); nothing here is imported by the local
 engine.
@@ -35,8 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from .backbones import Backbone, create_backbone, fingerprints_match
-from .batches import FeatureBatch, ScoredBatch, flag_nonfinite, mark_failed
-from .decode import Preprocess, crop_count, decode_refs
+from .batches import FeatureBatch
 from .engine import FeatureEngine
 from .engineplan import CUDA_BATCH_SIZE, default_workers, select_device
 from .errors import ImgsentError, ImgsentWarning
@@ -85,41 +87,6 @@ def require_ray():
     return ray
 
 
-def _decode_batch(
-    batch: dict,
-    preprocesses: list[dict],
-    tta: str,
-    max_pixels: int,
-    keep_images: str | None = None,
-    env: dict[str, str] | None = None,
-) -> dict:
-    """Ray task: decode a batch of paths into uint8 views (zeros on error rows)."""
-    os.environ.update(env or {})  # the driver's settings (forwarded_env): this task downloads URLs
-    pps = [Preprocess.from_dict(p) for p in preprocesses]
-    refs = [ImageRef(i, p, s, m) for i, p, s, m in zip(batch["id"], batch["path"], batch["source"], batch["meta"])]
-    items = decode_refs(refs, pps, tta, max_pixels, keep_images)
-    keys = list(dict.fromkeys(pp.view_key for pp in pps))
-    crops = crop_count(tta)
-    out = {
-        "id": np.asarray([it.ref.id for it in items], dtype=object),
-        "path": np.asarray([it.ref.path for it in items], dtype=object),
-        "meta": np.asarray([it.ref.meta for it in items], dtype=object),
-        "source": np.asarray([it.ref.source for it in items], dtype=object),
-        "status": np.asarray([it.status for it in items], dtype=object),
-        "error": np.asarray([it.error or "" for it in items], dtype=object),  # "" = none: blocks keep one type
-        "width": np.asarray([it.width or -1 for it in items], dtype=np.int64),
-        "height": np.asarray([it.height or -1 for it in items], dtype=np.int64),
-    }
-    for j, key in enumerate(keys):
-        h, w = key[0]
-        arr = np.zeros((len(items), crops, 3, h, w), dtype=np.uint8)
-        for k, it in enumerate(items):
-            if it.views is not None:
-                arr[k] = it.views[key]
-        out[f"view{j}"] = arr
-    return out
-
-
 def _worker_spec(bb: Backbone) -> str:
     """A spec that builds ``bb`` again on a worker: its recipe's spec (keyed by file names) with
     every file it names at the absolute path the driver read it from (a filesystem the workers
@@ -149,26 +116,21 @@ def _worker_backbones(specs: list[tuple[str, bool, dict]], options: RunOptions) 
 Output = tuple[ShardTarget, Callable[[FeatureBatch], "object"]]  # where a job's shards go, batch -> Arrow table
 
 
-class _ShardWorker:
-    """Ray actor of the workers-write path: builds the backbones once, then turns whole chunks into
-    finished shard files (decode, embed, tables, write, rename) and returns their manifest entries.
-    A failure to build is kept and raised by :meth:`ready` (a task error the driver can read,
-    rather than a dead actor)."""
+class _EngineActor:
+    """The one remote unit of both Ray paths: the driver's backbones built again here once, and the
+    local :class:`~imgsent.engine.FeatureEngine` run over each slice of references it is given. The
+    engine gets the CPUs Ray reserved for this actor: that many torch threads (one lane each on a
+    CPU) and the decoding processes the local engine would start on a machine of that many cores
+    (or the run's ``workers``). A failure to build is kept and raised by the first call (a task
+    error the driver can read, rather than a dead actor)."""
 
-    def __init__(
-        self, specs: list[tuple[str, bool, dict]], options: RunOptions, outputs: list[Output], env: dict[str, str]
-    ):
+    def __init__(self, specs: list[tuple[str, bool, dict]], options: RunOptions, env: dict[str, str]):
         os.environ.update(env)  # the driver's settings (forwarded_env), before the decoding processes start
-        self.outputs = outputs
-        self.rows: tuple[int, int] = (-1, 0)  # (chunk index, rows of it embedded so far), read by progress()
         self.failure: BaseException | None = None
         try:
             import ray
             import torch
 
-            # The engine gets the CPUs Ray reserved for this worker: that many torch threads (one
-            # lane each on a CPU) and the decoding processes the local engine would start on a
-            # machine of that many cores (or the run's ``workers``).
             cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
             torch.set_num_threads(cpus)
             workers = options.workers
@@ -181,10 +143,27 @@ class _ShardWorker:
             self.failure = exc
 
     def ready(self) -> int:
-        """Once the worker is built, its decoding processes; raises what building it raised."""
+        """Once the actor is built, its decoding processes; raises what building it raised."""
         if self.failure is not None:
             raise self.failure
         return self.engine.workers
+
+    def run(self, refs: list[ImageRef]) -> Iterator[FeatureBatch]:
+        """The engine's batches for ``refs`` (one group: batches depend on the slice only)."""
+        self.ready()
+        return self.engine.run(refs, groups=[len(refs)])
+
+
+class _ShardWorker(_EngineActor):
+    """Ray actor of the workers-write path: turns whole chunks into finished shard files (decode,
+    embed, tables, write, rename) and returns their manifest entries."""
+
+    def __init__(
+        self, specs: list[tuple[str, bool, dict]], options: RunOptions, outputs: list[Output], env: dict[str, str]
+    ):
+        self.outputs = outputs
+        self.rows: tuple[int, int] = (-1, 0)  # (chunk index, rows of it embedded so far), read by progress()
+        super().__init__(specs, options, env)
 
     def write(self, refs: list[ImageRef], chunk: Chunk, which: list[int]) -> dict:
         """The shard of ``chunk`` (rows ``refs``) in each output ``which`` names: finished files
@@ -192,7 +171,7 @@ class _ShardWorker:
         files = [(self.outputs[k][0].open(chunk), self.outputs[k][1]) for k in which]
         self.rows, errors = (chunk.index, 0), 0
         try:
-            for batch in self.engine.run(refs, groups=[len(refs)]):
+            for batch in self.run(refs):
                 for f, to_table in files:
                     f.append(to_table(batch))
                 errors += int((~batch.ok_mask).sum())
@@ -208,51 +187,66 @@ class _ShardWorker:
         return self.rows
 
 
-class _EmbedActor:
-    """Ray actor: builds the backbones once, then embeds decoded batches."""
+class _StreamActor(_EngineActor):
+    """Ray Data actor of the streaming path: a slice of references (columns ``id``, ``path``,
+    ``source``, ``meta``) in, its rows and features out as one Arrow table (:func:`batch_table`)."""
 
-    def __init__(
-        self,
-        specs: list[tuple[str, bool, dict]],
-        options: RunOptions,
-        head_path: str | None = None,
-        env: dict[str, str] | None = None,
-    ):
-        os.environ.update(env or {})  # the driver's settings (forwarded_env)
-        backbones = _worker_backbones(specs, options)
-        self.engine = FeatureEngine(backbones, options, workers=0)
-        self.keys = list(dict.fromkeys(bb.preprocess.view_key for bb in backbones))
-        self.model = None
-        if head_path is not None:
-            from .precision import head_precision
-            from .training import load_model
+    def __call__(self, batch: dict):
+        import pyarrow as pa
 
-            self.model = load_model(head_path)
-            self.head_precision = head_precision(options.precision)
+        refs = [
+            ImageRef(str(i), str(p), str(s), str(m))
+            for i, p, s, m in zip(batch["id"], batch["path"], batch["source"], batch["meta"])
+        ]
+        return pa.concat_tables([batch_table(b, self.engine.keys) for b in self.run(refs)])
 
-    def __call__(self, batch: dict) -> dict:
-        import torch
 
-        ok_pos = [k for k, s in enumerate(batch["status"]) if s == "ok"]
-        views = {
-            key: torch.from_numpy(np.ascontiguousarray(batch[f"view{j}"][ok_pos])) for j, key in enumerate(self.keys)
-        }
-        feats, failed = self.engine.embed_views(views, ok_pos, len(batch["id"]))
-        status, error = [str(s) for s in batch["status"]], [str(e) if e else None for e in batch["error"]]
-        checked = flag_nonfinite(mark_failed(FeatureBatch([], [], status, error, [], [], feats), failed))
-        ok_pos = [k for k, s in enumerate(checked.status) if s == "ok"]
-        out = {k: batch[k] for k in ("id", "path", "meta", "source", "width", "height")}
-        out["status"] = np.asarray(checked.status, dtype=object)
-        out["error"] = np.asarray([e or "" for e in checked.error], dtype=object)
-        for j, key in enumerate(self.engine.keys):
-            out[f"feat{j}"] = feats[key]
-        if self.model is not None:  # the head runs here too, next to the backbones
-            proba = np.full((len(batch["id"]), len(self.model.classes)), np.nan, dtype=np.float32)
-            if ok_pos:
-                X = np.concatenate([feats[k][ok_pos] for k, _ in self.model.blocks], axis=1)
-                proba[ok_pos] = self.model.predict_proba(X, self.head_precision)
-            out["proba"] = proba
-        return out
+def batch_table(batch: FeatureBatch, keys: list[str]):
+    """A :class:`FeatureBatch` as an Arrow table, what travels back from a streaming actor: the rows'
+    fields with their nulls (an error row's missing size or reason), one fixed-size float32 list
+    column per backbone (``feat0``...). :func:`table_batch` reads it back."""
+    import pyarrow as pa
+
+    n = len(batch)
+    cols = {
+        "id": pa.array(batch.ids, pa.string()),
+        "path": pa.array(batch.paths, pa.string()),
+        "status": pa.array(batch.status, pa.string()),
+        "error": pa.array(batch.error, pa.string()),
+        "width": pa.array(batch.width, pa.int64()),
+        "height": pa.array(batch.height, pa.int64()),
+        "meta": pa.array(batch.meta or [""] * n, pa.string()),  # "" = none kept, as ImageRef.meta
+        "source": pa.array(batch.sources or [""] * n, pa.string()),
+    }
+    for j, key in enumerate(keys):
+        x = np.ascontiguousarray(batch.features[key], dtype=np.float32)
+        cols[f"feat{j}"] = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+    return pa.table(cols)
+
+
+def table_batch(table, keys: list[str]) -> FeatureBatch:
+    """The :class:`FeatureBatch` of a :func:`batch_table` table."""
+    n = table.num_rows
+
+    def column(name: str) -> list:
+        return table.column(name).to_pylist()
+
+    meta, sources = column("meta"), column("source")
+    features = {}
+    for j, key in enumerate(keys):
+        values = table.column(f"feat{j}").combine_chunks().flatten()
+        features[key] = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, -1)
+    return FeatureBatch(
+        ids=column("id"),
+        paths=column("path"),
+        status=column("status"),
+        error=column("error"),
+        width=column("width"),
+        height=column("height"),
+        features=features,
+        meta=meta if any(meta) else [],
+        sources=sources if any(sources) else [],
+    )
 
 
 class RayEngine:
@@ -270,7 +264,6 @@ class RayEngine:
         options: RunOptions | None = None,
         *,
         num_cpus: int | None = None,
-        head_path: str | None = None,
         **overrides,
     ):
         opts = RunOptions.build(options, **overrides)
@@ -306,7 +299,6 @@ class RayEngine:
         self.ray = ray
         self.backbones = list(backbones)
         self.options = opts
-        self.head_path = head_path
         self.specs = [(_worker_spec(bb), bool(bb.fingerprint.get("random")), bb.fingerprint) for bb in backbones]
         device = "cuda" if opts.gpus_per_worker > 0 and opts.device == "auto" else opts.device
         if opts.gpus_per_worker == 0 and opts.device == "auto":
@@ -328,7 +320,6 @@ class RayEngine:
             precision=self.numerics,
             runtime="onnx" if self.onnx_keys else "torch",
             batch_size=self.batch_size,
-            workers=0,
             engine="local",
             progress=False,
         )
@@ -368,51 +359,24 @@ class RayEngine:
             return
         import ray.data
 
-        bs = self.batch_size
+        size = self.batch_size * STREAM_SLICE
         ds = ray.data.from_items(
             [{"id": r.id, "path": r.path, "source": r.source, "meta": r.meta} for r in refs],
-            override_num_blocks=max(1, len(refs) // bs),
+            override_num_blocks=max(1, -(-len(refs) // size)),
         )
+        resources = self.worker_resources()
         ds = ds.map_batches(
-            _decode_batch,
-            batch_size=bs,
-            batch_format="numpy",
-            fn_kwargs={
-                "preprocesses": [bb.preprocess.to_dict() for bb in self.backbones],
-                "tta": self.options.tta,
-                "max_pixels": self.options.max_pixels,
-                "keep_images": self.options.keep_images,
-                "env": forwarded_env(),
-            },
-        )
-        ds = ds.map_batches(
-            _EmbedActor,
-            batch_size=bs,
+            _StreamActor,
+            batch_size=size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=self.options.ray_workers or 1),
-            num_gpus=self.options.gpus_per_worker or None,
-            fn_constructor_kwargs={
-                "specs": self.specs,
-                "options": self.actor_options,
-                "head_path": self.head_path,
-                "env": forwarded_env(),
-            },
+            num_cpus=resources["num_cpus"],
+            num_gpus=resources["num_gpus"] or None,
+            fn_constructor_kwargs={"specs": self.specs, "options": self.actor_options, "env": forwarded_env()},
         )
-        for batch in ds.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2):
-            rows = FeatureBatch(
-                ids=[str(i) for i in batch["id"]],
-                paths=[str(p) for p in batch["path"]],
-                status=[str(s) for s in batch["status"]],
-                error=[str(e) if e else None for e in batch["error"]],
-                width=[None if w < 0 else int(w) for w in batch["width"]],
-                height=[None if h < 0 else int(h) for h in batch["height"]],
-                features={key: np.asarray(batch[f"feat{j}"], dtype=np.float32) for j, key in enumerate(self.keys)},
-                meta=[str(m) for m in batch["meta"]] if any(batch["meta"]) else [],
-                sources=[str(s) for s in batch["source"]] if any(batch["source"]) else [],
-            )
-            if "proba" in batch:
-                rows = ScoredBatch(**vars(rows), proba=np.asarray(batch["proba"], dtype=np.float32))
-            yield rows
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+            if table.num_rows:
+                yield table_batch(table, self.keys)
 
     def write_shards(
         self,
@@ -450,6 +414,7 @@ class RayEngine:
 START_TIMEOUT_S = 600.0  # IMGSENT_RAY_START_TIMEOUT: how long a run waits with no worker able to start
 CHUNK_TRIES = 3  # a chunk whose worker died this many times stops the run (it, not the workers, is the cause)
 DEPTH = 2  # chunks queued on each worker (the next one starts as soon as one is written)
+STREAM_SLICE = 8  # batches in one streaming actor call (its decoding processes start once per call)
 
 
 class _ShardPool:
@@ -462,10 +427,7 @@ class _ShardPool:
         self.ray = ray
         self.resources = engine.worker_resources()
         self.actor_class = ray.remote(concurrency_groups={"report": 1}, max_restarts=0, **self.resources)(_ShardWorker)
-        # A writing worker decodes in processes of its own, as the local engine does: the run's
-        # --workers, or what its share of the CPUs gives (the streaming actors get 0: Ray decodes for them).
-        options = dataclasses.replace(engine.actor_options, workers=engine.options.workers)
-        self.args = (engine.specs, options, ray.put(outputs), forwarded_env())
+        self.args = (engine.specs, engine.actor_options, ray.put(outputs), forwarded_env())
         self.decoders: list[int] = []  # decoding processes of each worker started
         self.wanted = engine.options.ray_workers or 1
         self.starting: dict = {}  # ready() future -> actor

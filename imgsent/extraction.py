@@ -30,14 +30,13 @@ def load_backbones(specs: Sequence[str], *, random_weights: bool = False, int8: 
     return [create_backbone(s, random_weights=random_weights, int8=int8) for s in expand_presets(list(specs))]
 
 
-def build_engine(models: Sequence[Backbone], options: RunOptions, *, head_path: str | None = None) -> Engine:
+def build_engine(models: Sequence[Backbone], options: RunOptions) -> Engine:
     """The distributor of the shard work that ``options.engine`` names: the local
-    :class:`~imgsent.engine.FeatureEngine`, or Ray Data (imported only when asked for), which also
-    runs the model bundle at ``head_path`` in its actors when scoring."""
+    :class:`~imgsent.engine.FeatureEngine`, or Ray (imported only when asked for)."""
     if options.engine == "ray":
         from .distributed import RayEngine
 
-        return RayEngine(models, options, head_path=head_path)
+        return RayEngine(models, options)
     from .engine import FeatureEngine
 
     return FeatureEngine(models, options)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import __version__
-from .batches import FeatureBatch, ScoredBatch
+from .batches import FeatureBatch
 from .errors import ImgsentError, ImgsentWarning
 from .extraction import build_engine, resolve_inputs, run_sharded, store_writer, with_sources
 from .features import SOURCE_COLUMN, StoreReader, open_store, source_array
@@ -100,21 +100,19 @@ class ScoreTableBuilder:
             ],
         }
 
-    def table(
-        self, ids, paths, status, error, X: np.ndarray | None, ok: np.ndarray, proba=None, meta=(), sources=None
-    ) -> pa.Table:
+    def table(self, ids, paths, status, error, X: np.ndarray | None, ok: np.ndarray, meta=(), sources=None) -> pa.Table:
         """Score rows. ``ids``...``error``: lists or Arrow string arrays; ``X``: features of every row
-        (whatever sits in rows that are not ``ok`` is ignored), or ``proba`` (n, C) when the head
-        already ran (Ray actors); ``meta``: each row's kept fields (JSON text), if any; ``sources``:
+        (whatever sits in rows that are not ``ok`` is ignored): the head runs here, for every engine
+        and for stores; ``meta``: each row's kept fields (JSON text), if any; ``sources``:
         each row's source (a list, "" for none, or an Arrow string array), written as a ``source``
         column after ``model_version`` when the builder keeps one (``with_source``)."""
         n, classes = len(ok), self.model.classes
-        if proba is None and ok.any():
+        if ok.any():
             on_cpu = self.device is None or getattr(self.device, "type", "cpu") == "cpu"
             head = self.numpy if self.numpy is not None and self.precision == "fp32" and on_cpu else self.model
             proba = head.predict_proba(X, self.precision, device=self.device)
             proba[~ok] = np.nan
-        elif proba is None:
+        else:
             proba = np.full((n, len(classes)), np.nan, dtype=np.float32)
         if self.threshold is not None:
             other = 1 - (self.pos if self.pos is not None else 1)
@@ -145,17 +143,14 @@ class ScoreTableBuilder:
 
     def from_batch(self, batch: FeatureBatch) -> pa.Table:
         ok = batch.ok_mask
-        proba = batch.proba if isinstance(batch, ScoredBatch) else None
         X = None
-        if proba is None and ok.any():
+        if ok.any():
             X = np.concatenate([batch.features[k] for k, _ in self.model.blocks], axis=1)
         paths = [display_path(p) for p in batch.paths]
-        return self.table(
-            batch.ids, paths, batch.status, batch.error, X, ok, proba=proba, meta=batch.meta, sources=batch.sources
-        )
+        return self.table(batch.ids, paths, batch.status, batch.error, X, ok, meta=batch.meta, sources=batch.sources)
 
 
-def _model_engine(sentiment, model: str | None, weights, models, opts: RunOptions, *, head: bool):
+def _model_engine(sentiment, model: str | None, weights, models, opts: RunOptions):
     """(options, backbones, engine) that compute ``sentiment``'s features as its recipe says: its
     TTA, and (unless the user asks otherwise) the numerics its training features had."""
     from .engineplan import frozen_cpu_batch
@@ -172,7 +167,7 @@ def _model_engine(sentiment, model: str | None, weights, models, opts: RunOption
         models_dirs=models,
         frozen_batch=frozen_cpu_batch(opts),
     )
-    return opts, backbones, build_engine(backbones, opts, head_path=model_path(model) if head else None)
+    return opts, backbones, build_engine(backbones, opts)
 
 
 def extract_model_features(
@@ -193,7 +188,7 @@ def extract_model_features(
     opts = RunOptions.build(options, **overrides)
     sentiment = resolve_model(model)
     refs = resolve_inputs(inputs, opts, stdin=stdin)
-    opts, backbones, engine = _model_engine(sentiment, model, weights, models, opts, head=False)
+    opts, backbones, engine = _model_engine(sentiment, model, weights, models, opts)
     output = store_writer(out, backbones, "float32", opts, engine, refs)
     return run_sharded(engine, refs, [output], opts, "extract", out)
 
@@ -274,7 +269,7 @@ def score(
         engine, recipes = light_run, sentiment.recipes
         weights_summary = "; ".join(f"{e['key']}: {e.get('weights_source', '?')}" for e in engine.entries)
     else:
-        opts, backbones, engine = _model_engine(sentiment, model, weights, models, opts, head=True)
+        opts, backbones, engine = _model_engine(sentiment, model, weights, models, opts)
         _record_plan(engine, sentiment, builder, model)
         recipes = [b.recipe() for b in backbones]
         weights_summary = _weights_summary(backbones)

@@ -89,8 +89,11 @@ def test_missing_ray_extra_is_one_clear_line(monkeypatch, images, tmp_path):
         imgsent.extract([str(images)], str(tmp_path / "s"), engine="ray", **KW)
 
 
-def test_heads_run_in_the_ray_actors(cluster, images, tmp_path):
-    from imgsent.distributed import RayEngine
+def test_streamed_ray_scores_are_the_local_ones_to_the_last_bit(cluster, images, tmp_path):
+    """Issue 33 item 5: the streaming path's actors run the local engine over slices of the inputs
+    and hand back features (Arrow tables: an error row's missing size and reason as nulls); the head
+    runs once, on the driver, as for every other path: one output file equals the local one."""
+    from imgsent.distributed import RayEngine, batch_table, table_batch
     from imgsent.models import model_backbones
 
     store = str(tmp_path / "store")
@@ -98,15 +101,21 @@ def test_heads_run_in_the_ray_actors(cluster, images, tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(f"img{i:03d}.jpg {i % 2}\n" for i in range(9)))
     model = imgsent.train(store, labels=str(labels), head="moe", epochs=2, out=str(tmp_path / "model"))
-    engine = RayEngine(model_backbones(model), batch_size=4, head_path=str(tmp_path / "model"))
+    common = dict(model=str(tmp_path / "model"), batch_size=4)
+    imgsent.score([str(images)], str(tmp_path / "local.csv"), workers=0, **common)
+    imgsent.score([str(images)], str(tmp_path / "ray.csv"), engine="ray", **common)
+    assert (tmp_path / "ray.csv").read_text() == (tmp_path / "local.csv").read_text()
+
+    engine = RayEngine(model_backbones(model), batch_size=4)
     refs = imgsent.find_images([str(images)])
     batches = list(engine.run(refs))
-    assert sum(len(b) for b in batches) == 10 and all(b.proba is not None for b in batches)
-    for b in batches:
-        ok = b.ok_mask
-        expected = model.predict_proba(np.concatenate([b.features[k] for k, _ in model.blocks], axis=1)[ok])
-        np.testing.assert_array_equal(b.proba[ok], expected)
-        assert np.isnan(b.proba[~ok]).all()
+    assert [r for b in batches for r in b.ids] == [r.id for r in refs]
+    bad = [(b, i) for b in batches for i, s in enumerate(b.status) if s == "error"]
+    assert bad and all(b.width[i] is None and b.error[i] for b, i in bad)
+    again = table_batch(batch_table(batches[0], engine.keys), engine.keys)
+    assert again.ids == batches[0].ids and again.error == batches[0].error and again.width == batches[0].width
+    for key in engine.keys:
+        np.testing.assert_array_equal(again.features[key], batches[0].features[key])
 
 
 def test_quiet_silences_rays_own_logging(images, tmp_path):
