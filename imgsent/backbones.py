@@ -320,7 +320,7 @@ def weights_location(spec: BackboneSpec) -> str:
         )
     from . import faces
 
-    shipped = faces.shipped_in(spec.text or spec.key)
+    shipped = faces.shipped_in(spec)
     if shipped:
         return "; ".join(faces.describe(n) for n in shipped)
     return "its files (above)"
@@ -400,22 +400,17 @@ def _load_shipped(spec: BackboneSpec, random_weights: bool) -> Loaded:
 def _load_objects(spec: BackboneSpec, random_weights: bool) -> Loaded:
     from .objects import ObjectsView, load_detector, view_preprocess
 
-    name = spec.name + (f"@{spec.weights}" if spec.weights else "")
-    detector, names, source, cpu_only = load_detector(name, random_weights)
+    detector, names, source, cpu_only = load_detector(spec.detector, random_weights)
     return ObjectsView(detector, names), view_preprocess(detector), cpu_only, source
 
 
 @register_source("regions")
 def _load_regions(spec: BackboneSpec, random_weights: bool) -> Loaded:
     from .objects import RegionsView, load_detector, view_preprocess
-    from .specs import parse_regions
 
-    detector_name, inner_spec, k, min_score = parse_regions(spec.text.partition(":")[2])
-    if BackboneSpec.parse(inner_spec).source in ("objects", "regions"):
-        raise ImgsentError(f"{spec.key}: the crops' backbone must be an image classifier, not a detector view")
-    detector, _names, source, cpu_only = load_detector(detector_name, random_weights)
-    inner = create_backbone(inner_spec, random_weights=random_weights)
-    view = RegionsView(detector, inner, k, min_score)
+    detector, _names, source, cpu_only = load_detector(spec.detector, random_weights)
+    inner = create_backbone(spec.inner, random_weights=random_weights)
+    view = RegionsView(detector, inner, spec.k, spec.min)
     return view, view_preprocess(detector), cpu_only or inner.cpu_only, f"{source} + {inner.weights_source}"
 
 
@@ -454,8 +449,11 @@ def _post_training_int8(spec: BackboneSpec, module: nn.Module, pp: Preprocess) -
     return module, None
 
 
-def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0, int8: bool = False) -> Backbone:
-    """Build one frozen backbone from its spec string (see the module docstring), on the CPU.
+def create_backbone(
+    spec: str | BackboneSpec, *, random_weights: bool = False, seed: int = 0, int8: bool = False
+) -> Backbone:
+    """Build one frozen backbone from its spec (a string, see the module docstring, or a parsed
+    :class:`~imgsent.specs.BackboneSpec`), on the CPU.
 
     Raises :class:`ImgsentError` for unknown names, unreadable weights, or pretrained weights that
     cannot be downloaded. With ``random_weights`` the weights are random but seeded (reproducible).
@@ -463,7 +461,7 @@ def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0, i
     names int8 weights), else post-training int8 for convolutional networks, else float32 with a
     warning (see :mod:`imgsent.quantized`).
     """
-    parsed = BackboneSpec.parse(spec)
+    parsed = spec if isinstance(spec, BackboneSpec) else BackboneSpec.parse(spec)
     with _seeded(seed), downloading():
         official = _load_int8(parsed, random_weights) if int8 else None
         quantization = official[1] if official else None
@@ -484,7 +482,7 @@ def create_backbone(spec: str, *, random_weights: bool = False, seed: int = 0, i
     with torch.inference_mode():
         probe = backbone(probe_image(pp)).float()[0]
     backbone.dim = int(probe.numel())
-    backbone.files = [file_record(p) for p in spec_files(spec)]
+    backbone.files = [file_record(p) for p in spec_files(parsed)]
     if parsed.source == "torchscript":
         backbone.batchable = _accepts_batches(backbone, pp)
     backbone.fingerprint = {

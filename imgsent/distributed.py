@@ -45,7 +45,7 @@ from .errors import ImgsentError, ImgsentWarning
 from .inputs import ImageRef
 from .options import DEFAULT_BATCH_SIZE, RunOptions
 from .shards import Chunk, ShardTarget, WorkItem
-from .specs import map_files
+from .specs import BackboneSpec
 
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME")  # and imgsent's (options.ENV)
 
@@ -87,7 +87,7 @@ def require_ray():
     return ray
 
 
-def _worker_spec(bb: Backbone) -> str:
+def _worker_spec(bb: Backbone) -> BackboneSpec:
     """A spec that builds ``bb`` again on a worker: its recipe's spec (keyed by file names) with
     every file it names at the absolute path the driver read it from (a filesystem the workers
     share; the fingerprint check catches another file under that path)."""
@@ -98,10 +98,10 @@ def _worker_spec(bb: Backbone) -> str:
         found = paths.get(name) or paths.get(os.path.basename(name))
         return found or (os.path.abspath(name) if os.path.exists(name) else name)
 
-    return map_files(recipe["spec"], where)
+    return BackboneSpec.parse(recipe["spec"]).map_files(where)
 
 
-def _worker_backbones(specs: list[tuple[str, bool, dict]], options: RunOptions) -> list[Backbone]:
+def _worker_backbones(specs: list[tuple[BackboneSpec, bool, dict]], options: RunOptions) -> list[Backbone]:
     """The driver's backbones, built again on a worker; weights that resolve differently there
     (another file, another version) are refused."""
     backbones = []
@@ -124,7 +124,7 @@ class _EngineActor:
     (or the run's ``workers``). A failure to build is kept and raised by the first call (a task
     error the driver can read, rather than a dead actor)."""
 
-    def __init__(self, specs: list[tuple[str, bool, dict]], options: RunOptions, env: dict[str, str]):
+    def __init__(self, specs: list[tuple[BackboneSpec, bool, dict]], options: RunOptions, env: dict[str, str]):
         os.environ.update(env)  # the driver's settings (forwarded_env), before the decoding processes start
         self.failure: BaseException | None = None
         try:
@@ -159,7 +159,11 @@ class _ShardWorker(_EngineActor):
     embed, tables, write, rename) and returns their manifest entries."""
 
     def __init__(
-        self, specs: list[tuple[str, bool, dict]], options: RunOptions, outputs: list[Output], env: dict[str, str]
+        self,
+        specs: list[tuple[BackboneSpec, bool, dict]],
+        options: RunOptions,
+        outputs: list[Output],
+        env: dict[str, str],
     ):
         self.outputs = outputs
         self.rows: tuple[int, int] = (-1, 0)  # (chunk index, rows of it embedded so far), read by progress()

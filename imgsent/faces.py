@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -343,9 +342,11 @@ def describe(name: str) -> str:
     )
 
 
-def shipped_in(spec: str) -> list[str]:
-    """The shipped networks a spec names (``objects:imgsent:faces_rfb320`` -> ``['faces_rfb320']``)."""
-    return [n for n in re.findall(r"imgsent:([A-Za-z0-9_]+)", spec) if n in NETS]
+def shipped_in(spec) -> list[str]:
+    """The shipped networks a parsed spec (:class:`~imgsent.specs.BackboneSpec`) names: itself, its
+    detector, its crops' backbone (``objects:imgsent:faces_rfb320`` -> ``['faces_rfb320']``)."""
+    nodes = [spec, spec.detector, spec.inner]
+    return list(dict.fromkeys(n.name for n in nodes if n is not None and n.source == "imgsent" and n.name in NETS))
 
 
 def load(name: str, random_weights: bool = False) -> tuple[nn.Module, str]:

@@ -49,6 +49,7 @@ from .compiled import unfused
 from .decode import Preprocess
 from .errors import ImgsentError
 from .lanes import remembered
+from .specs import BackboneSpec
 
 VIEW_MIN = 512  # the shared view's side: crops for the regions view come from it
 TORCHSCRIPT_SIZE = 320  # what exported D2Go detectors expect (they rescale to 320 themselves)
@@ -225,14 +226,13 @@ def _class_names_file(path: str) -> str | None:
     return None
 
 
-def load_detector(name: str, random_weights: bool) -> tuple[Detector, list[str] | None, str, bool]:
-    """(detector, class names for ids 0.., weights source, cpu_only) for ``torchscript:PATH`` or
-    ``torchvision:NAME[@FILE]``."""
+def load_detector(spec: BackboneSpec, random_weights: bool) -> tuple[Detector, list[str] | None, str, bool]:
+    """(detector, class names for ids 0.., weights source, cpu_only) for a view's detector (the
+    ``detector`` of its parsed spec: ``imgsent:NAME``, ``torchscript:PATH`` or ``torchvision:NAME[@FILE]``)."""
     from .weights import state_dict_sha256
 
-    kind, sep, rest = name.partition(":")
-    if not sep or kind not in ("imgsent", "torchscript", "torchvision") or not rest:
-        raise ImgsentError(f"detector {name!r}: give imgsent:NAME, torchscript:PATH or torchvision:NAME")
+    kind, rest, weights = spec.source, spec.name, spec.weights
+    name = str(spec)
     if kind == "imgsent":
         from . import faces
 
@@ -258,7 +258,6 @@ def load_detector(name: str, random_weights: bool) -> tuple[Detector, list[str] 
         return Detector(module, TORCHSCRIPT_SIZE, state_dict_sha256(module)), names, rest, quantized
     import torchvision.models as tvm
 
-    rest, _, weights = rest.partition("@")
     try:
         enum = tvm.get_model_weights(rest)
     except Exception:

@@ -22,7 +22,7 @@ import hashlib
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ImgsentError
@@ -116,16 +116,122 @@ def file_key(path: str) -> str:
     return os.path.basename(path.rstrip("/\\")) or path
 
 
-def detector_key(name: str) -> str:
-    """A detector's part of a view key: ``torchscript:FILE NAME`` or ``torchvision:NAME`` (no weights file)."""
-    kind, _, rest = name.partition(":")
-    if kind == "torchscript":
-        return f"torchscript:{file_key(rest)}"
-    return name.rsplit("@", 1)[0] if kind == "torchvision" else name
+DETECTOR_SOURCES = ("imgsent", "torchscript", "torchvision")  # what objects:/regions: views run
 
 
-def parse_regions(rest: str) -> tuple[str, str, int, float]:
-    """``DETECTOR+BACKBONE[+k=K][+min=S]`` -> (detector, backbone spec, k, min score)."""
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A spec parsed once (:meth:`parse`) into a tree: ``source``, ``name``, ``tag``, ``output``,
+    ``weights``; a detector view's ``detector`` (itself a spec: ``imgsent:NAME``,
+    ``torchscript:PATH`` or ``torchvision:NAME[@FILE]``), a regions view's crop backbone ``inner``,
+    ``k`` and ``min`` (and its ``+k=``/``+min=`` parts as written, ``settings``). ``key`` (no local
+    folder), :meth:`files` and :meth:`map_files` read the tree; ``str()`` writes the spec back as
+    it was written. Loaders take the tree (:func:`imgsent.backbones.create_backbone`)."""
+
+    source: str
+    name: str  # objects: the detector as written, without its weights; regions: the key's body
+    tag: str | None = None
+    output: str = "features"  # or "probs", "head" (see OUTPUTS)
+    weights: str | None = None
+    text: str = ""  # regions: the spec as written (its parts may name local weight files)
+    detector: BackboneSpec | None = None  # objects, regions
+    inner: BackboneSpec | None = None  # regions: the backbone of the crops
+    k: int = 0  # regions: crops per image
+    min: float = 0.0  # regions: the least detection score a crop needs
+    settings: tuple[str, ...] = ()  # regions: the k=K / min=S parts, as written
+
+    @property
+    def key(self) -> str:
+        """Column name in stores and recipes: the spec without local folders or weights files."""
+        if self.source == "regions":
+            return f"regions:{self.name}"
+        if self.source == "objects":
+            return f"objects:{self.detector.key}"
+        name = file_key(self.name) if self.source == "torchscript" else self.name
+        tag = f".{self.tag}" if self.tag else ""
+        output = f":{self.output}" if self.output != "features" else ""
+        return f"{self.source}:{name}{tag}{output}"
+
+    def __str__(self) -> str:
+        if self.source == "regions":
+            return "+".join([f"regions:{self.detector}", str(self.inner), *self.settings])
+        if self.source == "objects":
+            return f"objects:{self.detector}"
+        tag = f".{self.tag}" if self.tag else ""
+        output = f":{self.output}" if self.output != "features" else ""
+        weights = f"@{self.weights}" if self.weights else ""
+        return f"{self.source}:{self.name}{tag}{output}{weights}"
+
+    def map_files(self, fn: Callable[[str], str]) -> BackboneSpec:
+        """This spec with every local file it names (TorchScript modules, detectors, ``@FILE``
+        weights) replaced by ``fn(path)``, in the order they are written."""
+        if self.source == "regions":
+            out = replace(self, detector=self.detector.map_files(fn), inner=self.inner.map_files(fn))
+            return replace(out, text=str(out))
+        if self.source == "objects":
+            det = self.detector.map_files(fn)
+            return replace(self, detector=det, name=f"{det.source}:{det.name}", weights=det.weights)
+        name = fn(self.name) if self.source == "torchscript" else self.name
+        return replace(self, name=name, weights=fn(self.weights) if self.weights else self.weights)
+
+    def files(self) -> list[str]:
+        """The local files this spec names, in order, each once."""
+        found: list[str] = []
+        self.map_files(lambda p: found.append(p) or p)
+        return list(dict.fromkeys(found))
+
+    @classmethod
+    def parse(cls, spec: str) -> BackboneSpec:
+        spec = spec.strip()
+        source, sep, rest = spec.partition(":")
+        if not sep or not rest:
+            raise ImgsentError(
+                f"backbone spec {spec!r} must look like SOURCE:NAME, e.g. timm:resnet50 or "
+                f"torchvision:mobilenet_v2; sources: {', '.join(SOURCES)}; presets: {', '.join(PRESETS)}"
+            )
+        if source not in SOURCES:
+            raise ImgsentError(f"unknown backbone source {source!r} in {spec!r}; use one of {', '.join(SOURCES)}")
+        if source == "regions":
+            return _parse_regions(spec, rest)
+        if source == "objects":
+            det = _parse_detector(rest, spec)
+            return cls(source=source, name=f"{det.source}:{det.name}", weights=det.weights, detector=det)
+        weights = None
+        if "@" in rest:
+            rest, weights = rest.rsplit("@", 1)
+            if not weights:
+                raise ImgsentError(f"backbone spec {spec!r}: nothing after '@' (expected a weights file)")
+        output = "features"
+        for kind in OUTPUTS[1:]:
+            if rest.endswith(f":{kind}"):
+                rest, output = rest[: -len(kind) - 1], kind
+        tag = None
+        if source != "torchscript" and "." in rest:
+            rest, tag = rest.split(".", 1)
+        if not rest:
+            raise ImgsentError(f"backbone spec {spec!r} names no model")
+        return cls(source=source, name=rest, tag=tag, output=output, weights=weights)
+
+
+def _parse_detector(text: str, spec: str) -> BackboneSpec:
+    """A detector's part of a view's spec: ``imgsent:NAME``, ``torchscript:PATH`` (the whole rest:
+    a path may hold ``@``) or ``torchvision:NAME[@FILE]``."""
+    kind, sep, rest = text.partition(":")
+    if not sep or kind not in DETECTOR_SOURCES or not rest:
+        raise ImgsentError(
+            f"detector {text!r} in {spec!r}: give imgsent:NAME, torchscript:PATH or torchvision:NAME[@FILE]"
+        )
+    weights = None
+    if kind == "torchvision":
+        rest, at, weights = rest.partition("@")
+        weights = weights if at else None
+        if at and not weights:
+            raise ImgsentError(f"backbone spec {spec!r}: nothing after '@' (expected a weights file)")
+    return BackboneSpec(source=kind, name=rest, weights=weights)
+
+
+def _parse_regions(spec: str, rest: str) -> BackboneSpec:
+    """``regions:DETECTOR+BACKBONE[+k=K][+min=S]``."""
     parts = rest.split("+")
     if len(parts) < 2 or not parts[0] or not parts[1]:
         raise ImgsentError(f"regions:{rest}: give regions:DETECTOR+BACKBONE[+k=K][+min=S]")
@@ -140,63 +246,20 @@ def parse_regions(rest: str) -> tuple[str, str, int, float]:
             raise ImgsentError(f"regions:{rest}: {name} must be a number, got {value!r}") from None
     if settings["k"] < 1 or not 0 <= settings["min"] <= 1:
         raise ImgsentError(f"regions:{rest}: k must be >= 1 and min in [0, 1]")
-    return parts[0], parts[1], int(settings["k"]), float(settings["min"])
-
-
-def _regions_key(rest: str) -> str:
-    detector, inner, k, min_score = parse_regions(rest)
-    return f"{detector_key(detector)}+{BackboneSpec.parse(inner).key}+k={k}+min={min_score:g}"
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    source: str
-    name: str
-    tag: str | None = None
-    output: str = "features"  # or "probs", "head" (see OUTPUTS)
-    weights: str | None = None
-    text: str = ""  # regions: the spec as written (its parts may name local weight files)
-
-    @property
-    def key(self) -> str:
-        """Column name in stores and recipes: the spec without local folders or weights files."""
-        if self.source == "regions":
-            return f"regions:{self.name}"
-        if self.source == "objects":
-            return f"objects:{detector_key(self.name)}"
-        name = file_key(self.name) if self.source == "torchscript" else self.name
-        tag = f".{self.tag}" if self.tag else ""
-        output = f":{self.output}" if self.output != "features" else ""
-        return f"{self.source}:{name}{tag}{output}"
-
-    @classmethod
-    def parse(cls, spec: str) -> BackboneSpec:
-        spec = spec.strip()
-        source, sep, rest = spec.partition(":")
-        if not sep or not rest:
-            raise ImgsentError(
-                f"backbone spec {spec!r} must look like SOURCE:NAME, e.g. timm:resnet50 or "
-                f"torchvision:mobilenet_v2; sources: {', '.join(SOURCES)}; presets: {', '.join(PRESETS)}"
-            )
-        if source not in SOURCES:
-            raise ImgsentError(f"unknown backbone source {source!r} in {spec!r}; use one of {', '.join(SOURCES)}")
-        if source == "regions":
-            return cls(source=source, name=_regions_key(rest), text=spec)
-        weights = None
-        if "@" in rest:
-            rest, weights = rest.rsplit("@", 1)
-            if not weights:
-                raise ImgsentError(f"backbone spec {spec!r}: nothing after '@' (expected a weights file)")
-        output = "features"
-        for kind in OUTPUTS[1:]:
-            if rest.endswith(f":{kind}"):
-                rest, output = rest[: -len(kind) - 1], kind
-        tag = None
-        if source not in ("torchscript", "objects") and "." in rest:
-            rest, tag = rest.split(".", 1)
-        if not rest:
-            raise ImgsentError(f"backbone spec {spec!r} names no model")
-        return cls(source=source, name=rest, tag=tag, output=output, weights=weights)
+    detector, inner = _parse_detector(parts[0], spec), BackboneSpec.parse(parts[1])
+    if inner.source in ("objects", "regions"):
+        raise ImgsentError(f"{spec}: the crops' backbone must be an image classifier, not a detector view")
+    k, min_score = int(settings["k"]), float(settings["min"])
+    return BackboneSpec(
+        source="regions",
+        name=f"{detector.key}+{inner.key}+k={k}+min={min_score:g}",
+        text=spec,
+        detector=detector,
+        inner=inner,
+        k=k,
+        min=min_score,
+        settings=tuple(parts[2:]),
+    )
 
 
 def normalize_key(key: str) -> str:
@@ -217,38 +280,14 @@ def normalized_recipe(recipe: dict) -> dict:
 # --- the local files a spec names -------------------------------------------------------------
 
 
-def _map_detector(detector: str, fn: Callable[[str], str]) -> str:
-    kind, sep, rest = detector.partition(":")
-    if kind == "torchscript":
-        return f"{kind}{sep}{fn(rest)}"
-    name, at, weights = rest.partition("@")
-    return f"{kind}{sep}{name}{at}{fn(weights) if at else ''}"
-
-
 def map_files(spec: str, fn: Callable[[str], str]) -> str:
-    """``spec`` with every local file it names (TorchScript modules, detectors, ``@FILE`` weights)
-    replaced by ``fn(path)``; the rest of the spec as written."""
-    spec = spec.strip()
-    source, sep, rest = spec.partition(":")
-    if source == "regions":
-        parts = rest.split("+")
-        if len(parts) >= 2:
-            parts[0], parts[1] = _map_detector(parts[0], fn), map_files(parts[1], fn)
-        return f"regions{sep}{'+'.join(parts)}"
-    if source == "objects":
-        return f"objects{sep}{_map_detector(rest, fn)}"
-    body, at, weights = rest.rpartition("@") if "@" in rest else (rest, "", "")
-    if source == "torchscript":
-        suffix = next((f":{k}" for k in OUTPUTS[1:] if body.endswith(f":{k}")), "")
-        body = fn(body[: len(body) - len(suffix)]) + suffix
-    return f"{source}{sep}{body}{at}{fn(weights) if at else ''}"
+    """``spec`` with every local file it names replaced by ``fn(path)`` (:meth:`BackboneSpec.map_files`)."""
+    return str(BackboneSpec.parse(spec).map_files(fn))
 
 
-def spec_files(spec: str) -> list[str]:
-    """The local files ``spec`` names, in order, each once."""
-    found: list[str] = []
-    map_files(spec, lambda p: found.append(p) or p)
-    return list(dict.fromkeys(found))
+def spec_files(spec: str | BackboneSpec) -> list[str]:
+    """The local files ``spec`` names, in order, each once (:meth:`BackboneSpec.files`)."""
+    return (spec if isinstance(spec, BackboneSpec) else BackboneSpec.parse(spec)).files()
 
 
 def file_sha256(path: str | os.PathLike) -> str:
