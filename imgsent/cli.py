@@ -826,7 +826,7 @@ def models(
 ) -> None:
     """A model's card (head, classes, backbones, training data, held-out estimate), the files its
     backbones read and where they were found, and where each backbone's weights come from."""
-    from .models import describe_model
+    from .cards import describe_model
 
     typer.echo(describe_model(model, [str(d) for d in models_dirs or []]))
 

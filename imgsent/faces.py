@@ -17,7 +17,6 @@ Spec names: ``imgsent:face_expression`` (a backbone) and ``imgsent:faces_rfb320`
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -28,9 +27,14 @@ from torch import nn
 
 from .decode import Preprocess
 from .errors import ImgsentError
+from .shipped import FACE_FOLDER as FOLDER
+from .shipped import (
+    SOURCES_FILE,  # noqa: F401  (imported from here too)
+    shipped_in,  # noqa: F401  (imported from here too)
+)
+from .shipped import describe_face as describe  # noqa: F401  (imported from here too)
+from .shipped import face_sources as sources  # noqa: F401  (imported from here too)
 
-FOLDER = os.path.join(os.path.dirname(__file__), "face_models")
-SOURCES_FILE = "sources.json"  # upstream repository, commit, file and sha256 of each shipped file
 EXPRESSIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
 EXPRESSION_MEAN_RGB = (122.782, 117.001, 104.298)  # face-api.js's normalisation, in 0..255 pixels
 
@@ -323,30 +327,6 @@ NETS = {
 }
 DETECTORS = tuple(name for name, net in NETS.items() if net.preprocess is None)
 CLASS_NAMES = ["__background__", "face"]
-
-
-def sources() -> dict:
-    """Where each shipped file comes from (``face_models/sources.json``)."""
-    with open(os.path.join(FOLDER, SOURCES_FILE), encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def describe(name: str) -> str:
-    """Where a shipped network's file is and comes from, in words (what ``imgsent models`` prints)."""
-    net = NETS[name]
-    entry = sources().get(name, {})
-    upstream = ", ".join(entry.get("files", {})) or "?"
-    return (
-        f"{net.file} (shipped with imgsent, sha256 {entry.get('sha256', '?')[:12]}...; converted from "
-        f"{entry.get('upstream', '?')} {upstream} at {entry.get('commit', '?')[:10]}, {entry.get('licence', '?')})"
-    )
-
-
-def shipped_in(spec) -> list[str]:
-    """The shipped networks a parsed spec (:class:`~imgsent.specs.BackboneSpec`) names: itself, its
-    detector, its crops' backbone (``objects:imgsent:faces_rfb320`` -> ``['faces_rfb320']``)."""
-    nodes = [spec, spec.detector, spec.inner]
-    return list(dict.fromkeys(n.name for n in nodes if n is not None and n.source == "imgsent" and n.name in NETS))
 
 
 def load(name: str, random_weights: bool = False) -> tuple[nn.Module, str]:

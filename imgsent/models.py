@@ -4,24 +4,28 @@ weights checked against the recipe."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from .backbones import Backbone, BackboneSpec, create_backbone, fingerprints_match, weights_location
+from .backbones import Backbone, BackboneSpec, create_backbone, fingerprints_match
 from .bundles import (  # noqa: F401  (re-exported: models is where users look)
     DEFAULT_MODEL,
     PACKAGED_MODELS,
+    RecipeFile,
     check_model_exists,
     head_version,
+    locate,
+    model_files,
     model_name,
     model_path,
     packaged_name,
+    recipe_files,
+    search_places,
 )
+from .cards import describe_model  # noqa: F401  (imported from here too)
 from .compiled import graph_key, graph_path, load_graph
 from .decode import Preprocess
 from .errors import ImgsentError
-from .specs import MODELS_ENV, file_key, file_sha256, map_files, spec_files
+from .specs import map_files
 from .training import SentimentModel, load_model
 
 
@@ -48,81 +52,6 @@ def packaged_model_named(identity: str) -> SentimentModel | None:
         if identity == f"imgsent-{name}":
             return resolve_model(name)
     return None
-
-
-# --- the files a recipe reads -----------------------------------------------------------------
-
-
-@dataclass
-class RecipeFile:
-    """A local file a backbone's recipe names: where it was (``written``, as in the spec;
-    ``recorded``, absolute), its content hash (None for recipes before 0.5), where it is now."""
-
-    key: str
-    name: str
-    sha256: str | None
-    written: str
-    recorded: str
-    optional: bool  # @FILE weights of a timm / torchvision backbone: else its own resolution serves
-    path: str | None = None
-    where: str = "not found"
-
-
-def search_places(model_dir: str | None, models_dirs: Sequence[str] = ()) -> list[tuple[str, str]]:
-    """Where a model looks for its files, in order: beside the bundle, ``$IMGSENT_MODELS``,
-    each ``--models DIR``; then (not listed here) the path the file had when the model was made."""
-    places = [(model_dir, "beside the model")] if model_dir else []
-    if os.environ.get(MODELS_ENV):
-        places.append((os.environ[MODELS_ENV], f"${MODELS_ENV}"))
-    places += [(d, f"--models {d}") for d in models_dirs]
-    return places
-
-
-def recipe_files(recipe: dict) -> list[RecipeFile]:
-    """The files ``recipe``'s spec names, with the name and hash recorded for each."""
-    text = recipe.get("spec", recipe["key"])
-    spec = BackboneSpec.parse(text)
-    written = spec_files(text)
-    records = recipe.get("files") or [{"name": file_key(p), "sha256": None, "path": p} for p in written]
-    if len(records) != len(written):
-        raise ImgsentError(
-            f"model recipe for {recipe['key']} lists {len(records)} files for {len(written)} in its spec"
-        )
-    weights = spec.weights if spec.source in ("timm", "torchvision") else None
-    return [
-        RecipeFile(recipe["key"], r["name"], r.get("sha256"), w, r.get("path", w), optional=w == weights)
-        for w, r in zip(written, records)
-    ]
-
-
-def locate(f: RecipeFile, places: list[tuple[str, str]]) -> RecipeFile:
-    """``f`` with ``path``/``where`` set: the first place holding a file of that name and hash.
-    Only files of the wrong hash: one line naming both hashes."""
-    seen, wrong = set(), []
-    candidates = [(os.path.join(d, f.name), where) for d, where in places] + [(f.recorded, "its recorded path")]
-    for path, where in candidates:
-        real = os.path.realpath(path)
-        if real in seen or not os.path.isfile(path):
-            continue
-        seen.add(real)
-        digest = file_sha256(path) if f.sha256 else None
-        if digest == f.sha256:
-            f.path, f.where = path, where
-            return f
-        wrong.append((path, digest))
-    if wrong:
-        path, digest = wrong[0]
-        raise ImgsentError(
-            f"{path} has sha256 {digest}, but this model needs the {f.name} with sha256 {f.sha256} (for {f.key})"
-        )
-    return f
-
-
-def model_files(model: SentimentModel, model_dir: str | None, models_dirs: Sequence[str] = ()) -> list[RecipeFile]:
-    """Every file the model's backbones read, located (see :func:`search_places`)."""
-    places = search_places(model_dir, models_dirs)
-    recipes = {r["key"]: r for r in model.recipes}
-    return [locate(f, places) for key, _ in model.blocks if key in recipes for f in recipe_files(recipes[key])]
 
 
 def _weights_for(model: SentimentModel, weights: Sequence[str]) -> dict[str, str]:
@@ -227,34 +156,3 @@ def compiled_backbone(recipe: dict, batch: int) -> Backbone | None:
         files=recipe.get("files", []),
         frozen_batch=batch,
     )
-
-
-def describe_model(model: str | None = None, models_dirs: Sequence[str] = ()) -> str:
-    """A model's card as text: what ``imgsent models [MODEL]`` prints, with the files its
-    backbones read and where they were found, and where each backbone's weights come from."""
-    m = resolve_model(model)
-    path = model_path(model)
-    name, version = model_identity(m, model)
-    lines = [
-        f"model: {name} {version} ({path})",
-        f"  head: {m.config.label}, classes: {', '.join(m.classes)}",
-        f"  backbones: {', '.join(f'{k} ({d}-d)' for k, d in m.blocks)}",
-        f"  training: {m.describe_training()}",
-    ]
-    lines += [f"  {k}: {v}" for k, v in m.training.get("card", {}).items()]
-    files = model_files(m, None if packaged_name(model) else path, models_dirs)
-    if files:
-        lines.append("files its backbones read (found by name and sha256):")
-        for f in files:
-            lines.append(
-                f"  {f.name} for {f.key}: "
-                + (f"{f.path} ({f.where})" if f.path else f"not found (recorded at {f.recorded})")
-                + (f", sha256 {f.sha256}" if f.sha256 else "")
-            )
-    lines.append("backbone weights a score would use now:")
-    recipes = {r["key"]: r for r in m.recipes}
-    for key, _ in m.blocks:
-        spec = BackboneSpec.parse(recipes.get(key, {}).get("spec", key))
-        found = next((f.path for f in files if f.key == key and f.optional and f.path), None)
-        lines.append(f"  {key}: " + (f"{found} (the model's file)" if found else weights_location(spec)))
-    return "\n".join(lines)

