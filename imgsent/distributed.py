@@ -40,7 +40,7 @@ import numpy as np
 from .backbones import Backbone, create_backbone, fingerprints_match
 from .batches import FeatureBatch
 from .engine import FeatureEngine
-from .engineplan import CUDA_BATCH_SIZE, default_workers, select_device
+from .engineplan import CUDA_BATCH_SIZE, EnginePlan, plan_engine
 from .errors import ImgsentError, ImgsentWarning
 from .inputs import ImageRef
 from .options import DEFAULT_BATCH_SIZE, RunOptions
@@ -118,27 +118,27 @@ Output = tuple[ShardTarget, Callable[[FeatureBatch], "object"]]  # where a job's
 
 class _EngineActor:
     """The one remote unit of both Ray paths: the driver's backbones built again here once, and the
-    local :class:`~imgsent.engine.FeatureEngine` run over each slice of references it is given. The
-    engine gets the CPUs Ray reserved for this actor: that many torch threads (one lane each on a
-    CPU) and the decoding processes the local engine would start on a machine of that many cores
-    (or the run's ``workers``). A failure to build is kept and raised by the first call (a task
-    error the driver can read, rather than a dead actor)."""
+    local :class:`~imgsent.engine.FeatureEngine` run over each slice of references it is given,
+    under the plan the driver resolved for every actor (:meth:`RayEngine.actor_plan`: the CPUs Ray
+    reserves for it give its lanes on a CPU and its decoding processes, or the run's ``workers``).
+    A failure to build is kept and raised by the first call (a task error the driver can read,
+    rather than a dead actor)."""
 
-    def __init__(self, specs: list[tuple[BackboneSpec, bool, dict]], options: RunOptions, env: dict[str, str]):
+    def __init__(
+        self,
+        specs: list[tuple[BackboneSpec, bool, dict]],
+        plan: EnginePlan,
+        options: RunOptions,
+        env: dict[str, str],
+    ):
         os.environ.update(env)  # the driver's settings (forwarded_env), before the decoding processes start
         self.failure: BaseException | None = None
         try:
             import ray
             import torch
 
-            cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-            torch.set_num_threads(cpus)
-            workers = options.workers
-            if workers is None:
-                workers = default_workers(select_device(options.device), cores=cpus)
-            self.engine = FeatureEngine(
-                _worker_backbones(specs, options), dataclasses.replace(options, workers=workers)
-            )
+            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+            self.engine = FeatureEngine(_worker_backbones(specs, options), options, plan=plan)
         except Exception as exc:
             self.failure = exc
 
@@ -161,13 +161,14 @@ class _ShardWorker(_EngineActor):
     def __init__(
         self,
         specs: list[tuple[BackboneSpec, bool, dict]],
+        plan: EnginePlan,
         options: RunOptions,
         outputs: list[Output],
         env: dict[str, str],
     ):
         self.outputs = outputs
         self.rows: tuple[int, int] = (-1, 0)  # (chunk index, rows of it embedded so far), read by progress()
-        super().__init__(specs, options, env)
+        super().__init__(specs, plan, options, env)
 
     def write(self, refs: list[ImageRef], chunk: Chunk, which: list[int]) -> dict:
         """The shard of ``chunk`` (rows ``refs``) in each output ``which`` names: finished files
@@ -327,6 +328,17 @@ class RayEngine:
             engine="local",
             progress=False,
         )
+        self.resources = self.worker_resources()
+        self.plan = self.actor_plan()
+
+    def actor_plan(self) -> EnginePlan:
+        """The plan every actor's engine runs, resolved here once (:func:`imgsent.engineplan.plan_engine`)
+        for a worker's device, numerics and reserved CPUs: its lanes and decoding processes."""
+        import torch
+
+        device = torch.device("cuda" if self.actor_options.device.startswith("cuda") else self.actor_options.device)
+        cores = int(self.resources["num_cpus"])
+        return plan_engine(self.actor_options, device=device, numerics=self.numerics, cores=cores)
 
     def _card_numerics(self, opts: RunOptions) -> str:
         """What ``auto`` means on a card of the cluster like the actors' (one short task there)."""
@@ -352,6 +364,7 @@ class RayEngine:
             raise ImgsentError("this store ran a backbone on ONNX Runtime that cannot run there now")
         self.onnx_keys = keys
         self.actor_options = dataclasses.replace(self.actor_options, runtime="onnx" if keys else "torch")
+        self.plan = self.actor_plan()
 
     @property
     def keys(self) -> list[str]:
@@ -368,7 +381,7 @@ class RayEngine:
             [{"id": r.id, "path": r.path, "source": r.source, "meta": r.meta} for r in refs],
             override_num_blocks=max(1, -(-len(refs) // size)),
         )
-        resources = self.worker_resources()
+        resources = self.resources
         ds = ds.map_batches(
             _StreamActor,
             batch_size=size,
@@ -376,7 +389,12 @@ class RayEngine:
             compute=ray.data.ActorPoolStrategy(size=self.options.ray_workers or 1),
             num_cpus=resources["num_cpus"],
             num_gpus=resources["num_gpus"] or None,
-            fn_constructor_kwargs={"specs": self.specs, "options": self.actor_options, "env": forwarded_env()},
+            fn_constructor_kwargs={
+                "specs": self.specs,
+                "plan": self.plan,
+                "options": self.actor_options,
+                "env": forwarded_env(),
+            },
         )
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
             if table.num_rows:
@@ -429,9 +447,9 @@ class _ShardPool:
     def __init__(self, engine: RayEngine, outputs: list[Output]):
         ray = engine.ray
         self.ray = ray
-        self.resources = engine.worker_resources()
+        self.resources = engine.resources
         self.actor_class = ray.remote(concurrency_groups={"report": 1}, max_restarts=0, **self.resources)(_ShardWorker)
-        self.args = (engine.specs, engine.actor_options, ray.put(outputs), forwarded_env())
+        self.args = (engine.specs, engine.plan, engine.actor_options, ray.put(outputs), forwarded_env())
         self.decoders: list[int] = []  # decoding processes of each worker started
         self.wanted = engine.options.ray_workers or 1
         self.starting: dict = {}  # ready() future -> actor

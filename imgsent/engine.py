@@ -67,7 +67,9 @@ class FeatureEngine:
     :func:`~imgsent.lanes.in_lanes`; 1 on GPU). ``overlap``: the next batch's decoding (on the
     device, or by Pillow for what it refuses) and copies to the device run on a thread (and CUDA
     stream) of their own while the models run this one (:func:`~imgsent.lanes.ahead`; default: on
-    CUDA with one lane); features are the same either way.
+    CUDA with one lane); features are the same either way. ``plan``: an
+    :class:`~imgsent.engineplan.EnginePlan` resolved elsewhere (a Ray driver's, for its workers),
+    instead of these keywords.
     The caller's :class:`~imgsent.backbones.Backbone` objects are never modified: the engine keeps
     its own prepared (moved, traced, compiled) modules.
     """
@@ -82,15 +84,22 @@ class FeatureEngine:
         model_batch: int | None = None,
         lanes: int | None = None,
         overlap: bool | None = None,
+        plan: EnginePlan | None = None,
         **overrides,
     ):
         if not backbones:
             raise ImgsentError("no backbone given")
         opts = RunOptions.build(options, **overrides)
         self.options = opts
-        plan = plan_engine(
-            opts, channels_last=channels_last, optimize=optimize, model_batch=model_batch, lanes=lanes, overlap=overlap
-        )
+        if plan is None:
+            plan = plan_engine(
+                opts,
+                channels_last=channels_last,
+                optimize=optimize,
+                model_batch=model_batch,
+                lanes=lanes,
+                overlap=overlap,
+            )
         self.plan = plan
         self.device = plan.torch_device
         self.numerics, self.amp_dtype = plan.numerics, plan.amp_dtype

@@ -69,27 +69,33 @@ def plan_engine(
     model_batch: int | None = None,
     lanes: int | None = None,
     overlap: bool | None = None,
+    device: torch.device | None = None,
+    numerics: str | None = None,
+    cores: int | None = None,
 ) -> EnginePlan:
     """The plan of a local engine with ``options`` (see :class:`~imgsent.engine.FeatureEngine` for
-    what each keyword means); raises :class:`ImgsentError` with one line on a bad value."""
-    device = select_device(options.device)
+    what each keyword means); raises :class:`ImgsentError` with one line on a bad value.
+    ``device``, ``numerics`` and ``cores`` (the CPUs the engine has: its lanes on a CPU and its
+    decoding processes) default to what this process finds; a Ray driver plans for its workers
+    with theirs (the card they get, the CPUs Ray reserves for each)."""
+    device = device if device is not None else select_device(options.device)
     cuda = device.type == "cuda"
     batch_size = options.batch_size or (CUDA_BATCH_SIZE if cuda else DEFAULT_BATCH_SIZE)
     if optimize not in OPTIMIZE:
         raise ImgsentError(f"optimize must be one of {', '.join(OPTIMIZE)}, got {optimize!r}")
-    lanes = lanes or (torch.get_num_threads() if device.type == "cpu" else 1)
+    lanes = lanes or ((cores or torch.get_num_threads()) if device.type == "cpu" else 1)
     if lanes < 1:
         raise ImgsentError(f"lanes must be >= 1, got {lanes}")
     return EnginePlan(
         device=str(device),
-        numerics=resolve_numerics(device, options.precision),
+        numerics=numerics or resolve_numerics(device, options.precision),
         batch_size=batch_size,
         model_batch=model_batch or (batch_size if cuda else CPU_MODEL_BATCH),
         lanes=lanes,
         # each batch's decoding and copies to the device on a thread (and CUDA stream) of their own,
         # while the models run the batch before: on CUDA, where one lane runs the models
         overlap=(cuda and lanes == 1) if overlap is None else overlap,
-        workers=default_workers(device) if options.workers is None else options.workers,
+        workers=default_workers(device, cores) if options.workers is None else options.workers,
         channels_last=True if channels_last is None else channels_last,
         optimize=optimize,
         compile=options.compile,

@@ -107,6 +107,9 @@ def test_streamed_ray_scores_are_the_local_ones_to_the_last_bit(cluster, images,
     assert (tmp_path / "ray.csv").read_text() == (tmp_path / "local.csv").read_text()
 
     engine = RayEngine(model_backbones(model), batch_size=4)
+    # one plan, resolved on the driver for every actor: a worker's CPUs give its lanes and decoders
+    assert engine.plan.device == "cpu" and engine.plan.lanes == engine.resources["num_cpus"] == 2
+    assert engine.plan.batch_size == 4 and engine.plan.numerics == "fp32"
     refs = imgsent.find_images([str(images)])
     batches = list(engine.run(refs))
     assert [r for b in batches for r in b.ids] == [r.id for r in refs]
