@@ -28,6 +28,9 @@ _imgsent() {
         evaluate:--split) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         evaluate:--report) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         evaluate:--plots) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
+        evaluate:--seed) COMPREPLY=(); return ;;
+        evaluate:--id-column) COMPREPLY=(); return ;;
+        evaluate:--label-column) COMPREPLY=(); return ;;
         evaluate:--epochs) COMPREPLY=(); return ;;
         evaluate:--lr) COMPREPLY=(); return ;;
         evaluate:--batch-size) COMPREPLY=(); return ;;
@@ -36,9 +39,6 @@ _imgsent() {
         evaluate:--hidden-units) COMPREPLY=(); return ;;
         evaluate:--experts) COMPREPLY=(); return ;;
         evaluate:--min-steps) COMPREPLY=(); return ;;
-        evaluate:--seed) COMPREPLY=(); return ;;
-        evaluate:--id-column) COMPREPLY=(); return ;;
-        evaluate:--label-column) COMPREPLY=(); return ;;
         extract:--out|extract:-o) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         extract:--backbones|extract:-B) COMPREPLY=(); return ;;
         extract:--dtype) COMPREPLY=( $(compgen -W "float32 float16" -- "$cur") ); return ;;
@@ -122,6 +122,10 @@ _imgsent() {
         train:--head) COMPREPLY=( $(compgen -W "nn moe moe1 moe2" -- "$cur") ); return ;;
         train:--schedule) COMPREPLY=(); return ;;
         train:--blocks) COMPREPLY=(); return ;;
+        train:--cv) COMPREPLY=(); return ;;
+        train:--seed) COMPREPLY=(); return ;;
+        train:--id-column) COMPREPLY=(); return ;;
+        train:--label-column) COMPREPLY=(); return ;;
         train:--epochs) COMPREPLY=(); return ;;
         train:--lr) COMPREPLY=(); return ;;
         train:--batch-size) COMPREPLY=(); return ;;
@@ -130,22 +134,18 @@ _imgsent() {
         train:--hidden-units) COMPREPLY=(); return ;;
         train:--experts) COMPREPLY=(); return ;;
         train:--min-steps) COMPREPLY=(); return ;;
-        train:--cv) COMPREPLY=(); return ;;
-        train:--seed) COMPREPLY=(); return ;;
-        train:--id-column) COMPREPLY=(); return ;;
-        train:--label-column) COMPREPLY=(); return ;;
     esac
     case "$cmd" in
         backbones) opts="--help" ;;
         calibrate) opts="--labels -l --out -o --features --scores --method --map --id-column --label-column --overwrite --no-overwrite --help" ;;
-        evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --plots --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --seed --id-column --label-column --quiet -q --help" ;;
+        evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --plots --seed --id-column --label-column --quiet -q --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --help" ;;
         extract) opts="--out -o --backbones -B --random-weights --no-random-weights --dtype --device --precision --batch-size -b --workers --decode --runtime --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --tta --help" ;;
         label) opts="--out -o --features --model -m --model-out --classes --strategy --host --port --token --annotator --no-browser --seed --models --device --workers --quiet -q --help" ;;
         models) opts="--models --help" ;;
         prevalence) opts="--labels -l --by --meta --json --level --bootstrap --seed --map --id-column --label-column --plot --help" ;;
         report) opts="--out -o --by --meta --labels -l --per-class --seed --map --quiet -q --help" ;;
         score) opts="--out -o --model -m --models --features --weights --format --threshold --keep-features --device --precision --batch-size -b --workers --decode --runtime --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --keep-columns --help" ;;
-        train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --blocks --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --cv --seed --id-column --label-column --overwrite --no-overwrite --quiet -q --help" ;;
+        train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --blocks --cv --seed --id-column --label-column --overwrite --no-overwrite --quiet -q --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --help" ;;
         version) opts="--help" ;;
         *) opts="" ;;
     esac

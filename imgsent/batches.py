@@ -209,3 +209,29 @@ class FailureCount:
                 f"backbone {key} failed on each of the first {failures} images, so it cannot run here; stopped "
                 f"(finished shards are kept). First error: {next(iter(failed.values())).split(': ', 1)[1]}"
             )
+
+    def embed_or_retry(self, index: int, key: str, embed, pixels, nan_row, join):
+        """``embed(pixels)`` for backbone ``index`` (``key``), and when it raises on the batch (but
+        an :class:`~imgsent.errors.ImgsentError`, which stops the run), the batch again image by
+        image: (features with ``nan_row()`` for the images it still fails on, {row: one-line
+        reason}); ``join`` stacks the rows (``torch.cat``, ``np.concatenate``). Both engines' rule,
+        counted here (:meth:`add`)."""
+        from .errors import ImgsentError, last_line
+
+        try:
+            out, failed = embed(pixels), {}
+        except ImgsentError:
+            raise
+        except Exception:
+            rows, failed = [], {}
+            for j in range(len(pixels)):
+                try:
+                    rows.append(embed(pixels[j : j + 1]))
+                except ImgsentError:
+                    raise
+                except Exception as exc:
+                    failed[j] = f"{key} failed on this image: {last_line(exc)}"
+                    rows.append(nan_row())
+            out = join(rows)
+        self.add(index, key, len(pixels), failed)
+        return out, failed

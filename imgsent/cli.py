@@ -260,28 +260,36 @@ RUN_FLAGS = {
 }
 
 
-def with_run_flags(**more):
-    """Decorator: the command offers :data:`RUN_FLAGS` (``more``: a command's own version of one, or
-    flags of its own that are run options too) after its own parameters, and is called with them
-    as one ``options`` :class:`RunOptions` (:func:`_run_options`)."""
+def flag_group(table: dict, into: str, build):
+    """A decorator factory for a group of flags several commands share: the command offers
+    ``table``'s flags (name -> (annotation, default); ``more``: a command's own version of one, or
+    flags of its own that belong to the group) after its own parameters, and is called with them
+    as one ``into`` argument, ``build(given)``."""
 
-    def wrap(fn):
-        flags = {**RUN_FLAGS, **more}
-        sig = inspect.signature(fn, eval_str=True)
-        own = [p for p in sig.parameters.values() if p.name != "options"]
-        kw = inspect.Parameter.KEYWORD_ONLY
-        params = own + [inspect.Parameter(n, kw, default=d, annotation=a) for n, (a, d) in flags.items()]
+    def decorator(**more):
+        def wrap(fn):
+            flags = {**table, **more}
+            sig = inspect.signature(fn, eval_str=True)
+            own = [p for p in sig.parameters.values() if p.name != into]
+            kw = inspect.Parameter.KEYWORD_ONLY
+            params = own + [inspect.Parameter(n, kw, default=d, annotation=a) for n, (a, d) in flags.items()]
 
-        @functools.wraps(fn)
-        def command(*args, **kwargs):
-            given = {n: kwargs.pop(n) for n in flags if n in kwargs}
-            return fn(*args, options=_run_options(given), **kwargs)
+            @functools.wraps(fn)
+            def command(*args, **kwargs):
+                given = {n: kwargs.pop(n) for n in flags if n in kwargs}
+                return fn(*args, **{into: build(given)}, **kwargs)
 
-        command.__signature__ = sig.replace(parameters=params)
-        command.__annotations__ = {p.name: p.annotation for p in params} | {"return": sig.return_annotation}
-        return command
+            command.__signature__ = sig.replace(parameters=params)
+            command.__annotations__ = {p.name: p.annotation for p in params} | {"return": sig.return_annotation}
+            return command
 
-    return wrap
+        return wrap
+
+    return decorator
+
+
+# extract and score: one RunOptions (see _run_options)
+with_run_flags = flag_group(RUN_FLAGS, "options", lambda given: _run_options(given))
 
 
 @app.command()
@@ -373,7 +381,25 @@ def _blocks(values: list[str] | None) -> list[str] | None:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+# train and evaluate: the head-fitting settings, as imgsent.train / imgsent.evaluate take them
+FIT_FLAGS = {
+    "epochs": (Epochs, None),
+    "lr": (Lr, None),
+    "batch_size": (HeadBatch, None),
+    "weight_decay": (WeightDecay, None),
+    "dropout": (Dropout, None),
+    "hidden_units": (HiddenUnits, 200),
+    "experts": (Experts, 2),
+    "normalize_blocks": (NormBlocks, None),
+    "min_steps": (MinSteps, None),
+}
+with_fit_flags = flag_group(
+    FIT_FLAGS, "fit", lambda given: {("hidden" if k == "hidden_units" else k): v for k, v in given.items()}
+)
+
+
 @app.command()
+@with_fit_flags()
 def train(
     store: Store,
     out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Model bundle directory to write.")],
@@ -386,15 +412,6 @@ def train(
         typer.Option(metavar="1|2", min=1, max=2, help="MoE schedule: 1 (120 epochs, lr x0.1 every 40) or 2 (60, 20)."),
     ] = None,
     blocks: Blocks = None,
-    epochs: Epochs = None,
-    lr: Lr = None,
-    batch_size: HeadBatch = None,
-    weight_decay: WeightDecay = None,
-    dropout: Dropout = None,
-    hidden_units: HiddenUnits = 200,
-    experts: Experts = 2,
-    normalize_blocks: NormBlocks = None,
-    min_steps: MinSteps = None,
     cv: Annotated[
         int,
         typer.Option(
@@ -408,6 +425,7 @@ def train(
         bool, typer.Option(help="Write into --out even if it holds something other than a model.")
     ] = False,
     quiet: Quiet = False,
+    fit: dict | None = None,
 ) -> None:
     """Train a head (the paper's NN or MoE) on a feature store and write a model bundle."""
     from .training import train as run
@@ -426,22 +444,15 @@ def train(
         progress=not quiet,
         cv=cv,
         schedule=schedule,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        dropout=dropout,
-        hidden=hidden_units,
-        experts=experts,
-        normalize_blocks=normalize_blocks,
-        min_steps=min_steps,
         seed=seed,
+        **(fit or {}),
     )
     if not quiet:
         typer.echo(f"wrote {out}: {model.describe_training(with_warnings=False)}", err=True)  # warned above
 
 
 @app.command()
+@with_fit_flags()
 def evaluate(
     store: Store,
     labels: Labels = None,
@@ -481,19 +492,11 @@ def evaluate(
         str | None,
         typer.Option(metavar="DIR", help="Also draw ROC curves and confusion matrices (PNG and SVG) into DIR."),
     ] = None,
-    epochs: Epochs = None,
-    lr: Lr = None,
-    batch_size: HeadBatch = None,
-    weight_decay: WeightDecay = None,
-    dropout: Dropout = None,
-    hidden_units: HiddenUnits = 200,
-    experts: Experts = 2,
-    normalize_blocks: NormBlocks = None,
-    min_steps: MinSteps = None,
     seed: Seed = 0,
     id_column: IdColumn = None,
     label_column: LabelColumn = None,
     quiet: Quiet = False,
+    fit: dict | None = None,
 ) -> None:
     """Evaluate heads under a protocol; print the paper's Table II layout (mean ± std per metric) on stdout."""
     from .evaluation import evaluate as run
@@ -518,15 +521,7 @@ def evaluate(
         progress=not quiet,
         id_column=id_column,
         label_column=label_column,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        weight_decay=weight_decay,
-        dropout=dropout,
-        hidden=hidden_units,
-        experts=experts,
-        normalize_blocks=normalize_blocks,
-        min_steps=min_steps,
+        **(fit or {}),
     )
     result.print()
 

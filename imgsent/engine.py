@@ -35,7 +35,7 @@ from .engineplan import (  # noqa: F401  (CUDA_BATCH_SIZE, default_workers, froz
     plan_engine,
     select_device,
 )
-from .errors import ImgsentError, last_line
+from .errors import ImgsentError
 from .inputs import ImageRef
 from .lanes import ahead, in_lanes
 from .loader import (  # noqa: F401  (check_shared_memory, prefetch_for: imported from here too)
@@ -308,24 +308,15 @@ class FeatureEngine:
         (features, NaN rows for the images it still fails on; {row: one-line reason}). A backbone
         that has failed on each of the first images of the run it was given (``FAILING_VIEW``, or
         all of a shorter run) stops the run with one line: it is broken, not the images."""
-        bb = self.backbones[index]
-        try:
-            out, failed = self.embed(index, pixels), {}
-        except ImgsentError:
-            raise
-        except Exception:
-            rows, failed = [], {}
-            for j in range(len(pixels)):
-                try:
-                    rows.append(self.embed(index, pixels[j : j + 1]))
-                except ImgsentError:
-                    raise
-                except Exception as exc:
-                    failed[j] = f"{bb.key} failed on this image: {last_line(exc)}"
-                    rows.append(torch.full((1, bb.dim), float("nan"), device=self.runners[index].device))
-            out = torch.cat(rows)
-        self._failures.add(index, bb.key, len(pixels), failed)
-        return out, failed
+        bb, dev = self.backbones[index], self.runners[index].device
+        return self._failures.embed_or_retry(
+            index,
+            bb.key,
+            lambda x: self.embed(index, x),
+            pixels,
+            lambda: torch.full((1, bb.dim), float("nan"), device=dev),
+            torch.cat,
+        )
 
     def _views(self, batch: CollatedBatch) -> tuple[dict[tuple, torch.Tensor], list[int]]:
         """The batch's views (rows of its good images, in order) and those rows' positions. JPEGs

@@ -35,7 +35,7 @@ import numpy as np
 from .batches import FailureCount, FeatureBatch, decoded_batch, group_batches
 from .decode import Preprocess, decode_refs
 from .decodepool import available_cores
-from .errors import ImgsentError, last_line
+from .errors import ImgsentError
 from .inputs import ImageRef
 from .lanes import remembered
 from .specs import cache_dir
@@ -508,24 +508,15 @@ class OrtEngine:
         return part(x, pp, detections)
 
     def _embed_or_retry(self, index: int, pixels: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
-        key = self.entries[index]["key"]
-        try:
-            out, failed = self.embed(index, pixels), {}
-        except ImgsentError:
-            raise
-        except Exception:
-            rows, failed = [], {}
-            for j in range(len(pixels)):
-                try:
-                    rows.append(self.embed(index, pixels[j : j + 1]))
-                except ImgsentError:
-                    raise
-                except Exception as exc:
-                    failed[j] = f"{key} failed on this image: {last_line(exc)}"
-                    rows.append(np.full((1, int(self.entries[index]["dim"])), np.nan, dtype=np.float32))
-            out = np.concatenate(rows)
-        self._failures.add(index, key, len(pixels), failed)
-        return out, failed
+        entry = self.entries[index]
+        return self._failures.embed_or_retry(
+            index,
+            entry["key"],
+            lambda x: self.embed(index, x),
+            pixels,
+            lambda: np.full((1, int(entry["dim"])), np.nan, dtype=np.float32),
+            np.concatenate,
+        )
 
 
 def _default_batch_size() -> int:

@@ -254,3 +254,5 @@ def test_extract_and_score_share_one_group_of_run_flags():
     )
     assert opts == RunOptions(include_hidden=True, progress=False, keep_images="kept", device="cpu")
     assert cli._run_options({"quiet": False, "keep_columns": ["a"]}) == RunOptions(progress=True, keep_columns=("a",))
+    for command in (cli.train, cli.evaluate):  # and train / evaluate share the head-fitting flags
+        assert set(cli.FIT_FLAGS) <= set(inspect.signature(command).parameters)
