@@ -195,7 +195,11 @@ def test_workers_write_the_shards_and_the_driver_only_lists_them(cluster, images
     monkeypatch.setattr(RayEngine, "run", no_stream)
     monkeypatch.setattr(imgsent.shards.ShardFile, "append", no_rows)  # the driver's copy; workers have their own
     s = imgsent.extract([str(images)], str(tmp_path / "ray"), engine="ray", ray_workers=2, **kw)
-    assert (s.total, s.errors) == (10, 1) and s.details["ray workers"].startswith("2 x 1 CPU")
+    assert (s.total, s.errors) == (10, 1)
+    # two workers of 1 CPU were asked for; on a loaded machine the first may write all ten tiny shards
+    # before the second has started, and the summary then says so (seen once in CI)
+    workers = s.details["ray workers"]
+    assert workers.startswith("2 x 1 CPU") or (workers.startswith("1 x 1 CPU") and "1 more had not started" in workers)
     fa, fb = (
         imgsent.features.load(str(local), only_ok=False),
         imgsent.features.load(str(tmp_path / "ray"), only_ok=False),
