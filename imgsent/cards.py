@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .bundles import check_model_exists, model_files, model_name, numpy_model, packaged_name
+from .bundles import model_files, model_name, numpy_model, packaged_name
 from .shipped import weights_location
 from .specs import BackboneSpec
 
@@ -15,8 +15,8 @@ from .specs import BackboneSpec
 def describe_model(model: str | None = None, models_dirs: Sequence[str] = ()) -> str:
     """A model's card as text: what ``imgsent models [MODEL]`` prints, with the files its
     backbones read and where they were found, and where each backbone's weights come from."""
-    path = check_model_exists(model)
     m = numpy_model(model)
+    path = m.bundle.path
     lines = [
         f"model: {model_name(model)} {m.version()} ({path})",
         f"  head: {m.label}, classes: {', '.join(m.classes)}",

@@ -105,7 +105,7 @@ class FeatureEngine:
         self.numerics, self.amp_dtype = plan.numerics, plan.amp_dtype
         self.batch_size, self.model_batch, self.lanes = plan.batch_size, plan.model_batch, plan.lanes
         self.workers, self.channels_last, self.overlap = plan.workers, plan.channels_last, plan.overlap
-        self.tta = opts.tta
+        self.tta = plan.tta
         self.max_pixels = opts.max_pixels
         self.decode = opts.decode
         self.decoder: str | None = None  # the JPEG decoder of decode="device" (devicedecode.BACKENDS)

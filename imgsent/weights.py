@@ -1,5 +1,5 @@
-"""Weights: reading local weight files safely, fingerprints, imgsent's cache, weights that ship
-inside installed Python packages (``PACKAGED``), and the conversion of torchvision's quantized
+"""Weights: reading local weight files safely, fingerprints, imgsent's cache, the key layout of
+weights that ship inside installed Python packages (the files: :mod:`imgsent.shipped`), and the conversion of torchvision's quantized
 MobileNetV2 checkpoint into float weights.
 
 Nothing here unpickles arbitrary objects: ``.safetensors`` files are read with safetensors, other
@@ -244,7 +244,7 @@ def download_quantized_mobilenet_v2() -> dict[str, torch.Tensor]:
     return dequantize_mobilenet_v2(qmodel)
 
 
-# --- weights inside installed packages: imgsent.shipped (PACKAGED, packaged_weights_file) -----------
+# --- packaged weights (their files: imgsent.shipped.PACKAGED) into a model's own key layout ----------
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
