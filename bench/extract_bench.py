@@ -187,8 +187,8 @@ def main() -> None:
 def _extract_mixed(tmp, specs, batch_size, workers):
     """``imgsent.extract`` with two backbones, the first with real weights and the second
     (``SECOND``) random ones: the same stages (engine, sharded writer), built by hand."""
-    from imgsent.extraction import build_engine, run_sharded
     from imgsent.features import KIND, feature_table, store_header
+    from imgsent.jobs import build_engine, run_job
     from imgsent.shards import ShardedWriter
 
     options = RunOptions(device="cpu", batch_size=batch_size, workers=workers, overwrite=True)
@@ -198,7 +198,7 @@ def _extract_mixed(tmp, specs, batch_size, workers):
     out = str(tmp / "store2")
     header = store_header([m.recipe() for m in models], "float32", "none")
     writer = ShardedWriter(out, kind=KIND, header=header, overwrite=True)
-    return run_sharded(engine, refs, [(writer, feature_table)], options, "extract", out)
+    return run_job(engine, refs, [(writer, feature_table)], options, "extract", out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -440,6 +440,12 @@ def create_backbone(
         "random": bool(random_weights),
     }
     return backbone
+
+
+def load_backbones(specs: Sequence[str], *, random_weights: bool = False, int8: bool = False) -> list[Backbone]:
+    """Create every backbone named by ``specs`` (spec strings or preset names); ``int8``: quantized
+    where it can be (see :mod:`imgsent.quantized`)."""
+    return [create_backbone(s, random_weights=random_weights, int8=int8) for s in expand_presets(list(specs))]
 
 
 def _accepts_batches(backbone: Backbone, pp: Preprocess) -> bool:

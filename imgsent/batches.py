@@ -112,7 +112,7 @@ class Engine(Protocol):
     ``run(refs, groups)``: yields batches covering ``refs`` exactly once, in order; no batch
     straddles two consecutive ``groups`` (output shards), so a resumed run computes the same
     numbers. Bad images are rows with ``status="error"``, never exceptions. An engine may also offer
-    ``write_shards`` (Ray): then it writes directory outputs' shards itself and ``run_sharded`` only
+    ``write_shards`` (Ray): then it writes directory outputs' shards itself and ``jobs.run_job`` only
     lists them (see :meth:`imgsent.distributed.RayEngine.write_shards`).
     """
 

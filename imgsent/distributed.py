@@ -7,8 +7,9 @@ score directories resume across engines):
   chunks (one per output shard) and hands whole chunks to a pool of actors (``ray_workers``, each
   with its share of the CPUs and ``gpus_per_worker`` GPUs). Each actor runs the local
   :class:`~imgsent.engine.FeatureEngine` over its chunk (decoding processes sized to its share of
-  its node's CPUs) and writes the shard itself (:class:`~imgsent.shards.ShardTarget`: temporary
-  file, fsync, rename), returning only the manifest entry. The driver never sees a feature: it
+  its node's CPUs) and writes the shard itself with the local loop's own function
+  (:func:`~imgsent.shards.write_chunk`: temporary file, fsync, rename), returning only the
+  manifest entry. The driver never sees a feature: it
   lists finished shards, reports progress, and gives the chunks of a worker that died (its node
   lost, an OOM kill) to the others. The output must be on a filesystem every node sees.
 * **Streams** (:meth:`RayEngine.run`: one output file, stdout): Ray Data maps slices of the
@@ -44,7 +45,7 @@ from .engineplan import CUDA_BATCH_SIZE, EnginePlan, plan_engine
 from .errors import ImgsentError, ImgsentWarning
 from .inputs import ImageRef
 from .options import DEFAULT_BATCH_SIZE, RunOptions
-from .shards import Chunk, ShardTarget, WorkItem
+from .shards import Chunk, Output, WorkItem, write_chunk
 from .specs import BackboneSpec
 
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME")  # and imgsent's (options.ENV)
@@ -113,9 +114,6 @@ def _worker_backbones(specs: list[tuple[BackboneSpec, bool, dict]], options: Run
     return backbones
 
 
-Output = tuple[ShardTarget, Callable[[FeatureBatch], "object"]]  # where a job's shards go, batch -> Arrow table
-
-
 class _EngineActor:
     """The one remote unit of both Ray paths: the driver's backbones built again here once, and the
     local :class:`~imgsent.engine.FeatureEngine` run over each slice of references it is given,
@@ -170,23 +168,16 @@ class _ShardWorker(_EngineActor):
         self.rows: tuple[int, int] = (-1, 0)  # (chunk index, rows of it embedded so far), read by progress()
         super().__init__(specs, plan, options, env)
 
-    def write(self, refs: list[ImageRef], chunk: Chunk, which: list[int]) -> dict:
-        """The shard of ``chunk`` (rows ``refs``) in each output ``which`` names: finished files
-        and their entries; on any failure no file of the chunk is left half written."""
-        files = [(self.outputs[k][0].open(chunk), self.outputs[k][1]) for k in which]
-        self.rows, errors = (chunk.index, 0), 0
-        try:
-            for batch in self.run(refs):
-                for f, to_table in files:
-                    f.append(to_table(batch))
-                errors += int((~batch.ok_mask).sum())
-                self.rows = (chunk.index, self.rows[1] + len(batch))
-            entries = [f.finish(errors=errors) for f, _ in files]
-        except BaseException:
-            for f, _ in files:
-                f.abort()
-            raise
-        return {"index": chunk.index, "entries": entries, "schemas": [f.schema for f, _ in files], "errors": errors}
+    def write(self, refs: list[ImageRef], item: WorkItem) -> dict:
+        """The work ``item`` (its chunk's rows ``refs``), as the local loop writes one:
+        :func:`~imgsent.shards.write_chunk`, its finished files' entries returned to the driver."""
+        self.rows = (item.chunk.index, 0)
+        return write_chunk(self._counted(self.run(refs), item.chunk.index), item, self.outputs)
+
+    def _counted(self, batches: Iterator[FeatureBatch], index: int) -> Iterator[FeatureBatch]:
+        for batch in batches:
+            yield batch
+            self.rows = (index, self.rows[1] + len(batch))
 
     def progress(self) -> tuple[int, int]:
         return self.rows
@@ -467,7 +458,7 @@ class _ShardPool:
     def run(self, refs, items, done, progress) -> dict[str, str]:
         ray = self.ray
         chunks = [it.chunk for it in items]
-        lacking = {it.chunk.index: list(it.lacking) for it in items}
+        by_index = {it.chunk.index: it for it in items}
         queue = collections.deque(chunks)
         tries: collections.Counter = collections.Counter()
         shown: dict[int, int] = {}  # rows already reported per chunk
@@ -488,8 +479,7 @@ class _ShardPool:
                 for actor, queued in self.live.items():
                     while queue and len(queued) < DEPTH:
                         c = queue.popleft()
-                        which = lacking[c.index]
-                        self.calls[actor.write.remote(list(refs[c.start : c.stop]), c, which)] = (actor, c)
+                        self.calls[actor.write.remote(list(refs[c.start : c.stop]), by_index[c.index])] = (actor, c)
                         queued.append(c)
                 if self.live:
                     idle_since = time.monotonic()

@@ -10,20 +10,25 @@ file in it that is not data starts with ``_`` or ``.``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .batches import Blocks, FeatureBatch
+from .batches import Blocks, Engine, FeatureBatch
 from .errors import ImgsentError
-from .inputs import display_path
+from .inputs import ImageRef, display_path
 from .options import FEATURE_DTYPES
-from .shards import StoreListing, list_store
+from .shards import ShardedWriter, StoreListing, begun, list_store
 from .specs import normalize_key, normalized_recipe
+
+if TYPE_CHECKING:
+    from .backbones import Backbone
+    from .options import RunOptions
 
 KIND = "features"
 DTYPES = dict(zip(FEATURE_DTYPES, (pa.float32(), pa.float16())))
@@ -173,6 +178,50 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def with_sources(out: str | None, refs: Sequence[ImageRef], begun_there: dict | None = None) -> bool:
+    """Whether rows written to ``out`` carry a ``source`` column (how to read an image that is no
+    file: a tar member, a Parquet cell, a URL): as the output begun there has it (a store never
+    changes its columns; ``begun_there``: its manifest, if already read), else when any of ``refs``
+    has a source."""
+    begun_there = begun_there if begun_there is not None else begun(out)
+    if begun_there is not None and begun_there["shards"] and begun_there.get("schema") is not None:
+        return SOURCE_COLUMN in begun_there["schema"].names
+    return any(r.source for r in refs)
+
+
+def store_writer(
+    out: str,
+    models: Sequence[Backbone],
+    dtype: str,
+    options: RunOptions,
+    engine: Engine,
+    refs: Sequence[ImageRef] = (),
+) -> tuple[ShardedWriter, Callable[[FeatureBatch], pa.Table]]:
+    """The writer of a feature store for ``models`` (and how a batch becomes its rows), as
+    :func:`imgsent.jobs.run_job` takes it; used by ``extract`` and by ``score --keep-features``.
+    What ``engine`` computes in and which JPEG decoder it uses are recorded: a store never mixes two."""
+    recipes = [b.recipe() for b in models]
+    there = begun(out)  # a store this run resumes: its runtimes and columns stay as they were begun
+    if options.runtime == "auto" and there is not None:
+        record = dict(there["header"].get("runtimes", {}))
+        if record != engine.runtime_record():
+            engine.adopt_runtimes(record)
+    header = store_header(
+        recipes, dtype, options.tta, engine.numerics, options.decode, engine.decoder, engine.runtime_record()
+    )
+    writer = ShardedWriter(
+        out,
+        kind=KIND,
+        header=header,
+        shard=options.shard,
+        overwrite=options.overwrite,
+        rows_per_shard=options.rows_per_shard,
+        describe_difference=describe_header_difference,
+    )
+    with_source = with_sources(out, refs, there)
+    return writer, lambda b: feature_table(b, dtype, with_source)
 
 
 def open_store(store: str) -> StoreListing:

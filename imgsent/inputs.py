@@ -15,9 +15,12 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from .errors import ImgsentError, ImgsentWarning, one_line
+
+if TYPE_CHECKING:
+    from .options import RunOptions
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 TAR_EXTENSION = ".tar"  # WebDataset / img2dataset shards: read member by member, by offset
@@ -485,3 +488,18 @@ def select_shard(refs: Sequence[ImageRef], shard: tuple[int, int] | None) -> lis
         return list(refs)
     index, count = shard
     return [r for r in refs if shard_of(r.id, count) == index]
+
+
+def resolve_inputs(inputs: Sequence[str], options: RunOptions, *, stdin=None) -> list[ImageRef]:
+    """The job's image references: everything ``inputs`` names (as ``options`` says to read it),
+    then this job's ``options.shard``."""
+    refs = find_images(
+        inputs,
+        null=options.null,
+        include_hidden=options.include_hidden,
+        stdin=stdin,
+        image_column=options.image_column,
+        id_column=options.id_column,
+        keep_columns=options.keep_columns,
+    )
+    return select_shard(refs, options.shard)

@@ -1,5 +1,6 @@
-"""Lanes: an ordered ``map`` over batches on several threads, torch single-threaded in each; and
-:func:`ahead`, one stage of a pipeline run on its own thread ahead of its consumer."""
+"""Lanes: an ordered ``map`` over batches on several threads, torch single-threaded in each;
+:func:`ahead`, one stage of a pipeline run on its own thread ahead of its consumer; and
+:class:`behind`, the last stage (a consumer) run on its own thread behind its feeder."""
 
 from __future__ import annotations
 
@@ -125,3 +126,73 @@ def ahead(fn: Callable, items: Iterable, depth: int = 2, context: Callable | Non
             while True:
                 results.get_nowait()
         thread.join(JOIN_S)
+
+
+class Stopped(Exception):
+    """Raised inside a :class:`behind` stage's ``consume`` when its feeder left with an error."""
+
+
+class behind:  # noqa: N801  (used as a context manager, as ``ahead`` is used as an iterator)
+    """The other end of a pipeline from :func:`ahead`: ``consume(items)`` runs on one thread of its
+    own over the items :meth:`put` here, at most ``depth`` of them waiting (the writing of shards:
+    Parquet encoding, fsync and rename, off the thread that feeds the engine and the GPU). An error
+    there comes out of the next :meth:`put`, or out of the ``with`` block's end, which waits for
+    ``consume`` to finish and keeps what it returned in ``result``. Leaving the block with an error
+    stops ``consume`` at its next item (its iterator raises :class:`Stopped`) and waits for it, so
+    that what it was writing is cleaned up by its own hands, never under them."""
+
+    def __init__(self, consume: Callable[[Iterator], object], depth: int = 2, name: str = "imgsent-writer"):
+        self.items: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.result = None
+        self.thread = threading.Thread(target=self._run, args=(consume,), name=name, daemon=True)
+
+    def _fed(self) -> Iterator:
+        while True:
+            if self.stop.is_set():
+                raise Stopped("the stage feeding this one stopped")
+            try:
+                item = self.items.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _END:
+                return
+            yield item
+
+    def _run(self, consume: Callable[[Iterator], object]) -> None:
+        try:
+            self.result = consume(self._fed())
+        except BaseException as exc:  # raised on the feeding thread
+            self.error = exc
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            if not self.thread.is_alive():
+                raise RuntimeError("the writing stage ended before its input did")
+            try:
+                self.items.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __enter__(self) -> behind:
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            while self.thread.is_alive():  # (a stage that returned before the end needs no end)
+                try:
+                    self.items.put(_END, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
+            return
+        self.stop.set()
+        self.thread.join(JOIN_S)

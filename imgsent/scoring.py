@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 from . import __version__
 from .batches import FeatureBatch
 from .errors import ImgsentError, ImgsentWarning
-from .extraction import build_engine, resolve_inputs, run_sharded, store_writer, with_sources
-from .features import SOURCE_COLUMN, StoreReader, open_store, source_array
-from .inputs import display_path
+from .features import SOURCE_COLUMN, StoreReader, open_store, source_array, store_writer, with_sources
+from .inputs import display_path, resolve_inputs
+from .jobs import build_engine, run_job
 from .lanes import in_lanes
 from .options import RunOptions, head_precision
 from .report import RunSummary
@@ -190,7 +190,7 @@ def extract_model_features(
     refs = resolve_inputs(inputs, opts, stdin=stdin)
     opts, backbones, engine = _model_engine(sentiment, model, weights, models, opts)
     output = store_writer(out, backbones, "float32", opts, engine, refs)
-    return run_sharded(engine, refs, [output], opts, "extract", out)
+    return run_job(engine, refs, [output], opts, "extract", out)
 
 
 def score(
@@ -293,7 +293,7 @@ def score(
             overwrite=opts.overwrite,
             rows_per_shard=opts.rows_per_shard,
         )
-        summary = run_sharded(engine, refs, [(writer, builder.from_batch), *outputs], opts, "score", out)
+        summary = run_job(engine, refs, [(writer, builder.from_batch), *outputs], opts, "score", out)
         summary.labels = _count_labels(writer)
         summary.details.update(summary_model)
         return summary
@@ -308,7 +308,7 @@ def score(
         _add_counts(labels, table)
 
     try:
-        summary = run_sharded(engine, refs, outputs, opts, "score", out, stream=emit)
+        summary = run_job(engine, refs, outputs, opts, "score", out, stream=emit)
     except BaseException:
         sink.close(ok=False)
         raise

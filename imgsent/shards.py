@@ -27,7 +27,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -105,12 +105,13 @@ class ShardTarget:
 
 
 class ShardFile:
-    """One shard being written: tables are appended to a temporary file (so a shard never has to
-    sit in memory whole); :meth:`finish` renames it into place and returns its manifest entry,
-    which the job's :class:`ShardedWriter` lists (:meth:`commit` does both, in one process)."""
+    """One shard being written, by whichever process runs its chunk: tables are appended to a
+    temporary file (so a shard never has to sit in memory whole); :meth:`finish` renames it into
+    place and returns its manifest entry, which the job's :class:`ShardedWriter` lists
+    (:meth:`ShardedWriter.record_finished`)."""
 
-    def __init__(self, target: ShardTarget, chunk: Chunk, writer: ShardedWriter | None = None):
-        self.target, self.chunk, self.writer = target, chunk, writer
+    def __init__(self, target: ShardTarget, chunk: Chunk):
+        self.target, self.chunk = target, chunk
         self.name = part_name(target.shard, chunk.index)
         self.path = os.path.join(target.directory, self.name)
         self.tmp = temp_path(self.path, prefix=f"{TMP_PREFIX}{self.name}.")
@@ -161,11 +162,6 @@ class ShardFile:
             "ids_sha256": ids_digest(self.ids),
         }
         return {**entry, **extra}
-
-    def commit(self, **extra: int) -> None:
-        """:meth:`finish`, then the entry listed in the manifest of the writer that opened it."""
-        entry = self.finish(**extra)
-        self.writer.record(self.chunk.index, entry, self.schema)
 
     def abort(self) -> None:
         try:
@@ -259,19 +255,49 @@ class WorkItem:
 def plan_job(
     ids: list[str], writers: list[ShardedWriter], rows_per_shard: int, every: bool = False
 ) -> tuple[list[WorkItem], list[Chunk]]:
-    """The one plan of a job over ``writers`` (each checks what it already holds: :meth:`ShardedWriter.plan`):
-    (work items: each chunk some writer lacks, or every chunk with ``every`` or no writer; the chunks
-    every writer already has). Both distributors run these items: the local loop and Ray's workers."""
-    lacking_by = [{c.index for c in w.plan(ids)[0]} for w in writers]
+    """The one plan of a job over ``writers`` (each says which chunks it already holds:
+    :meth:`ShardedWriter.settle`): (work items: each chunk some writer lacks, or every chunk with
+    ``every`` or no writer; the chunks every writer already has). Both distributors run these items
+    through :func:`write_chunk`: the local loop (:func:`imgsent.jobs.run_job`) and Ray's workers."""
     chunks = plan_chunks(len(ids), writers[0].rows_per_shard if writers else rows_per_shard)
+    held_by = [w.settle(chunks, ids) for w in writers]
     items, skipped = [], []
     for c in chunks:
-        lacking = tuple(k for k, held in enumerate(lacking_by) if c.index in held)
+        lacking = tuple(k for k, held in enumerate(held_by) if c.index not in held)
         if lacking or every or not writers:
             items.append(WorkItem(c, lacking))
         else:
             skipped.append(c)
     return items, skipped
+
+
+Output = tuple[ShardTarget, Callable[[object], pa.Table]]  # where a job's shards go, and batch -> its rows
+
+
+def write_chunk(batches: Iterable, item: WorkItem, outputs: Sequence[Output]) -> dict:
+    """The work of one item, wherever it runs (the local loop, a Ray worker): the engine's
+    ``batches`` of its chunk's rows become its shard in each output it lacks (``item.lacking``:
+    positions in ``outputs``), finished files; returns ``{index, entries, schemas, errors}`` (an
+    entry and schema per lacking output, in order) for the job's writers to list
+    (:meth:`ShardedWriter.record_finished`). On any failure no file of the chunk is left half
+    written."""
+    chunk = item.chunk
+    files = [(outputs[k][0].open(chunk), outputs[k][1]) for k in item.lacking]
+    rows = errors = 0
+    try:
+        for batch in batches:
+            for f, to_table in files:
+                f.append(to_table(batch))
+            rows += len(batch)
+            errors += int((~batch.ok_mask).sum())
+        if rows != chunk.stop - chunk.start:
+            raise RuntimeError(f"the engine returned {rows} rows for shard {chunk.index} of {chunk.stop - chunk.start}")
+        entries = [f.finish(errors=errors) for f, _ in files]
+    except BaseException:
+        for f, _ in files:
+            f.abort()
+        raise
+    return {"index": chunk.index, "entries": entries, "schemas": [f.schema for f, _ in files], "errors": errors}
 
 
 def plan_chunks(n_rows: int, rows_per_shard: int) -> list[Chunk]:
@@ -390,11 +416,17 @@ class ShardedWriter:
                     pass
 
     def plan(self, ids: list[str]) -> tuple[list[Chunk], int]:
-        """Split ``ids`` (the job's full, ordered list) into chunks; return (pending chunks, rows done).
-
-        A finished shard counts only if it holds exactly the ids its chunk should hold now.
-        """
+        """Split ``ids`` (the job's full, ordered list) into chunks; return (pending chunks, rows
+        done). See :meth:`settle`."""
         chunks = plan_chunks(len(ids), self.rows_per_shard)
+        held = self.settle(chunks, ids)
+        return [c for c in chunks if c.index not in held], sum(self.done[i]["rows"] for i in held)
+
+    def settle(self, chunks: list[Chunk], ids: list[str]) -> set[int]:
+        """The chunks of this plan (``chunks`` of ``ids``, the job's full, ordered list) whose shard
+        this output already holds: a finished shard counts only if it holds exactly the ids its
+        chunk should hold now. The entries of every other shard are dropped here, once (they are
+        written again or, by :meth:`finish`, removed)."""
         valid = {}
         for c in chunks:
             entry = self.done.get(c.index)
@@ -406,8 +438,7 @@ class ShardedWriter:
                 valid[c.index] = entry
         self.done = valid
         self._total_chunks = len(chunks)
-        pending = [c for c in chunks if c.index not in valid]
-        return pending, sum(e["rows"] for e in valid.values())
+        return set(valid)
 
     @property
     def target(self) -> ShardTarget:
@@ -415,15 +446,11 @@ class ShardedWriter:
         their entries come back to :meth:`record`."""
         return ShardTarget(self.directory, self.shard)
 
-    def open_shard(self, chunk: Chunk) -> ShardFile:
-        """Start the shard of ``chunk``; append tables to it, then commit."""
-        return ShardFile(self.target, chunk, self)
-
     def write(self, chunk: Chunk, table: pa.Table, **extra: int) -> None:
-        """Write ``table`` as the whole shard of ``chunk``."""
-        f = self.open_shard(chunk)
+        """Write ``table`` as the whole shard of ``chunk``, here."""
+        f = self.target.open(chunk)
         f.append(table)
-        f.commit(**extra)
+        self.record(chunk.index, f.finish(**extra), f.schema)
 
     def record(self, index: int, entry: dict, schema: pa.Schema | None = None) -> None:
         """List a finished shard (``entry`` from :meth:`ShardFile.finish`; ``schema``: its file's)."""
@@ -435,11 +462,12 @@ class ShardedWriter:
             raise self.write_error("manifest.json", exc) from None
         WRITTEN_HERE["shards"] += 1
 
-    def record_from_worker(self, index: int, entry: dict, schema: pa.Schema | None = None) -> None:
-        """:meth:`record` a shard another process (a Ray worker, maybe on another machine) finished,
-        once this process sees its file: a worker writing to a disk of its own would otherwise give a
-        manifest listing files that are not here. Waits up to :data:`VISIBLE_WAIT_S` (a network
-        filesystem may show another client's new file a moment late)."""
+    def record_finished(self, index: int, entry: dict, schema: pa.Schema | None = None) -> None:
+        """:meth:`record` a shard a job's chunk writer finished (:func:`imgsent.jobs.write_chunk`,
+        here or in a Ray worker, maybe on another machine), once this process sees its file: a worker
+        writing to a disk of its own would otherwise give a manifest listing files that are not here.
+        Waits up to :data:`VISIBLE_WAIT_S` (a network filesystem may show another client's new file
+        a moment late)."""
         path = os.path.join(self.directory, entry["file"])
         deadline = time.monotonic() + VISIBLE_WAIT_S
         while not os.path.isfile(path):
@@ -560,6 +588,16 @@ def manifest_paths(directory: str) -> list[str]:
             if job == "" or job.startswith(".shard-"):
                 found[job] = p
     return sorted(found.values())
+
+
+def begun(directory: str | None) -> dict | None:
+    """The manifest of the sharded output begun at ``directory`` (its header, shards' schema), or None."""
+    for path in manifest_paths(directory) if directory and os.path.isdir(directory) else []:
+        try:
+            return read_manifest(path)
+        except Exception:
+            continue
+    return None
 
 
 def list_store(directory: str, kind: str | None = None) -> StoreListing:

@@ -228,29 +228,57 @@ def test_shards_are_written_in_fixed_row_groups(images, tmp_path, monkeypatch):
 def test_shard_writing_runs_in_order_off_the_main_thread_and_its_errors_come_back():
     import threading
 
-    from imgsent.extraction import _WriterThread
+    from imgsent.lanes import behind
 
     seen = []
 
-    def write(i):
-        seen.append((i, threading.current_thread() is threading.main_thread()))
-        if i == 3:
-            raise OSError(28, "No space left on device")
+    def write_all(items):
+        for i in items:
+            seen.append((i, threading.current_thread() is threading.main_thread()))
+            if i == 3:
+                raise OSError(28, "No space left on device")
 
+    put = 0
     with pytest.raises(OSError, match="No space left"):
-        with _WriterThread(depth=2) as w:
+        with behind(write_all, depth=2) as w:
             for i in range(10):
-                w.submit(write, i)
-            w.drain()
-    assert [i for i, _ in seen][:4] == [0, 1, 2, 3] and not any(main for _, main in seen)
-    assert len(seen) <= 3 + 1 + 2  # at most `depth` writes queued after the failing one, never all ten
+                w.put(i)
+                put += 1
+    assert [i for i, _ in seen] == [0, 1, 2, 3] and not any(main for _, main in seen)
+    assert put <= 4 + 2 + 1  # at most `depth` items queued after the failing one, never all ten
+
+
+def test_a_writing_stage_stopped_by_its_feeder_cleans_up_in_its_own_hands():
+    from imgsent.lanes import Stopped, behind
+
+    events = []
+
+    def write_all(items):
+        try:
+            for i in items:
+                events.append(i)
+        except Stopped:
+            events.append("stopped")
+            raise
+
+    with pytest.raises(KeyboardInterrupt):
+        with behind(write_all) as w:
+            w.put(1)
+            while events != [1]:
+                pass
+            raise KeyboardInterrupt
+    assert events == [1, "stopped"]  # the stage saw the stop (its files aborted by it), then the block ended
+    with behind(lambda items: sum(items)) as w:
+        for i in range(5):
+            w.put(i)
+    assert w.result == 10
 
 
 def test_shards_a_worker_wrote_where_the_driver_cannot_see_them_are_refused(images, tmp_path, monkeypatch):
     """An engine whose workers write the shards (Ray) on a disk of their own, not the shared output:
     one line saying the output must be shared, never a manifest listing files that are not there."""
     from imgsent.engine import FeatureEngine
-    from imgsent.shards import ShardTarget
+    from imgsent.shards import ShardTarget, write_chunk
 
     class ElsewhereEngine:  # writes every shard as a worker would, but into another directory
         def __init__(self, models, options):
@@ -259,15 +287,10 @@ def test_shards_a_worker_wrote_where_the_driver_cannot_see_them_are_refused(imag
             self.runtime_record = self.local.runtime_record
 
         def write_shards(self, refs, items, outputs, done, progress):
+            elsewhere = [(ShardTarget(str(tmp_path / "worker-disk"), t.shard), f) for t, f in outputs]
             for item in items:
                 c = item.chunk
-                mine = [outputs[k] for k in item.lacking]
-                files = [(ShardTarget(str(tmp_path / "worker-disk"), t.shard).open(c), f) for t, f in mine]
-                for batch in self.local.run(refs[c.start : c.stop], groups=[c.stop - c.start]):
-                    for f, to_table in files:
-                        f.append(to_table(batch))
-                entries = [f.finish(errors=0) for f, _ in files]
-                done({"index": c.index, "entries": entries, "schemas": [f.schema for f, _ in files], "errors": 0}, 0)
+                done(write_chunk(self.local.run(refs[c.start : c.stop]), item, elsewhere), 0)
             return {}
 
     (tmp_path / "worker-disk").mkdir()

@@ -153,7 +153,7 @@ def test_file_deleted_between_listing_and_decoding(tmp_path, monkeypatch):
         os.unlink(d / "1.jpg")
         return refs
 
-    monkeypatch.setattr(imgsent.extraction, "find_images", list_then_delete)
+    monkeypatch.setattr(imgsent.inputs, "find_images", list_then_delete)
     imgsent.extract([str(d)], str(tmp_path / "s"), **KW)
     fs = imgsent.features.load(str(tmp_path / "s"), only_ok=False)
     assert dict(zip(fs.ids, fs.status)) == {"0.jpg": "ok", "1.jpg": "error", "2.jpg": "ok"}

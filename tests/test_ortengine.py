@@ -240,7 +240,7 @@ def test_probabilities_of_a_probs_backbone_are_taken_once_on_onnx_runtime():
 @pytest.mark.skipif(not (TWITTER / "images").is_dir(), reason="../shared/data/twitter_i is absent")
 def test_the_default_model_on_tweet_photos_scores_alike_with_and_without_torch(tmp_path):
     """Real photos, faces among them: detections, crops and their expressions go through numpy."""
-    from imgsent.extraction import resolve_inputs
+    from imgsent.inputs import resolve_inputs
     from imgsent.scoring import extract_model_features
 
     listing = tmp_path / "list.txt"
