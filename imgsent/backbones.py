@@ -51,6 +51,7 @@ from .specs import (  # noqa: F401  (the spec grammar and presets, re-exported: 
     OUTPUTS,
     PRESETS,
     SOURCES,
+    VIEW_SOURCES,
     BackboneSpec,
     describe_presets,
     expand_presets,
@@ -81,10 +82,9 @@ class Backbone:
     preprocess: Preprocess
     dim: int = 0
     fingerprint: dict = field(default_factory=dict)
-    cpu_only: bool = False
+    quantized: bool = False  # its module runs torch's quantized kernels (CPUs only): int8, a quantized TorchScript
     batchable: bool = True  # False for modules traced with a fixed batch of 1
     weights_source: str = ""  # where the weights came from (a file, a hub, random), for summaries
-    optimizable: bool = True  # False: run eagerly as is (no trace, freeze, compile or channels_last)
     int8: dict | None = None  # how it was quantized (official weights or post-training); None: float
     columns: list[str] | None = None  # names of the feature columns, when they have meanings
     files: list[dict] = field(default_factory=list)  # local files the spec names: specs.file_record each
@@ -93,6 +93,11 @@ class Backbone:
     @property
     def key(self) -> str:
         return self.spec.key
+
+    @property
+    def is_view(self) -> bool:
+        """A detector view (``objects:`` / ``regions:``): per-image loops and variable outputs."""
+        return self.spec.source in VIEW_SOURCES
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(self.module, x)
@@ -125,12 +130,12 @@ class Backbone:
         }
 
 
-Loaded = tuple[nn.Module, Preprocess, bool, str]  # module, preprocessing, cpu_only, weights source
+Loaded = tuple[nn.Module, Preprocess, bool, str]  # module, preprocessing, quantized, weights source
 _SOURCES: dict[str, Callable[[BackboneSpec, bool], Loaded]] = {}
 
 
 def register_source(name: str):
-    """Decorator: register a loader ``fn(spec, random_weights) -> (module, preprocess, cpu_only,
+    """Decorator: register a loader ``fn(spec, random_weights) -> (module, preprocess, quantized,
     weights_source)``."""
 
     def wrap(fn):
@@ -327,9 +332,9 @@ def _load_torchscript(spec: BackboneSpec, random_weights: bool) -> Loaded:
                 pp = Preprocess.from_dict({**Preprocess().to_dict(), **json.load(fh)})
         except Exception as exc:
             raise ImgsentError(f"bad preprocessing file {sidecar}: {exc}") from None
-    cpu_only = any(t.is_quantized for t in module.state_dict().values() if isinstance(t, torch.Tensor))
-    cpu_only = cpu_only or any("quantized" in str(n.kind()) for n in module.inlined_graph.nodes())
-    return module, pp, cpu_only, path
+    quantized = any(t.is_quantized for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+    quantized = quantized or any("quantized" in str(n.kind()) for n in module.inlined_graph.nodes())
+    return module, pp, quantized, path
 
 
 @register_source("imgsent")
@@ -348,18 +353,18 @@ def _load_shipped(spec: BackboneSpec, random_weights: bool) -> Loaded:
 def _load_objects(spec: BackboneSpec, random_weights: bool) -> Loaded:
     from .objects import ObjectsView, load_detector, view_preprocess
 
-    detector, names, source, cpu_only = load_detector(spec.detector, random_weights)
-    return ObjectsView(detector, names), view_preprocess(detector), cpu_only, source
+    detector, names, source, quantized = load_detector(spec.detector, random_weights)
+    return ObjectsView(detector, names), view_preprocess(detector), quantized, source
 
 
 @register_source("regions")
 def _load_regions(spec: BackboneSpec, random_weights: bool) -> Loaded:
     from .objects import RegionsView, load_detector, view_preprocess
 
-    detector, _names, source, cpu_only = load_detector(spec.detector, random_weights)
+    detector, _names, source, quantized = load_detector(spec.detector, random_weights)
     inner = create_backbone(spec.inner, random_weights=random_weights)
     view = RegionsView(detector, inner, spec.k, spec.min)
-    return view, view_preprocess(detector), cpu_only or inner.cpu_only, f"{source} + {inner.weights_source}"
+    return view, view_preprocess(detector), quantized or inner.quantized, f"{source} + {inner.weights_source}"
 
 
 @contextlib.contextmanager
@@ -413,19 +418,18 @@ def create_backbone(
     with _seeded(seed), downloading():
         official = _load_int8(parsed, random_weights) if int8 else None
         quantization = official[1] if official else None
-        module, pp, cpu_only, source = official[0] if official else _SOURCES[parsed.source](parsed, random_weights)
+        module, pp, quantized, source = official[0] if official else _SOURCES[parsed.source](parsed, random_weights)
         if int8 and not official:
             module.eval()
             module, quantization = _post_training_int8(parsed, module, pp)
-            cpu_only = cpu_only or quantization is not None
+            quantized = quantized or quantization is not None
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
     backbone = Backbone(
-        spec=parsed, module=module, preprocess=pp, cpu_only=cpu_only, weights_source=source, int8=quantization
+        spec=parsed, module=module, preprocess=pp, quantized=quantized, weights_source=source, int8=quantization
     )
-    if parsed.source in ("objects", "regions"):  # a detector: per-image loops, variable outputs; runs as it is
-        backbone.optimizable = False
+    if backbone.is_view:
         backbone.columns = module.columns
     with torch.inference_mode():
         probe = backbone(probe_image(pp)).float()[0]

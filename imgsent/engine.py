@@ -22,11 +22,7 @@ from torch.utils.data import DataLoader
 from . import runners
 from .backbones import Backbone
 from .batches import FailureCount, FeatureBatch, decoded_batch, flag_nonfinite, group_batches, mark_failed  # noqa: F401  (flag_nonfinite, mark_failed: imported from here too)
-from .decode import (
-    DEVICE_INTERPOLATIONS,
-    crop_count,
-    decode_ref,
-)
+from .decode import DEVICE_INTERPOLATIONS
 from .engineplan import (  # noqa: F401  (CUDA_BATCH_SIZE, default_workers, frozen_cpu_batch, select_device: imported from here too)
     CUDA_BATCH_SIZE,
     EnginePlan,
@@ -41,14 +37,16 @@ from .lanes import ahead, in_lanes
 from .loader import (  # noqa: F401  (check_shared_memory, prefetch_for: imported from here too)
     CollatedBatch,
     ImageDataset,
+    batch_views,
     check_shared_memory,
-    collate,
     decoded_batches,
     make_loader,
     prefetch_for,
 )
 from .options import RunOptions
 from .runners import Runner
+
+PLAN_SETTINGS = frozenset({f.name for f in dataclasses.fields(EnginePlan)} - {"device"} | {"amp_dtype"})
 
 
 class FeatureEngine:
@@ -102,10 +100,6 @@ class FeatureEngine:
             )
         self.plan = plan
         self.device = plan.torch_device
-        self.numerics, self.amp_dtype = plan.numerics, plan.amp_dtype
-        self.batch_size, self.model_batch, self.lanes = plan.batch_size, plan.model_batch, plan.lanes
-        self.workers, self.channels_last, self.overlap = plan.workers, plan.channels_last, plan.overlap
-        self.tta = plan.tta
         self.max_pixels = opts.max_pixels
         self.decode = opts.decode
         self.decoder: str | None = None  # the JPEG decoder of decode="device" (devicedecode.BACKENDS)
@@ -128,6 +122,14 @@ class FeatureEngine:
         # what runs each network (imgsent.runners), decided now, so that a store's header can say
         self.runners: list[Runner] = [runners.prepare(bb, plan) for bb in self.backbones]
         self._torch_free = self._torch_free_engine()
+
+    def __getattr__(self, name: str):
+        """The plan's settings read as the engine's own (``engine.batch_size``, ``engine.lanes``...):
+        one copy of each, in the plan."""
+        plan = self.__dict__.get("plan")
+        if plan is not None and name in PLAN_SETTINGS:
+            return getattr(plan, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def runtimes(self) -> list[str]:
@@ -319,43 +321,14 @@ class FeatureEngine:
         )
 
     def _views(self, batch: CollatedBatch) -> tuple[dict[tuple, torch.Tensor], list[int]]:
-        """The batch's views (rows of its good images, in order) and those rows' positions. JPEGs
-        left for the device are decoded there now, together; one the device refuses is decoded
-        by Pillow here (and becomes an error row with Pillow's reason if that fails too)."""
-        items, jpeg_pos = batch.items, batch.jpeg_pos
-        if not jpeg_pos:
-            return batch.views, [i for i, it in enumerate(items) if it.status == "ok"]
-        from .devicedecode import decode_views
-
-        preprocesses = [bb.preprocess for bb in self.backbones]
-        left = set(jpeg_pos)
-        host_pos = [i for i, it in enumerate(items) if it.status == "ok" and i not in left]
-        jpegs = list(torch.split(batch.jpeg_bytes, batch.jpeg_sizes))
-        on_device, failed = decode_views(
-            jpegs, [items[i].orientation for i in jpeg_pos], preprocesses, self.tta, self.device, self.decoder
-        )
-        refused = [jpeg_pos[j] for j in failed]
-        refused_set = set(refused)
-        device_pos = [p for p in jpeg_pos if p not in refused_set]
-        for p in refused:
-            items[p] = decode_ref(items[p].ref, preprocesses, self.tta, self.max_pixels)
-        redone = [p for p in refused if items[p].status == "ok"]
-        redone_views = collate([items[p] for p in redone]).views
+        """The batch's views (rows of its good images, in order) and those rows' positions; JPEGs
+        left for the device decoded there now (:func:`imgsent.loader.batch_views`)."""
+        if not batch.jpeg_pos:
+            return batch.views, [i for i, it in enumerate(batch.items) if it.status == "ok"]
+        pps = [bb.preprocess for bb in self.backbones]
+        views, ok_pos, counts = batch_views(batch, pps, self.tta, self.max_pixels, self.device, self.decoder)
         with self._count_lock:
-            self.device_decoded[0] += len(device_pos)
-            self.device_decoded[1] += len(refused)
-        ok_pos = [i for i, it in enumerate(items) if it.status == "ok"]
-        row = {p: r for r, p in enumerate(ok_pos)}
-        crops = crop_count(self.tta)
-        views: dict[tuple, torch.Tensor] = {}
-        for pp in preprocesses:
-            if pp.view_key in views:
-                continue
-            x = torch.empty((len(ok_pos), crops, 3, *pp.input_size), dtype=torch.uint8, device=self.device)
-            for positions, source in ((host_pos, batch.views), (device_pos, on_device), (redone, redone_views)):
-                if positions:
-                    x[[row[p] for p in positions]] = source[pp.view_key].to(self.device, non_blocking=True)
-            views[pp.view_key] = x
+            self.device_decoded = [a + b for a, b in zip(self.device_decoded, counts)]
         return views, ok_pos
 
     def _features(self, batch: CollatedBatch) -> FeatureBatch:

@@ -190,3 +190,46 @@ def check_shared_memory(
             f"need about {need / 2**20:.0f} MB there; give the container more shared memory (docker run "
             f"--shm-size=2g), or lower workers or batch_size (workers=0 decodes in this process)"
         )
+
+
+def batch_views(
+    batch: CollatedBatch,
+    preprocesses: list[Preprocess],
+    tta: str,
+    max_pixels: int,
+    device: torch.device,
+    decoder: str | None,
+) -> tuple[dict[tuple, torch.Tensor], list[int], tuple[int, int]]:
+    """A batch of ``decode="device"``'s views on ``device``: its JPEGs decoded there together
+    (:func:`imgsent.devicedecode.decode_views`), one the device refuses decoded by Pillow here (an
+    error row with Pillow's reason if that fails too), and the images the workers decoded copied
+    over: (views, rows of its good images in order, (JPEGs decoded on the device, refused))."""
+    from .devicedecode import decode_views
+
+    items, jpeg_pos = batch.items, batch.jpeg_pos
+    left = set(jpeg_pos)
+    host_pos = [i for i, it in enumerate(items) if it.status == "ok" and i not in left]
+    jpegs = list(torch.split(batch.jpeg_bytes, batch.jpeg_sizes))
+    on_device, failed = decode_views(
+        jpegs, [items[i].orientation for i in jpeg_pos], preprocesses, tta, device, decoder
+    )
+    refused = [jpeg_pos[j] for j in failed]
+    refused_set = set(refused)
+    device_pos = [p for p in jpeg_pos if p not in refused_set]
+    for p in refused:
+        items[p] = decode_ref(items[p].ref, preprocesses, tta, max_pixels)
+    redone = [p for p in refused if items[p].status == "ok"]
+    redone_views = collate([items[p] for p in redone]).views
+    ok_pos = [i for i, it in enumerate(items) if it.status == "ok"]
+    row = {p: r for r, p in enumerate(ok_pos)}
+    crops = crop_count(tta)
+    views: dict[tuple, torch.Tensor] = {}
+    for pp in preprocesses:
+        if pp.view_key in views:
+            continue
+        x = torch.empty((len(ok_pos), crops, 3, *pp.input_size), dtype=torch.uint8, device=device)
+        for positions, source in ((host_pos, batch.views), (device_pos, on_device), (redone, redone_views)):
+            if positions:
+                x[[row[p] for p in positions]] = source[pp.view_key].to(device, non_blocking=True)
+        views[pp.view_key] = x
+    return views, ok_pos, (len(device_pos), len(refused))

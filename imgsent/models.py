@@ -150,7 +150,6 @@ def compiled_backbone(recipe: dict, batch: int) -> Backbone | None:
         preprocess=Preprocess.from_dict(recipe["preprocess"]),
         dim=int(recipe["dim"]),
         fingerprint=recipe["fingerprint"],
-        cpu_only=True,
         weights_source=f"compiled graph {graph_path(key)} (weights sha256 {recipe['fingerprint']['sha256'][:12]}...)",
         columns=recipe.get("columns"),
         files=recipe.get("files", []),

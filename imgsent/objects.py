@@ -227,7 +227,7 @@ def _class_names_file(path: str) -> str | None:
 
 
 def load_detector(spec: BackboneSpec, random_weights: bool) -> tuple[Detector, list[str] | None, str, bool]:
-    """(detector, class names for ids 0.., weights source, cpu_only) for a view's detector (the
+    """(detector, class names for ids 0.., weights source, quantized) for a view's detector (the
     ``detector`` of its parsed spec: ``imgsent:NAME``, ``torchscript:PATH`` or ``torchvision:NAME[@FILE]``)."""
     from .weights import state_dict_sha256
 

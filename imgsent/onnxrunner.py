@@ -53,7 +53,7 @@ def available() -> bool:
 def not_exportable(bb) -> str | None:
     """Why ``bb`` (a :class:`~imgsent.backbones.Backbone`) cannot run on ONNX Runtime as a whole,
     or None. Detector views run their exportable parts there instead (:func:`prepare_view`)."""
-    if bb.spec.source in ("objects", "regions"):
+    if bb.is_view:
         return "a detector view (per-image loops, variable outputs)"
     if bb.spec.source == "torchscript":
         return "a TorchScript file (exported as it was given)"
@@ -71,7 +71,7 @@ def runs_there(bb) -> bool:
     under ``--runtime auto`` on a CPU: decided from what it is, without exporting anything."""
     if bb.int8:
         return False
-    if bb.spec.source not in ("objects", "regions"):
+    if not bb.is_view:
         return not_exportable(bb) is None
     view = bb.module
     inner = getattr(view, "inner_backbone", None)
@@ -115,7 +115,7 @@ class OnnxRunner(Runner):
 
     def __init__(self, bb, plan, module: torch.nn.Module):
         super().__init__(bb, plan, module, torch.device("cpu"))
-        self.fixed_shape = bb.optimizable  # NCHW passes: ONNX Runtime takes contiguous arrays
+        self.fixed_shape = not bb.is_view  # NCHW passes: ONNX Runtime takes contiguous arrays
 
 
 def runner(bb, plan) -> OnnxRunner | None:
@@ -128,7 +128,7 @@ def runner(bb, plan) -> OnnxRunner | None:
 def runner_for(bb, batch: int) -> torch.nn.Module | None:
     """What runs ``bb`` on ONNX Runtime: its network (:func:`prepare`, passes of ``batch``), or a
     detector view's copy with its exportable parts there (:func:`prepare_view`; None if none)."""
-    if bb.spec.source in ("objects", "regions"):
+    if bb.is_view:
         return prepare_view(bb.module)
     return prepare(bb, batch)
 
@@ -377,7 +377,7 @@ def plan_entries(runners: list[Runner]) -> list[dict] | None:
             "preprocess": bb.preprocess.to_dict(),
             "weights_source": bb.weights_source,
         }
-        if bb.spec.source not in ("objects", "regions"):
+        if not bb.is_view:
             if not isinstance(module, OrtRunner):
                 return None
             output = "probs" if bb.spec.output == "probs" else "features"

@@ -102,14 +102,13 @@ class TorchRunner(Runner):
     64-image pass)."""
 
     def __init__(self, backbone: Backbone, plan: EnginePlan):
-        dev = torch.device("cpu") if backbone.cpu_only else plan.torch_device
-        super().__init__(backbone, plan, backbone.module, dev)
+        super().__init__(backbone, plan, backbone.module, device_for(backbone, plan))
         self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
 
     def ready(self) -> None:
         bb, dev, plan = self.backbone, self.device, self.plan
         module = bb.module
-        if not bb.optimizable:  # detectors: as they are, on their device
+        if bb.is_view:  # detectors: as they are, on their device
             self.module = _prepare_view(module, dev, plan)
             return
         if bb.frozen_batch is not None:  # a cached frozen CPU graph (models.model_backbones)
@@ -147,6 +146,12 @@ class TorchRunner(Runner):
         if self.device.type != "cpu":
             return contextlib.nullcontext()
         return _fusion(True) if self.fixed_shape else unfused()
+
+
+def device_for(bb: Backbone, plan: EnginePlan) -> torch.device:
+    """Where torch runs ``bb`` under ``plan``: the plan's device, except a quantized module (torch's
+    quantized kernels exist for CPUs only) and a cached frozen CPU graph, which run on the CPU."""
+    return torch.device("cpu") if bb.quantized or bb.frozen_batch is not None else plan.torch_device
 
 
 def prepare(backbone: Backbone, plan: EnginePlan) -> Runner:

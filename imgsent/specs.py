@@ -28,6 +28,7 @@ from pathlib import Path
 from .errors import ImgsentError
 
 SOURCES = ("imgsent", "objects", "regions", "timm", "torchscript", "torchvision")
+VIEW_SOURCES = ("objects", "regions")  # detector views: per-image loops, variable outputs
 OUTPUTS = ("features", "probs", "head")  # pooled features; softmax of the head; the head's raw outputs
 REGIONS_DEFAULTS = {"k": 5, "min": 0.3}
 MODELS_ENV = "IMGSENT_MODELS"  # the folder a preset's {models} names (and where models look for files)
@@ -247,7 +248,7 @@ def _parse_regions(spec: str, rest: str) -> BackboneSpec:
     if settings["k"] < 1 or not 0 <= settings["min"] <= 1:
         raise ImgsentError(f"regions:{rest}: k must be >= 1 and min in [0, 1]")
     detector, inner = _parse_detector(parts[0], spec), BackboneSpec.parse(parts[1])
-    if inner.source in ("objects", "regions"):
+    if inner.source in VIEW_SOURCES:
         raise ImgsentError(f"{spec}: the crops' backbone must be an image classifier, not a detector view")
     k, min_score = int(settings["k"]), float(settings["min"])
     return BackboneSpec(

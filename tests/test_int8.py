@@ -28,7 +28,7 @@ def images(tmp_path_factory):
 
 def test_an_int8_backbone_is_quantized_cpu_only_and_batch_independent(images, tmp_path):
     bb = create_backbone(MNV2, random_weights=True, int8=True)
-    assert bb.int8 and bb.cpu_only and bb.dim == 1280 and bb.recipe()["numerics"] == "int8"
+    assert bb.int8 and bb.quantized and bb.dim == 1280 and bb.recipe()["numerics"] == "int8"
     assert any(str(m.__class__.__module__).startswith("torch.ao.nn.quantized") for m in bb.module.modules())
     assert create_backbone(MNV2, random_weights=True).fingerprint != bb.fingerprint  # other weights, other numbers
     stores = []
@@ -45,7 +45,7 @@ def test_convolutional_networks_without_official_weights_get_a_deterministic_pos
 
     a = create_backbone(TINY, random_weights=True, int8=True)
     b = create_backbone(TINY, random_weights=True, int8=True)
-    assert a.int8 == CALIBRATION and a.cpu_only and a.recipe()["int8"]["images"] == 64
+    assert a.int8 == CALIBRATION and a.quantized and a.recipe()["int8"]["images"] == 64
     assert a.fingerprint == b.fingerprint  # same calibration, same quantized weights and scales
     assert a.fingerprint != create_backbone(TINY, random_weights=True).fingerprint
     cal = calibration_images(4, 32, 48, seed=0)
@@ -148,4 +148,4 @@ def test_tensorflow_same_padding_networks_get_int8_too():
     with warnings.catch_warnings():
         warnings.simplefilter("error", ImgsentWarning)  # no "stays float32" warning
         q = create_backbone("timm:tf_efficientnet_lite0", random_weights=True, int8=True)
-    assert q.int8 is not None and q.cpu_only and q.dim == bb.dim
+    assert q.int8 is not None and q.quantized and q.dim == bb.dim

@@ -122,3 +122,31 @@ def test_the_plan_is_resolved_once_as_plain_data():
     assert engine.plan.lanes == engine.lanes == 1 and engine.plan.workers == 0
     with pytest.raises(ImgsentError, match="optimize must be one of"):
         plan_engine(RunOptions.build(None, device="cpu"), optimize="fast")
+
+
+def test_what_a_backbone_is_decides_how_it_runs(tmp_path):
+    """The runner reads what a backbone is (a view, quantized, a module traced for one image), not
+    flags about how to run it: a TorchScript file traced for one image at a time is run image by
+    image in a batch of four, with the features each image gets alone."""
+    from imgsent.inputs import find_images
+
+    class OneImage(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3)).reshape(1, -1)  # a traced reshape that only takes one image
+
+    path = tmp_path / "one.pt"
+    torch.jit.trace(OneImage(), torch.rand(1, 3, 224, 224)).save(str(path))
+    bb = create_backbone(f"torchscript:{path}")
+    assert not bb.batchable and not bb.is_view and not bb.quantized and bb.dim == 3
+    plan = plan_engine(RunOptions(device="cpu", batch_size=4, workers=0))
+    assert runners.device_for(bb, plan).type == "cpu"
+    write_images(tmp_path / "im", 5)
+    refs = find_images([str(tmp_path / "im")])
+    together = np.concatenate(
+        [b.features[bb.key] for b in FeatureEngine([bb], device="cpu", batch_size=4, workers=0).run(refs)]
+    )
+    alone = np.concatenate(
+        [b.features[bb.key] for b in FeatureEngine([bb], device="cpu", batch_size=1, workers=0).run(refs)]
+    )
+    assert together.shape == (5, 3) and np.isfinite(together).all()
+    np.testing.assert_array_equal(together, alone)
