@@ -50,7 +50,7 @@ class EnginePlan:
 
     def runs_frozen(self, batch: int, dev: torch.device | None = None) -> bool:
         """Whether a backbone on ``dev`` runs as a CPU graph frozen for passes of ``batch`` images,
-        channels_last: what a cached graph (:mod:`imgsent.compiled`) was made for."""
+        channels_last: what a cached graph (:mod:`imgsent.graphcache`) was made for."""
         dev = dev or self.torch_device
         return (
             dev.type == "cpu"

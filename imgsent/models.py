@@ -22,9 +22,9 @@ from .bundles import (  # noqa: F401  (re-exported: models is where users look)
     search_places,
 )
 from .cards import describe_model  # noqa: F401  (imported from here too)
-from .compiled import graph_key, graph_path, load_graph
 from .decode import Preprocess
 from .errors import ImgsentError
+from .graphcache import graph_key, graph_path, load_graph
 from .specs import map_files
 from .training import SentimentModel, load_model
 
@@ -136,7 +136,7 @@ def model_backbones(
 
 def compiled_backbone(recipe: dict, batch: int) -> Backbone | None:
     """The backbone of ``recipe`` as the CPU graph a previous run froze for passes of ``batch``
-    images, channels_last (:mod:`imgsent.compiled`), or None when none is cached. The engine
+    images, channels_last (:mod:`imgsent.graphcache`), or None when none is cached. The engine
     checks it against the recipe's probe features before use."""
     if BackboneSpec.parse(recipe.get("spec", recipe["key"])).source not in ("timm", "torchvision"):
         return None

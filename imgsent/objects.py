@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compiled import unfused
 from .decode import Preprocess
 from .errors import ImgsentError
 from .lanes import remembered
 from .specs import BackboneSpec
+from .switches import unfused
 
 VIEW_MIN = 512  # the shared view's side: crops for the regions view come from it
 TORCHSCRIPT_SIZE = 320  # what exported D2Go detectors expect (they rescale to 320 themselves)
@@ -82,7 +82,7 @@ class Detector(nn.Module):
         self.view = view or max(VIEW_MIN, size)  # the side of the square view both views decode
 
     def _run(self, image: torch.Tensor) -> Detections:
-        with unfused():  # never fused under another lane's switch (see imgsent.compiled.unfused)
+        with unfused():  # never fused under another lane's switch (see imgsent.switches.unfused)
             out = self.module([image])
         if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):  # (losses | inputs, detections)
             out = out[1]

@@ -193,7 +193,7 @@ class _Output(torch.nn.Module):
 
 
 def _export(bb, module: torch.nn.Module, batch: int, path: str) -> None:
-    from .compiled import probe_batch
+    from .fingerprints import probe_batch
 
     _export_module(_Output(module), probe_batch(bb.preprocess, batch, channels_last=False), path)
 
@@ -224,8 +224,7 @@ def _eager_module(bb) -> torch.nn.Module:
 def prepare(bb, batch: int) -> OrtRunner:
     """An ONNX Runtime runner of ``bb`` for passes of exactly ``batch`` images (see the module
     docstring); raises :class:`ImgsentError` with one line when it cannot be made or checked."""
-    from .backbones import PROBE_VALUES, fingerprints_match
-    from .compiled import probe_batch
+    from .fingerprints import fingerprint_of, fingerprints_match, probe_batch
 
     reason = not_exportable(bb)
     if reason:
@@ -237,8 +236,7 @@ def prepare(bb, batch: int) -> OrtRunner:
         try:
             runner = OrtRunner(_session(path), batch, path)
             got = bb.run(runner, x).float()[0]
-            here = {"probe": [float(v) for v in got[:PROBE_VALUES]], "probe_norm": float(got.norm())}
-            if fingerprints_match(bb.fingerprint, here, rtol=MAX_DIFF * 10):
+            if fingerprints_match(bb.fingerprint, fingerprint_of(got), kind="export"):
                 return runner
         except Exception:
             pass

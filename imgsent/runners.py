@@ -4,7 +4,7 @@
 a module of imgsent with ``NAME``, ``applies_to(plan)``, ``runs_there(backbone)`` and
 ``runner(backbone, plan) -> Runner | None``: today :mod:`imgsent.onnxrunner`, ONNX Runtime on a
 CPU), and torch takes the rest: :class:`TorchRunner` (eager; traced and frozen with the graph cache
-of :mod:`imgsent.compiled`; ``torch.compile``; a user's TorchScript checked on its device; a
+of :mod:`imgsent.graphcache`; ``torch.compile``; a user's TorchScript checked on its device; a
 detector view as it is, its crop classifier frozen). A new runtime is one more module in that
 list: the engine's loop has no branch for any of them.
 
@@ -24,10 +24,12 @@ import warnings
 import torch
 
 from .backbones import Backbone
-from .compiled import WARMUP_CALLS, drop_graph, first_output, graph_key, load_graph, probe_batch, save_graph, unfused
-from .compiled import fusion as _fusion
 from .engineplan import EnginePlan
 from .errors import ImgsentError, ImgsentWarning, one_line
+from .fingerprints import probe_batch, same_outputs
+from .graphcache import WARMUP_CALLS, drop_graph, first_output, graph_key, load_graph, save_graph
+from .switches import fusion as _fusion
+from .switches import tf32, unfused
 
 RUNTIMES = ("onnxrunner",)  # imgsent's runtime modules, asked in this order before torch
 
@@ -142,7 +144,7 @@ class TorchRunner(Runner):
     def context(self):
         """On a CPU: oneDNN fusion for the graphs this runner froze; every other module (detectors,
         a user's TorchScript) runs unoptimised, out of reach of that process-wide switch, which
-        another lane may hold on meanwhile (:func:`~imgsent.compiled.unfused`)."""
+        another lane may hold on meanwhile (:func:`~imgsent.switches.unfused`)."""
         if self.device.type != "cpu":
             return contextlib.nullcontext()
         return _fusion(True) if self.fixed_shape else unfused()
@@ -216,7 +218,7 @@ def _prepare_view(module: torch.nn.Module, dev: torch.device, plan: EnginePlan) 
 def freeze(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_last: bool, batch: int):
     """Trace and freeze ``module`` for batches of exactly ``batch`` images (folds batch-norm; on CPU
     oneDNN fuses the graph on the first calls, done here), or on a CPU load the graph a previous run
-    cached (:mod:`imgsent.compiled`). Returns (module, frozen): eager when tracing fails or the frozen
+    cached (:mod:`imgsent.graphcache`). Returns (module, frozen): eager when tracing fails or the frozen
     module disagrees with eager on the probe image (a cached graph that does is removed, and traced anew)."""
     x = probe_batch(bb.preprocess, batch, channels_last, dev)
     key = graph_key(bb.recipe(), batch, channels_last) if dev.type == "cpu" else None
@@ -235,11 +237,10 @@ def freeze(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_la
                 got = first_output(got)[:2]
         except Exception:
             got = eager = None
-        if got is not None and got.shape == eager.shape:
-            if float((got - eager).abs().max()) <= 1e-4 * (float(eager.abs().max()) or 1.0):
-                if not use_cache:
-                    save_graph(key, frozen)
-                return frozen, True
+        if got is not None and same_outputs(got, eager):
+            if not use_cache:
+                save_graph(key, frozen)
+            return frozen, True
         if use_cache:
             drop_graph(key)
     return module, False
@@ -248,14 +249,13 @@ def freeze(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_la
 def warm_frozen(bb: Backbone, module: torch.jit.ScriptModule, batch: int, channels_last: bool) -> None:
     """A backbone whose module is a cached frozen graph (``bb.frozen_batch``): check it against the
     probe features its recipe recorded, and run the warm-up calls a freshly frozen graph gets."""
-    from .fingerprints import PROBE_VALUES, fingerprints_match
+    from .fingerprints import fingerprint_of, fingerprints_match
 
     x = probe_batch(bb.preprocess, batch, channels_last)
     with torch.inference_mode(), _fusion(True):
         for _ in range(WARMUP_CALLS):
             got = bb.run(module, x).float()[0]
-    here = {"probe": [float(v) for v in got[:PROBE_VALUES]], "probe_norm": float(got.norm())}
-    if not fingerprints_match(bb.fingerprint, here):
+    if not fingerprints_match(bb.fingerprint, fingerprint_of(got)):
         drop_graph(graph_key(bb.recipe(), batch, channels_last))
         raise ImgsentError(
             f"the compiled graph cached for {bb.key} does not give its recipe's features; it was removed: run the "
@@ -263,25 +263,10 @@ def warm_frozen(bb: Backbone, module: torch.jit.ScriptModule, batch: int, channe
         )
 
 
-@contextlib.contextmanager
-def tf32(numerics: str):
-    """TF32 tensor cores for CUDA matmuls and convolutions only when the run's numerics say tf32
-    (cuDNN allows them by default, which would make "fp32" features something else); restored."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = numerics == "tf32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
 def check_on_device(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_last: bool):
     """A TorchScript backbone moved to ``dev``: it must run there, and give the features its CPU
     fingerprint recorded (within GPU rounding); else one clear error before any batch runs."""
-    from .fingerprints import PROBE_VALUES, fingerprints_match, probe_image
+    from .fingerprints import fingerprint_of, fingerprints_match, probe_image
 
     if channels_last:
         try:
@@ -297,7 +282,6 @@ def check_on_device(bb: Backbone, module: torch.nn.Module, dev: torch.device, ch
     except Exception as exc:
         reason = one_line(exc, 160)
         raise ImgsentError(f"backbone {bb.key} cannot run on {dev} ({reason}); use device cpu for it") from None
-    here = {"probe": [float(v) for v in got[:PROBE_VALUES]], "probe_norm": float(got.norm())}
-    if not fingerprints_match(bb.fingerprint, here, rtol=1e-2):
+    if not fingerprints_match(bb.fingerprint, fingerprint_of(got), kind="device"):
         raise ImgsentError(f"backbone {bb.key} gives other features on {dev} than on the CPU; use device cpu for it")
     return module

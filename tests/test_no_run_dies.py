@@ -15,7 +15,7 @@ from conftest import SHARED, TINY, TWITTER, imgsent_cli, write_images
 from PIL import Image
 
 import imgsent
-from imgsent.compiled import fusion
+from imgsent.switches import fusion
 
 D2GO = SHARED / "models" / "d2go_coco_objects.pt"
 FACES = SHARED / "models" / "faces_rfb640.pt"

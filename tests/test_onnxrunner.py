@@ -13,9 +13,9 @@ from conftest import TINY, TINY2, TWITTER, HalvesDetector, run_cli, write_images
 import imgsent
 from imgsent import onnxrunner
 from imgsent.backbones import create_backbone
-from imgsent.compiled import probe_batch
 from imgsent.engine import FeatureEngine
 from imgsent.errors import ImgsentError
+from imgsent.fingerprints import probe_batch
 from imgsent.shards import manifest_paths, read_manifest
 
 pytestmark = pytest.mark.skipif(not onnxrunner.available(), reason="onnxruntime is not installed")

@@ -1,4 +1,4 @@
-"""Frozen CPU graphs cached on disk (imgsent.compiled): later runs load them instead of tracing,
+"""Frozen CPU graphs cached on disk (imgsent.graphcache): later runs load them instead of tracing,
 build no network for a model whose graphs are cached, and give identical numbers."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Frozen CPU graphs, cached on disk.
+"""The frozen-graph cache: ``torch.jit.freeze`` graphs of CPU backbones, kept on disk (not
+``--compile``, which is ``torch.compile`` and caches nothing here).
 
-On a CPU the engine traces, freezes and (through oneDNN) fuses each backbone for passes of exactly
-``batch`` images (:func:`imgsent.engine.freeze`). That graph is saved under imgsent's cache
+On a CPU the torch runner traces, freezes and (through oneDNN) fuses each backbone for passes of
+exactly ``batch`` images (:func:`imgsent.runners.freeze`). That graph is saved under imgsent's cache
 (``$IMGSENT_HOME/compiled/``), keyed by everything that shapes it: the backbone's key, weights
 (the state-dict hash of its fingerprint), preprocessing, numerics, the pass size and memory
 layout, the torch and imgsent versions and the CPU's instruction set. A later run loads it instead
@@ -16,17 +17,14 @@ is skipped.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import threading
 import warnings
 
 import torch
 
 from . import __version__
-from .fingerprints import probe_batch  # noqa: F401  (imported from here too)
 from .weights import cache_dir
 
 # The profiling executor profiles a frozen graph on its first call and optimises (and fuses) it on
@@ -108,50 +106,3 @@ def drop_graph(key: str) -> None:
 
 def first_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-_fusion_lock = threading.Lock()
-_fusion_users = [0, False]  # lanes inside _fusion(True), the setting before the first entered
-
-
-@contextlib.contextmanager
-def fusion(on: bool):
-    """oneDNN graph fusion for TorchScript on CPU (conv + bias + activation, ... in one kernel;
-    1.3-1.5x on MobileNetV2 / EfficientNet here), on only while imgsent's own frozen modules run
-    (counted, so that lanes running at once do not switch it off under each other), with this
-    thread's graph optimisation on (see :func:`unfused`)."""
-    if not on:
-        yield
-        return
-    with torch.jit.optimized_execution(True), _counted_fusion():
-        yield
-
-
-@contextlib.contextmanager
-def unfused():
-    """Run TorchScript that imgsent did not freeze itself (exported detectors, a user's TorchScript
-    backbone) with this thread's graph optimisation off. oneDNN fusion is a process-wide switch,
-    on while another lane runs a frozen graph; a graph that the profiling executor optimises then
-    gets fused kernels it was never checked with: D2Go's detector and the face detector then fail
-    on every call ("Cannot input a tensor of dimension other than 0 as a scalar argument").
-    Graph-executor optimisation is per thread, so switching it off here keeps such graphs out of
-    reach of the switch; measured here it costs them nothing (D2Go 27-29 ms per image, int8
-    MobileNetV2 8.4-9.3 ms, optimised or not; outputs identical)."""
-    with torch.jit.optimized_execution(False):
-        yield
-
-
-@contextlib.contextmanager
-def _counted_fusion():
-    with _fusion_lock:
-        if _fusion_users[0] == 0:
-            _fusion_users[1] = torch.jit.onednn_fusion_enabled()
-            torch.jit.enable_onednn_fusion(True)
-        _fusion_users[0] += 1
-    try:
-        yield
-    finally:
-        with _fusion_lock:
-            _fusion_users[0] -= 1
-            if _fusion_users[0] == 0:
-                torch.jit.enable_onednn_fusion(_fusion_users[1])
