@@ -18,7 +18,6 @@ _imgsent() {
         calibrate:--id-column) COMPREPLY=(); return ;;
         calibrate:--label-column) COMPREPLY=(); return ;;
         evaluate:--labels|evaluate:-l) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
-        evaluate:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
         evaluate:--protocol) COMPREPLY=( $(compgen -W "random-splits kfold predefined train-val-test" -- "$cur") ); return ;;
         evaluate:--heads) COMPREPLY=( $(compgen -W "nn moe moe1 moe2" -- "$cur") ); return ;;
         evaluate:--blocks) COMPREPLY=(); return ;;
@@ -29,6 +28,7 @@ _imgsent() {
         evaluate:--report) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         evaluate:--plots) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         evaluate:--seed) COMPREPLY=(); return ;;
+        evaluate:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
         evaluate:--id-column) COMPREPLY=(); return ;;
         evaluate:--label-column) COMPREPLY=(); return ;;
         evaluate:--epochs) COMPREPLY=(); return ;;
@@ -80,10 +80,10 @@ _imgsent() {
         prevalence:--level) COMPREPLY=(); return ;;
         prevalence:--bootstrap) COMPREPLY=(); return ;;
         prevalence:--seed) COMPREPLY=(); return ;;
+        prevalence:--plot) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         prevalence:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
         prevalence:--id-column) COMPREPLY=(); return ;;
         prevalence:--label-column) COMPREPLY=(); return ;;
-        prevalence:--plot) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         report:--out|report:-o) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         report:--by) COMPREPLY=(); return ;;
         report:--meta) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
@@ -118,12 +118,12 @@ _imgsent() {
         score:--keep-columns) COMPREPLY=(); return ;;
         train:--out|train:-o) COMPREPLY=( $(compgen -d -- "$cur") ); return ;;
         train:--labels|train:-l) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
-        train:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
         train:--head) COMPREPLY=( $(compgen -W "nn moe moe1 moe2" -- "$cur") ); return ;;
         train:--schedule) COMPREPLY=(); return ;;
         train:--blocks) COMPREPLY=(); return ;;
         train:--cv) COMPREPLY=(); return ;;
         train:--seed) COMPREPLY=(); return ;;
+        train:--map) COMPREPLY=( $(compgen -W "auto polarity none" -- "$cur") ); return ;;
         train:--id-column) COMPREPLY=(); return ;;
         train:--label-column) COMPREPLY=(); return ;;
         train:--epochs) COMPREPLY=(); return ;;
@@ -137,15 +137,15 @@ _imgsent() {
     esac
     case "$cmd" in
         backbones) opts="--help" ;;
-        calibrate) opts="--labels -l --out -o --features --scores --method --map --id-column --label-column --overwrite --no-overwrite --help" ;;
-        evaluate) opts="--labels -l --labels-from-folders --map --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --plots --seed --id-column --label-column --quiet -q --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --help" ;;
+        calibrate) opts="--labels -l --out -o --features --scores --method --overwrite --no-overwrite --map --id-column --label-column --help" ;;
+        evaluate) opts="--labels -l --labels-from-folders --protocol --heads --ablation --no-ablation --blocks --splits --test-size --folds --split --split-from-folders --no-split-from-folders --report --plots --seed --quiet -q --map --id-column --label-column --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --help" ;;
         extract) opts="--out -o --backbones -B --random-weights --no-random-weights --dtype --device --precision --batch-size -b --workers --decode --runtime --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --tta --help" ;;
         label) opts="--out -o --features --model -m --model-out --classes --strategy --host --port --token --annotator --no-browser --seed --models --device --workers --quiet -q --help" ;;
         models) opts="--models --help" ;;
-        prevalence) opts="--labels -l --by --meta --json --level --bootstrap --seed --map --id-column --label-column --plot --help" ;;
+        prevalence) opts="--labels -l --by --meta --json --level --bootstrap --seed --plot --map --id-column --label-column --help" ;;
         report) opts="--out -o --by --meta --labels -l --per-class --seed --map --quiet -q --help" ;;
         score) opts="--out -o --model -m --models --features --weights --format --threshold --keep-features --device --precision --batch-size -b --workers --decode --runtime --shard --overwrite --no-overwrite --rows-per-shard --max-pixels --null -0 --hidden --image-column --id-column --keep-images --compile --engine --ray-address --ray-workers --gpus-per-worker --quiet -q --keep-columns --help" ;;
-        train) opts="--out -o --labels -l --labels-from-folders --map --head --schedule --blocks --cv --seed --id-column --label-column --overwrite --no-overwrite --quiet -q --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --help" ;;
+        train) opts="--out -o --labels -l --labels-from-folders --head --schedule --blocks --cv --seed --overwrite --no-overwrite --quiet -q --map --id-column --label-column --epochs --lr --batch-size --weight-decay --dropout --hidden-units --experts --normalize-blocks --no-normalize-blocks --min-steps --help" ;;
         version) opts="--help" ;;
         *) opts="" ;;
     esac

@@ -397,15 +397,21 @@ with_fit_flags = flag_group(
     FIT_FLAGS, "fit", lambda given: {("hidden" if k == "hidden_units" else k): v for k, v in given.items()}
 )
 
+# train, evaluate, prevalence, calibrate: how a label file is read, as the library's functions take it
+LABEL_FLAGS = {"map": (Map, "auto"), "id_column": (IdColumn, None), "label_column": (LabelColumn, None)}
+with_label_flags = flag_group(
+    LABEL_FLAGS, "reading", lambda given: {("mapping" if k == "map" else k): v for k, v in given.items()}
+)
+
 
 @app.command()
 @with_fit_flags()
+@with_label_flags()
 def train(
     store: Store,
     out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Model bundle directory to write.")],
     labels: Labels = None,
     labels_from_folders: LabelsFromFolders = False,
-    map: Map = "auto",
     head: Annotated[Literal[HEAD_NAMES], typer.Option(help="nn, moe (schedule from --schedule), moe1, moe2.")] = "nn",
     schedule: Annotated[
         int | None,
@@ -419,12 +425,11 @@ def train(
         ),
     ] = 5,
     seed: Seed = 0,
-    id_column: IdColumn = None,
-    label_column: LabelColumn = None,
     overwrite: Annotated[
         bool, typer.Option(help="Write into --out even if it holds something other than a model.")
     ] = False,
     quiet: Quiet = False,
+    reading: dict | None = None,
     fit: dict | None = None,
 ) -> None:
     """Train a head (the paper's NN or MoE) on a feature store and write a model bundle."""
@@ -434,17 +439,15 @@ def train(
         store,
         labels=labels,
         labels_from_folders=labels_from_folders,
-        mapping=map,
         head=head,
         blocks=_blocks(blocks),
         out=out,
         overwrite=overwrite,
-        id_column=id_column,
-        label_column=label_column,
         progress=not quiet,
         cv=cv,
         schedule=schedule,
         seed=seed,
+        **(reading or {}),
         **(fit or {}),
     )
     if not quiet:
@@ -453,11 +456,11 @@ def train(
 
 @app.command()
 @with_fit_flags()
+@with_label_flags()
 def evaluate(
     store: Store,
     labels: Labels = None,
     labels_from_folders: LabelsFromFolders = False,
-    map: Map = "auto",
     protocol: Annotated[Literal[PROTOCOLS], typer.Option(help="Evaluation protocol.")] = "random-splits",
     heads: Annotated[
         str,
@@ -493,9 +496,8 @@ def evaluate(
         typer.Option(metavar="DIR", help="Also draw ROC curves and confusion matrices (PNG and SVG) into DIR."),
     ] = None,
     seed: Seed = 0,
-    id_column: IdColumn = None,
-    label_column: LabelColumn = None,
     quiet: Quiet = False,
+    reading: dict | None = None,
     fit: dict | None = None,
 ) -> None:
     """Evaluate heads under a protocol; print the paper's Table II layout (mean ± std per metric) on stdout."""
@@ -505,7 +507,6 @@ def evaluate(
         store,
         labels=labels,
         labels_from_folders=labels_from_folders,
-        mapping=map,
         protocol=protocol,
         heads=[h.strip() for h in heads.split(",") if h.strip()],
         blocks=_blocks(blocks),
@@ -519,8 +520,7 @@ def evaluate(
         report=report,
         plots=plots,
         progress=not quiet,
-        id_column=id_column,
-        label_column=label_column,
+        **(reading or {}),
         **(fit or {}),
     )
     result.print()
@@ -626,6 +626,7 @@ def _fail_when_none_ok(summary, done: str) -> None:
 
 
 @app.command()
+@with_label_flags()
 def prevalence(
     scores: Annotated[
         str, typer.Argument(metavar="SCORES", help="A score output: a file, a directory of shards, or - (stdin).")
@@ -642,29 +643,17 @@ def prevalence(
     level: Annotated[float, typer.Option(metavar="L", min=0.5, max=0.999, help="Confidence level.")] = 0.95,
     bootstrap: Annotated[int, typer.Option(metavar="B", min=100, help="Bootstrap resamples.")] = 1000,
     seed: Seed = 0,
-    map: Map = "auto",
-    id_column: IdColumn = None,
-    label_column: LabelColumn = None,
     plot: Annotated[
         str | None, typer.Option(metavar="FILE", help="Also chart the shares over groups (.svg, .png, .pdf).")
     ] = None,
+    reading: dict | None = None,
 ) -> None:
     """Class shares of a scored collection, overall and per group, with confidence intervals
     (adjusted for the model's errors when given a labelled sample)."""
     from .collection import prevalence as run
 
-    report = run(
-        scores,
-        labels=labels,
-        by=by,
-        meta=meta,
-        level=level,
-        bootstrap=bootstrap,
-        seed=seed,
-        mapping=map,
-        id_column=id_column,
-        label_column=label_column,
-    )
+    groups = {"by": by, "meta": meta}
+    report = run(scores, labels=labels, level=level, bootstrap=bootstrap, seed=seed, **groups, **(reading or {}))
     if plot is not None:
         from .htmlreport import shares_plot
 
@@ -706,6 +695,7 @@ def report(
 
 
 @app.command()
+@with_label_flags()
 def calibrate(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Model bundle directory, or 'default'.")],
     labels: Annotated[
@@ -722,26 +712,14 @@ def calibrate(
         Literal[CALIBRATION_METHODS],
         typer.Option(help="auto: Platt (isotonic from 1000 images); temperature for several classes."),
     ] = "auto",
-    map: Map = "auto",
-    id_column: IdColumn = None,
-    label_column: LabelColumn = None,
     overwrite: Annotated[bool, typer.Option(help="Write into --out even if it holds other files.")] = False,
+    reading: dict | None = None,
 ) -> None:
     """Recalibrate a model's probabilities on a labelled sample of the collection it scores."""
     from .collection import calibrate as run
 
-    m = run(
-        model,
-        labels=labels,
-        out=out,
-        features=features,
-        scores=scores,
-        method=method,
-        mapping=map,
-        id_column=id_column,
-        label_column=label_column,
-        overwrite=overwrite,
-    )
+    sample = {"labels": labels, "features": features, "scores": scores}  # where the labelled sample is
+    m = run(model, out=out, method=method, overwrite=overwrite, **sample, **(reading or {}))
     c = m.calibration
     typer.echo(f"wrote {out}: {c.method} calibration on {c.sample['size']} labelled images", err=True)
 

@@ -237,15 +237,8 @@ def evaluate(
     (each view alone, all views with every head, all views but one). Same seed, same numbers."""
     for h in heads:
         TrainConfig.named(h)  # one vocabulary of head names: an unknown one is refused here
-    data = load_labelled(
-        store,
-        labels=labels,
-        labels_from_folders_=labels_from_folders,
-        mapping=mapping,
-        blocks=blocks,
-        id_column=id_column,
-        label_column=label_column,
-    )
+    reading = {"mapping": mapping, "id_column": id_column, "label_column": label_column}  # how the labels are read
+    data = load_labelled(store, labels=labels, labels_from_folders_=labels_from_folders, blocks=blocks, **reading)
     split_list = make_splits(
         data,
         protocol,
