@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -135,7 +136,9 @@ def test_what_a_backbone_is_decides_how_it_runs(tmp_path):
             return x.mean(dim=(2, 3)).reshape(1, -1)  # a traced reshape that only takes one image
 
     path = tmp_path / "one.pt"
-    torch.jit.trace(OneImage(), torch.rand(1, 3, 224, 224)).save(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notice that tracing is deprecated
+        torch.jit.trace(OneImage(), torch.rand(1, 3, 224, 224)).save(str(path))
     bb = create_backbone(f"torchscript:{path}")
     assert not bb.batchable and not bb.is_view and not bb.quantized and bb.dim == 3
     plan = plan_engine(RunOptions(device="cpu", batch_size=4, workers=0))
