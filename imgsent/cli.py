@@ -652,8 +652,9 @@ def prevalence(
     (adjusted for the model's errors when given a labelled sample)."""
     from .collection import prevalence as run
 
-    groups = {"by": by, "meta": meta}
-    report = run(scores, labels=labels, level=level, bootstrap=bootstrap, seed=seed, **groups, **(reading or {}))
+    report = run(
+        scores, labels=labels, by=by, meta=meta, level=level, bootstrap=bootstrap, seed=seed, **(reading or {})
+    )
     if plot is not None:
         from .htmlreport import shares_plot
 

@@ -26,7 +26,7 @@ import torch
 from .backbones import Backbone
 from .engineplan import EnginePlan
 from .errors import ImgsentError, ImgsentWarning, one_line
-from .fingerprints import probe_batch, same_outputs
+from .fingerprints import fingerprint_of, fingerprints_match, probe_batch, probe_image, same_outputs
 from .graphcache import WARMUP_CALLS, drop_graph, first_output, graph_key, load_graph, save_graph
 from .switches import fusion as _fusion
 from .switches import tf32, unfused
@@ -249,8 +249,6 @@ def freeze(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_la
 def warm_frozen(bb: Backbone, module: torch.jit.ScriptModule, batch: int, channels_last: bool) -> None:
     """A backbone whose module is a cached frozen graph (``bb.frozen_batch``): check it against the
     probe features its recipe recorded, and run the warm-up calls a freshly frozen graph gets."""
-    from .fingerprints import fingerprint_of, fingerprints_match
-
     x = probe_batch(bb.preprocess, batch, channels_last)
     with torch.inference_mode(), _fusion(True):
         for _ in range(WARMUP_CALLS):
@@ -266,8 +264,6 @@ def warm_frozen(bb: Backbone, module: torch.jit.ScriptModule, batch: int, channe
 def check_on_device(bb: Backbone, module: torch.nn.Module, dev: torch.device, channels_last: bool):
     """A TorchScript backbone moved to ``dev``: it must run there, and give the features its CPU
     fingerprint recorded (within GPU rounding); else one clear error before any batch runs."""
-    from .fingerprints import fingerprint_of, fingerprints_match, probe_image
-
     if channels_last:
         try:
             module = module.to(memory_format=torch.channels_last)
